@@ -147,6 +147,12 @@ class SessionLimit(WorkerError):
     code = "session_limit"
 
 
+class LengthLimit(WorkerError):
+    """A session's max length over the worker's limit, or a step past the session's."""
+
+    code = "length_limit"
+
+
 # --- client (meshnode/client) ------------------------------------------------
 
 

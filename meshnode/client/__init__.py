@@ -1,0 +1,11 @@
+"""The client: route choice, sessions along a chain of workers, generation.
+
+Map of the package (no logic here):
+
+- ``routing/``: ``find_route`` (pure Dijkstra over spans) and the candidates it reads.
+- ``chain``: ``SpanSession`` (one worker's session, recording its inputs for replay)
+  and ``InferenceChain`` (the sessions along a route, a remote forward).
+- ``generate``: the model engine's generation loop driven by a remote forward.
+- ``api``: ``MeshClient`` (Deferreds / coroutines) and the blocking ``generate``.
+- ``commandline``: ``run_generate``, the mesh branch of ``meshnode generate``.
+"""

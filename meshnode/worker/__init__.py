@@ -1,0 +1,15 @@
+"""A worker: hosts a span of transformer blocks and serves inference sessions.
+
+Map of the package (no logic here):
+
+- ``records``: the shared vocabulary: ``BlockSpan``, ``WorkerState``, ``ServerInfo``
+  (the value a worker announces in the DHT for each block it serves).
+- ``messages``: the ``infer.*`` messages of ``schemas/inference.cddl``, built and parsed.
+- ``budget``: ``CacheBudget``, the cache-token budget (pure).
+- ``sessions``: ``SessionTable``, open sessions and their idle timeouts (pure, injected clock).
+- ``span_choice``: ``choose_span``, the least-served blocks from DHT records (pure).
+- ``compute``: ``SpanCompute``, JAX on one dedicated thread, never on the reactor thread.
+- ``handlers``: ``InferenceHandlers``, the ``infer.*`` handlers over the Endpoint.
+- ``announce``: ``Announcer``, one signed DHT record per block, refreshed; offline on stop.
+- ``service``: ``WorkerService``, the Twisted service that wires it all together.
+"""

@@ -1,0 +1,142 @@
+"""``SessionTable``: the inference sessions a worker holds, and their idle timeouts.
+
+A session belongs to the peer that opened it (its TLS-verified node id): another
+peer naming the same id gets ``UnknownSession``, so ids never leak between
+clients. A session holds its cache tokens from ``open`` until ``close`` or an
+idle timeout. A session busy with a step is never freed under it: a close or
+timeout during a step marks it closed and the step's end frees it.
+
+Pure: time comes from an injected clock (anything with ``seconds()``), ids from
+an injected factory; the cache object itself is opaque here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from meshnode.errors import BadRequest, LengthLimit, UnknownSession
+from meshnode.worker.budget import CacheBudget
+from meshnode.worker.records import BlockSpan
+
+SESSION_ID_BYTES = 16
+#: a session untouched for this long is closed and its cache freed
+DEFAULT_IDLE_TIMEOUT = 300.0
+
+
+class Clock(Protocol):
+    def seconds(self) -> float: ...
+
+
+@dataclass
+class Session:
+    """One client's KV cache over one span, and where the next step must start."""
+
+    session_id: bytes
+    owner: bytes
+    span: BlockSpan
+    max_length: int
+    last_used: float
+    position: int = 0
+    cache: Any = None
+    busy: bool = False
+    closed: bool = False
+    steps: int = field(default=0)
+
+    def check_step(self, span: BlockSpan, start: int, length: int) -> None:
+        """Raise unless a step of ``length`` new positions at ``start`` fits this session."""
+        if span != self.span:
+            raise BadRequest(f"step for span {span} on a session over {self.span}")
+        if self.busy:
+            raise BadRequest("a step is already in flight on this session")
+        if start != self.position:
+            raise BadRequest(f"step starts at {start}, session is at position {self.position}")
+        if length <= 0:
+            raise BadRequest("a step needs at least one position")
+        if start + length > self.max_length:
+            raise LengthLimit(
+                f"step to position {start + length} exceeds the session's "
+                f"max length {self.max_length}"
+            )
+
+
+class SessionTable:
+    """Open sessions by id, inside a ``CacheBudget``."""
+
+    def __init__(
+        self,
+        budget: CacheBudget,
+        clock: Clock,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        new_id: Callable[[], bytes] = lambda: os.urandom(SESSION_ID_BYTES),
+    ):
+        self.budget = budget
+        self._clock = clock
+        self.idle_timeout = idle_timeout
+        self._new_id = new_id
+        self._sessions: dict[bytes, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def open(self, owner: bytes, span: BlockSpan, max_length: int) -> Session:
+        """Reserve ``max_length`` cache tokens and register a session (``NoCapacity`` if full)."""
+        self.budget.reserve(max_length)
+        session_id = self._new_id()
+        while session_id in self._sessions:
+            session_id = self._new_id()
+        session = Session(session_id, owner, span, max_length, self._clock.seconds())
+        self._sessions[session_id] = session
+        return session
+
+    def get(self, owner: bytes, session_id: bytes) -> Session:
+        """The caller's open session, touched; ``UnknownSession`` otherwise."""
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner or session.closed:
+            raise UnknownSession("no such session (unknown, closed or timed out)")
+        session.last_used = self._clock.seconds()
+        return session
+
+    def begin_step(self, session: Session) -> None:
+        session.busy = True
+
+    def end_step(self, session: Session, cache: Any, new_position: int) -> None:
+        """Record a finished step; frees the session if it was closed meanwhile."""
+        session.busy = False
+        session.cache = cache
+        session.position = new_position
+        session.steps += 1
+        session.last_used = self._clock.seconds()
+        if session.closed:
+            self._free(session)
+
+    def close(self, owner: bytes, session_id: bytes) -> None:
+        """Close the caller's session (``UnknownSession`` if it has none by that id)."""
+        self._close(self.get(owner, session_id))
+
+    def expire_idle(self) -> list[Session]:
+        """Close every idle session not busy with a step; returns those closed."""
+        now = self._clock.seconds()
+        idle = [
+            s
+            for s in self._sessions.values()
+            if not s.busy and not s.closed and now - s.last_used >= self.idle_timeout
+        ]
+        for session in idle:
+            self._close(session)
+        return idle
+
+    def close_all(self) -> None:
+        for session in list(self._sessions.values()):
+            self._close(session)
+
+    def _close(self, session: Session) -> None:
+        session.closed = True
+        if not session.busy:
+            self._free(session)
+
+    def _free(self, session: Session) -> None:
+        if self._sessions.pop(session.session_id, None) is not None:
+            session.cache = None
+            self.budget.release(session.max_length)

@@ -1,0 +1,70 @@
+"""The announced server info round-trips through its DHT record and refuses junk."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshnode.errors import BadRequest
+from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+
+
+def make_info(**overrides) -> ServerInfo:
+    fields = dict(
+        address="127.0.0.1:4000#" + "ab" * 32,
+        span=BlockSpan(0, 10),
+        state=WorkerState.ONLINE,
+        throughput=123.5,
+        cache_tokens=4096,
+        dtype="float32",
+        model="fp-1",
+    )
+    fields.update(overrides)
+    return ServerInfo(**fields)
+
+
+def test_record_round_trip():
+    """When a server info is encoded to a record and decoded, then it is unchanged."""
+    info = make_info()
+    assert ServerInfo.from_record(info.to_record()) == info
+
+
+def test_integer_throughput_accepted():
+    """When a record carries an integer throughput, then it decodes as a float."""
+    record = make_info().to_record() | {"throughput": 7}
+    assert ServerInfo.from_record(record).throughput == 7.0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"span": [3, 3]},
+        {"span": [5, 2]},
+        {"span": "0:10"},
+        {"state": "sleeping"},
+        {"cache_tokens": "many"},
+        {"cache_tokens": True},
+        {"address": None},
+    ],
+)
+def test_bad_records_refused(change):
+    """When a record has a bad field, then decoding raises BadRequest, not a crash."""
+    with pytest.raises(BadRequest):
+        ServerInfo.from_record(make_info().to_record() | change)
+
+
+def test_missing_field_refused():
+    """When a record lacks a field, then decoding raises BadRequest."""
+    record = make_info().to_record()
+    del record["model"]
+    with pytest.raises(BadRequest):
+        ServerInfo.from_record(record)
+
+
+def test_span_parse_and_contains():
+    """When a span is parsed from A:B, then it is end-exclusive and compares by containment."""
+    span = BlockSpan.parse("10:20")
+    assert (span.start, span.end, span.length) == (10, 20, 10)
+    assert span.contains(BlockSpan(12, 20)) and not span.contains(BlockSpan(9, 12))
+    assert str(span) == "10:20"
+    with pytest.raises(BadRequest):
+        BlockSpan.parse("10-20")
