@@ -124,6 +124,12 @@ class InvalidRecord(DHTError):
     code = "invalid_record"
 
 
+class StorageFull(DHTError):
+    """A node refuses a new sub-key: the key, or the node, holds its limit already."""
+
+    code = "storage_full"
+
+
 # --- worker / sessions (meshnode/worker) -------------------------------------
 
 
