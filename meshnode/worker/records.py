@@ -16,6 +16,8 @@ from meshnode.errors import BadRequest
 
 #: version of the ``server-info`` record and of the ``infer.*`` messages
 PROTOCOL_VERSION = 1
+#: length of a session id chosen by a worker
+SESSION_ID_BYTES = 16
 
 
 @dataclass(frozen=True, order=True)

@@ -18,9 +18,9 @@ from typing import Any, Callable, Protocol
 
 from meshnode.errors import BadRequest, LengthLimit, UnknownSession
 from meshnode.worker.budget import CacheBudget
-from meshnode.worker.records import BlockSpan
+from meshnode.worker.records import SESSION_ID_BYTES, BlockSpan
 
-SESSION_ID_BYTES = 16
+
 #: a session untouched for this long is closed and its cache freed
 DEFAULT_IDLE_TIMEOUT = 300.0
 

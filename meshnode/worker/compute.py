@@ -1,0 +1,124 @@
+"""``SpanCompute``: a worker's blocks, run by JAX on one dedicated thread.
+
+Every JAX call (loading, cache allocation, forward) goes through a thread pool
+of exactly one thread: the reactor thread never blocks on the model, and
+steps of different sessions run one after another on the device, in the
+order they arrived. A session may cover only part of the worker's span (a
+route may enter or leave it in the middle); a runner per sub-span is built on
+first use from slices of the stacked parameters and kept.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, TypeVar
+
+import numpy as np
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from meshnode.worker.records import BlockSpan
+
+T = TypeVar("T")
+#: positions of the prompt used to measure throughput at start
+WARMUP_PREFILL = 16
+WARMUP_DECODE_STEPS = 8
+
+
+class SpanCompute:
+    """The model side of a worker: params of ``span`` and runners over its sub-spans."""
+
+    def __init__(self, reactor: Any, source: Any, span: BlockSpan, compute_dtype: Any):
+        self._reactor = reactor
+        self._source = source
+        self.span = span
+        self.compute_dtype = compute_dtype
+        self.hidden_size: int = source.config.hidden_size
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="meshnode-compute")
+        self._params: Any = None
+        self._runners: dict[BlockSpan, Any] = {}
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        """Join the compute thread (after the step in flight, if any)."""
+        self._pool.stop()
+
+    def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``function(*args)`` on the compute thread."""
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+    def load(self) -> Deferred[None]:
+        """Read the span's parameters (lazily, only these blocks) on the compute thread."""
+        return self.call(self._load)
+
+    def new_cache(self, span: BlockSpan, max_length: int) -> Deferred[Any]:
+        return self.call(lambda: self._runner(span).new_cache(max_length))
+
+    def forward(
+        self, span: BlockSpan, hidden: np.ndarray, start: int, cache: Any
+    ) -> Deferred[tuple[np.ndarray, Any]]:
+        """New positions ``[1, T, H]`` through ``span``; the output keeps the input's dtype."""
+        return self.call(self._forward, span, hidden, start, cache)
+
+    def measure_throughput(self) -> Deferred[float]:
+        """Tokens per second through the whole span, decoding after a short prefill."""
+        return self.call(self._measure_throughput)
+
+    def _load(self) -> None:
+        from meshnode.model.span import SpanRunner
+
+        self._params = self._source.load_span_params(
+            self.span.start, self.span.end, self.compute_dtype
+        )
+        self._runners[self.span] = SpanRunner(
+            self._source.config, self._params, self.compute_dtype
+        )
+
+    def _runner(self, span: BlockSpan) -> Any:
+        runner = self._runners.get(span)
+        if runner is None:
+            from meshnode.model.span import SpanRunner
+
+            params = slice_span_params(self._params, span.start - self.span.start,
+                                       span.end - self.span.start)
+            runner = SpanRunner(self._source.config, params, self.compute_dtype)
+            self._runners[span] = runner
+        return runner
+
+    def _forward(
+        self, span: BlockSpan, hidden: np.ndarray, start: int, cache: Any
+    ) -> tuple[np.ndarray, Any]:
+        wire_dtype = hidden.dtype
+        # numpy -> jax: zero copy when the wire's buffer is aligned and already f32
+        x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
+        out, cache = self._runner(span).forward(x, start, cache)
+        out = np.asarray(out)  # [1, T, H]
+        if out.dtype != wire_dtype:
+            out = out.astype(wire_dtype)
+        return out, cache
+
+    def _measure_throughput(self) -> float:
+        runner = self._runner(self.span)
+        cache = runner.new_cache(WARMUP_PREFILL + WARMUP_DECODE_STEPS + 1)
+        rng = np.random.default_rng(0)
+        prompt = rng.standard_normal((1, WARMUP_PREFILL, self.hidden_size)).astype(np.float32)
+        out, cache = runner.forward(prompt, 0, cache)
+        token = np.asarray(out)[:, -1:, :]
+        out, cache = runner.forward(token, WARMUP_PREFILL, cache)  # compile the decode shape
+        np.asarray(out)
+        began = time.perf_counter()
+        for step in range(1, WARMUP_DECODE_STEPS):
+            out, cache = runner.forward(token, WARMUP_PREFILL + step, cache)
+            token = np.asarray(out)
+        elapsed = time.perf_counter() - began
+        return (WARMUP_DECODE_STEPS - 1) / max(elapsed, 1e-9)
+
+
+def slice_span_params(params: Any, start: int, end: int) -> Any:
+    """Layers ``[start, end)`` of stacked span parameters (every leaf's leading axis)."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda leaf: leaf[start:end], params)

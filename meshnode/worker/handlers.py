@@ -1,0 +1,142 @@
+"""``InferenceHandlers``: the worker's answers to ``infer.info/open/step/close``.
+
+Handlers decide; the Endpoint frames and dispatches. Every refusal is a named
+``MeshError`` that becomes an error frame to that client only: a bad request
+never stops the worker serving everyone else. The model work goes to the
+compute object (``SpanCompute`` or a fake in tests): anything with
+``hidden_size``, ``new_cache(span, max_length)`` and
+``forward(span, hidden, start, cache)`` returning Deferreds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, maybeDeferred
+
+from meshnode.errors import BadRequest, LengthLimit, SpanNotServed
+from meshnode.wire.message import Handler, Message, PeerInfo
+from meshnode.worker import messages
+from meshnode.worker.records import PROTOCOL_VERSION, BlockSpan
+from meshnode.worker.sessions import Session, SessionTable
+
+
+@dataclass(frozen=True)
+class WorkerLimits:
+    """What this worker serves and the longest session it accepts."""
+
+    model: str
+    span: BlockSpan
+    max_length: int
+    dtype: str
+
+
+class InferenceHandlers:
+    """The ``infer.*`` handlers of one worker."""
+
+    def __init__(
+        self,
+        limits: WorkerLimits,
+        table: SessionTable,
+        compute: Any,
+        throughput: Callable[[], float] = lambda: 0.0,
+    ):
+        self.limits = limits
+        self.table = table
+        self.compute = compute
+        self._throughput = throughput
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            messages.INFO: self.info,
+            messages.OPEN: self.open,
+            messages.STEP: self.step,
+            messages.CLOSE: self.close,
+        }
+
+    def info(self, peer: PeerInfo, message: Message) -> Message:
+        return Message(
+            messages.reply_type(messages.INFO),
+            {
+                "v": PROTOCOL_VERSION,
+                "model": self.limits.model,
+                "span": self.limits.span.to_wire(),
+                "hidden_size": self.compute.hidden_size,
+                "dtype": self.limits.dtype,
+                "max_length": self.limits.max_length,
+                "cache_tokens": self.table.budget.free,
+                "throughput": float(self._throughput()),
+                "sessions": len(self.table),
+            },
+        )
+
+    def open(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
+        request = messages.parse_open(message)
+        self._check_open(request)
+        session = self.table.open(peer.node_id, request.span, request.max_length)
+        self.table.begin_step(session)  # no step, close or timeout before the cache exists
+        allocated = maybeDeferred(self.compute.new_cache, request.span, request.max_length)
+
+        def opened(cache: Any) -> Message:
+            self.table.end_step(session, cache, 0)
+            return Message(
+                messages.reply_type(messages.OPEN),
+                {"v": PROTOCOL_VERSION, "session": session.session_id,
+                 "max_length": session.max_length},
+            )
+
+        def failed(failure: Any) -> Any:
+            session.closed = True
+            self.table.end_step(session, None, 0)
+            return failure
+
+        return allocated.addCallbacks(opened, failed)
+
+    def step(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
+        request = messages.parse_step(message, self.compute.hidden_size)
+        session = self.table.get(peer.node_id, request.session_id)
+        length = request.hidden.shape[1]
+        session.check_step(request.span, request.start, length)
+        self.table.begin_step(session)
+        done = maybeDeferred(
+            self.compute.forward, session.span, request.hidden, request.start, session.cache
+        )
+        return done.addCallbacks(
+            lambda result: self._stepped(session, result, request.start + length),
+            lambda failure: self._step_failed(session, failure),
+        )
+
+    def close(self, peer: PeerInfo, message: Message) -> Message:
+        self.table.close(peer.node_id, messages.parse_close(message))
+        return Message(messages.reply_type(messages.CLOSE), {"v": PROTOCOL_VERSION})
+
+    def _check_open(self, request: messages.OpenRequest) -> None:
+        if request.model != self.limits.model:
+            raise BadRequest(
+                f"this worker serves model {self.limits.model}, not {request.model}"
+            )
+        if not self.limits.span.contains(request.span):
+            raise SpanNotServed(
+                f"blocks {request.span} asked, this worker serves {self.limits.span}"
+            )
+        if request.max_length > self.limits.max_length:
+            raise LengthLimit(
+                f"max_length {request.max_length} is over this worker's limit "
+                f"{self.limits.max_length}"
+            )
+
+    def _stepped(self, session: Session, result: tuple[Any, Any], position: int) -> Message:
+        hidden, cache = result
+        self.table.end_step(session, cache, position)
+        return Message(
+            messages.reply_type(messages.STEP),
+            {"v": PROTOCOL_VERSION, "position": position},
+            (hidden,),
+        )
+
+    def _step_failed(self, session: Session, failure: Any) -> Any:
+        # The donated cache may be gone: the session cannot go on.
+        session.closed = True
+        self.table.end_step(session, None, session.position)
+        return failure
