@@ -40,6 +40,18 @@ class ShapeMismatch(ModelError):
     code = "shape_mismatch"
 
 
+class CacheOverflow(ModelError):
+    """A step's positions do not fit the session's KV cache."""
+
+    code = "cache_overflow"
+
+
+class TokenizerError(ModelError):
+    """A model's tokenizer or chat template is missing or cannot be built."""
+
+    code = "bad_tokenizer"
+
+
 # --- identity / TLS (meshnode/identity.py, meshnode/tls.py) ---------------------
 
 
