@@ -10,6 +10,7 @@ first use from slices of the stacked parameters and kept.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Callable, TypeVar
 
@@ -118,7 +119,10 @@ class SpanCompute:
 
 
 def slice_span_params(params: Any, start: int, end: int) -> Any:
-    """Layers ``[start, end)`` of stacked span parameters (every leaf's leading axis)."""
-    import jax
-
-    return jax.tree_util.tree_map(lambda leaf: leaf[start:end], params)
+    """Layers ``[start, end)`` (relative to the span) of stacked ``SpanParams``."""
+    return dataclasses.replace(
+        params,
+        start=params.start + start,
+        end=params.start + end,
+        layers={name: array[start:end] for name, array in params.layers.items()},
+    )

@@ -1,0 +1,95 @@
+"""``Announcer``: a worker's signed DHT records, one per block it serves, kept fresh.
+
+Each refresh stores, for every block of the span, the worker's current
+``ServerInfo`` (free cache tokens change as sessions come and go) with an
+expiry ``ttl`` seconds ahead; refreshes come every ``interval`` seconds, well
+inside the ttl, so a live worker never drops out while a dead one fades
+within ``ttl``. A clean stop stores the records once more as ``offline``.
+Time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+
+#: seconds a block record lives without refresh
+DEFAULT_TTL = 60.0
+#: seconds between refreshes
+DEFAULT_INTERVAL = 20.0
+#: seconds an ``offline`` record lives: long enough for clients to see it
+OFFLINE_TTL = 30.0
+
+
+class Announcer:
+    """Stores ``info(state).to_record()`` under ``key_for(block)`` for each block of ``span``."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        dht: Any,
+        clock: Any,
+        span: BlockSpan,
+        key_for: Callable[[int], bytes],
+        info: Callable[[WorkerState], ServerInfo],
+        ttl: float = DEFAULT_TTL,
+        interval: float = DEFAULT_INTERVAL,
+    ):
+        self._dht = dht
+        self._clock = clock
+        self._span = span
+        self._key_for = key_for
+        self._info = info
+        self.ttl = ttl
+        self._loop = LoopingCall(self._refresh)
+        self._loop.clock = clock
+        self._interval = interval
+        self._pending: Deferred | None = None
+
+    def announce(self, state: WorkerState, ttl: float | None = None) -> Deferred[list]:
+        """Store the record of every block; fires with the per-block results."""
+        value = self._info(state).to_record()
+        expiration = self._clock.seconds() + (self.ttl if ttl is None else ttl)
+        stores = [
+            self._dht.store(self._key_for(block), value, expiration)
+            for block in self._span.blocks()
+        ]
+        return DeferredList(stores, consumeErrors=True)
+
+    def start(self) -> Deferred:
+        """Announce now and every ``interval`` seconds; fires after the first announcement."""
+        first = self.announce(WorkerState.ONLINE)
+        self._loop.start(self._interval, now=False).addErrback(
+            lambda failure: self.log.failure("announcement loop stopped", failure)
+        )
+        return first
+
+    def stop(self) -> Deferred:
+        """Stop refreshing and announce ``offline`` (fires when stored, or failed)."""
+        if self._loop.running:
+            self._loop.stop()
+        if self._pending is not None:
+            self._pending.cancel()
+        return self.announce(WorkerState.OFFLINE, OFFLINE_TTL)
+
+    def _refresh(self) -> None:
+        if self._pending is not None:
+            return  # the previous refresh is still in flight: skip, do not pile up
+        pending = self.announce(WorkerState.ONLINE)
+        self._pending = pending
+
+        def done(results: list) -> None:
+            self._pending = None
+            failed = [r for ok, r in results if not ok]
+            if failed:
+                self.log.warn("{n} block records not stored: {why}", n=len(failed),
+                              why=failed[0].getErrorMessage())
+
+        pending.addCallback(done)
+        pending.addErrback(lambda failure: setattr(self, "_pending", None))
