@@ -1,0 +1,13 @@
+"""The wire: frames, CBOR headers, tensor payloads and request/response over one connection per peer.
+
+Map of the package (see ``docs/wire.md``):
+
+- ``limits``: ``WireLimits``, the named limits every frame is checked against.
+- ``message``: ``Message``, ``PeerInfo``, ``Handler``: what handlers see.
+- ``tensors``: wire dtypes, aligned receive buffers, zero-copy views and ``as_jax``.
+- ``header``: the CBOR frame header and its validation.
+- ``frames``: the length-prefixed frame layout and the incremental ``FrameDecoder`` (pure).
+- ``codec``: ``Message`` <-> frame parts (header + tensor body).
+- ``protocol``: ``MeshProtocol``, one TLS connection: dispatch, request ids, flow control.
+- ``endpoint``: ``Endpoint``, the facade: listen, dial, connection pool, handlers.
+"""
