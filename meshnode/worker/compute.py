@@ -27,29 +27,40 @@ WARMUP_PREFILL = 16
 WARMUP_DECODE_STEPS = 8
 
 
-class SpanCompute:
-    """The model side of a worker: params of ``span`` and runners over its sub-spans."""
+class ComputeThread:
+    """One dedicated thread for every JAX call of a process (and slow file reads)."""
 
-    def __init__(self, reactor: Any, source: Any, span: BlockSpan, compute_dtype: Any):
+    def __init__(self, reactor: Any, name: str = "meshnode-compute"):
         self._reactor = reactor
-        self._source = source
-        self.span = span
-        self.compute_dtype = compute_dtype
-        self.hidden_size: int = source.config.hidden_size
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name="meshnode-compute")
-        self._params: Any = None
-        self._runners: dict[BlockSpan, Any] = {}
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
 
     def start(self) -> None:
         self._pool.start()
 
     def stop(self) -> None:
-        """Join the compute thread (after the step in flight, if any)."""
-        self._pool.stop()
+        """Join the thread (after the call in flight, if any)."""
+        if self._pool.started:
+            self._pool.stop()
 
     def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``function(*args)`` on the compute thread."""
         return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+
+class SpanCompute:
+    """The model side of a worker: params of ``span`` and runners over its sub-spans."""
+
+    def __init__(self, thread: ComputeThread, source: Any, span: BlockSpan, compute_dtype: Any):
+        self._thread = thread
+        self._source = source
+        self.span = span
+        self.compute_dtype = compute_dtype
+        self.hidden_size: int = source.config.hidden_size
+        self._params: Any = None
+        self._runners: dict[BlockSpan, Any] = {}
+
+    def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        return self._thread.call(function, *args)
 
     def load(self) -> Deferred[None]:
         """Read the span's parameters (lazily, only these blocks) on the compute thread."""

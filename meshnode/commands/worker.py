@@ -1,0 +1,91 @@
+"""``meshnode worker``: serve a span of transformer blocks to the mesh.
+
+The flags are defined once here and used by both ``meshnode worker`` (which
+runs the reactor itself) and ``twistd meshnode worker`` (``meshnode/tap.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from meshnode.errors import MeshError
+from meshnode.identity import PeerAddress
+from meshnode.worker.records import BlockSpan
+from meshnode.worker.service import (
+    DEFAULT_CACHE_TOKENS,
+    DEFAULT_MAX_LENGTH,
+    WorkerOptions,
+    WorkerService,
+)
+
+DEFAULT_MODEL = "smollm2"
+
+
+def peer_address(text: str) -> PeerAddress:
+    """argparse type for ``H:P[#id]``."""
+    try:
+        return PeerAddress.parse(text)
+    except MeshError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def block_span(text: str) -> BlockSpan:
+    """argparse type for ``A:B``."""
+    try:
+        return BlockSpan.parse(text)
+    except MeshError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap", action="append", default=[], type=peer_address,
+                        metavar="H:P[#ID]", help="a DHT node to join (repeatable)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
+                        help=f"model to serve (default: {DEFAULT_MODEL})")
+    span = parser.add_mutually_exclusive_group()
+    span.add_argument("--blocks", type=block_span, metavar="A:B",
+                      help="serve blocks A to B-1")
+    span.add_argument("--num-blocks", type=int, metavar="N",
+                      help="serve the N blocks least served in the mesh now (default: all)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
+    parser.add_argument("--cache-tokens", type=int, default=DEFAULT_CACHE_TOKENS, metavar="N",
+                        help=f"KV cache budget in tokens (default: {DEFAULT_CACHE_TOKENS})")
+    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N",
+                        help=f"longest session accepted (default: {DEFAULT_MAX_LENGTH})")
+    parser.add_argument("--data-dir", type=Path, metavar="D",
+                        help="node key and state (default: a new temporary folder)")
+
+
+def options_from_args(args: argparse.Namespace) -> WorkerOptions:
+    data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="meshnode-worker-"))
+    if args.num_blocks is not None and args.num_blocks < 1:
+        raise MeshError("--num-blocks must be at least 1")
+    return WorkerOptions(
+        model=args.model,
+        data_dir=data_dir,
+        bootstrap=list(args.bootstrap),
+        blocks=args.blocks,
+        num_blocks=args.num_blocks,
+        host=args.host,
+        port=args.port,
+        cache_tokens=args.cache_tokens,
+        max_length=args.max_length,
+    )
+
+
+def make_service(args: argparse.Namespace, reactor: Any) -> WorkerService:
+    return WorkerService(options_from_args(args), reactor)
+
+
+def run(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    service = make_service(args, reactor)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0 if service.ready is not None and service.ready.called and service.endpoint else 1

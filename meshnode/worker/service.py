@@ -1,0 +1,191 @@
+"""``WorkerService``: a worker process as a Twisted service.
+
+Start-up, in order: identity from the data dir, the Endpoint listening on its
+pinned address, the DHT joined through the bootstrap nodes, the model opened,
+the span chosen (``--blocks`` or ``choose_span`` over the DHT's records), its
+blocks loaded and warmed up on the compute thread (which measures
+throughput), the ``infer.*`` handlers installed, the blocks announced. Then
+the address is printed and written to ``<data dir>/address`` for launchers.
+
+A clean stop announces ``offline``, closes sessions, the Endpoint and the DHT
+and joins the compute thread.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from meshnode.client.routing.discovery import fetch_block_records
+from meshnode.identity import Identity, PeerAddress
+from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from meshnode.worker.budget import CacheBudget
+from meshnode.worker.compute import ComputeThread, SpanCompute
+from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
+from meshnode.worker.span_choice import choose_span
+
+DEFAULT_CACHE_TOKENS = 16384
+DEFAULT_MAX_LENGTH = 2048
+ADDRESS_FILE = "address"
+#: seconds a clean stop waits for its offline records to be stored
+OFFLINE_ANNOUNCE_TIMEOUT = 5.0
+
+
+@dataclass
+class WorkerOptions:
+    """Everything ``meshnode worker`` / ``twistd meshnode worker`` takes."""
+
+    model: str
+    data_dir: Path
+    bootstrap: list[PeerAddress] = field(default_factory=list)
+    blocks: BlockSpan | None = None
+    num_blocks: int | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    cache_tokens: int = DEFAULT_CACHE_TOKENS
+    max_length: int = DEFAULT_MAX_LENGTH
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    announce_interval: float = DEFAULT_INTERVAL
+    announce_ttl: float = DEFAULT_TTL
+
+
+class WorkerService(Service):
+    """Serves a span of blocks to the mesh until stopped."""
+
+    log = Logger()
+
+    def __init__(self, options: WorkerOptions, reactor: Any, out: TextIO | None = None):
+        self.options = options
+        self.reactor = reactor
+        self.out = out if out is not None else sys.stdout
+        self.thread = ComputeThread(reactor)
+        self.endpoint: Any = None
+        self.dht: Any = None
+        self.announcer: Announcer | None = None
+        self.table: SessionTable | None = None
+        self.span: BlockSpan | None = None
+        self.throughput = 0.0
+        self.ready: Deferred[PeerAddress] | None = None
+        self._expiry = LoopingCall(self._expire_idle)
+        self._expiry.clock = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.thread.start()
+        self.ready = ensureDeferred(self._start())
+        self.ready.addErrback(self._failed_start)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _start(self) -> PeerAddress:
+        from meshnode.dht.network import DHTNode
+        from meshnode.wire.endpoint import Endpoint
+
+        options = self.options
+        options.data_dir.mkdir(parents=True, exist_ok=True)
+        identity = Identity.load_or_create(options.data_dir)
+        self.endpoint = Endpoint(self.reactor, identity, {})
+        address = await self.endpoint.listen(options.host, options.port)
+        self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
+        if options.bootstrap:
+            await self.dht.bootstrap(options.bootstrap)
+        source = await self.thread.call(_open_model, options.model)
+        self.span = await self._choose_span(source)
+        compute = SpanCompute(self.thread, source, self.span, "float32")
+        await compute.load()
+        self.throughput = await compute.measure_throughput()
+        self._serve(source, compute)
+        await self.announcer.start()
+        self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
+        self._report(address, source)
+        return address
+
+    async def _choose_span(self, source: Any) -> BlockSpan:
+        layers = source.config.num_layers
+        if self.options.blocks is not None:
+            if self.options.blocks.end > layers:
+                raise ValueError(f"--blocks {self.options.blocks}: the model has {layers} blocks")
+            return self.options.blocks
+        records = await fetch_block_records(self.dht, _key_for(source.fingerprint), layers)
+        per_block = {block: list(found.values()) for block, found in records.items()}
+        num_blocks = min(self.options.num_blocks or layers, layers)
+        return choose_span(per_block, layers, num_blocks, source.fingerprint)
+
+    def _serve(self, source: Any, compute: SpanCompute) -> None:
+        options = self.options
+        self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
+                                  options.idle_timeout)
+        limits = WorkerLimits(source.fingerprint, self.span, options.max_length, "float32")
+        handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput)
+        for message_type, handler in handlers.handlers().items():
+            self.endpoint.add_handler(message_type, handler)
+
+        def info(state: WorkerState) -> ServerInfo:
+            return ServerInfo(str(self.endpoint.address), self.span, state, self.throughput,
+                              self.table.budget.free, "float32", source.fingerprint)
+
+        self.announcer = Announcer(self.dht, self.reactor, self.span,
+                                   _key_for(source.fingerprint), info,
+                                   ttl=options.announce_ttl, interval=options.announce_interval)
+
+    def _report(self, address: PeerAddress, source: Any) -> None:
+        path = self.options.data_dir / ADDRESS_FILE
+        partial = path.with_suffix(".partial")
+        partial.write_text(f"{address}\n")
+        os.replace(partial, path)
+        print(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
+              f"({self.throughput:.1f} tokens/s)", file=self.out, flush=True)
+
+    def _expire_idle(self) -> None:
+        if self.table is not None:
+            for session in self.table.expire_idle():
+                self.log.info("session {sid} timed out", sid=session.session_id.hex())
+
+    def _failed_start(self, failure: Any) -> None:
+        self.log.failure("worker failed to start", failure)
+        print(f"meshnode worker: failed to start: {failure.getErrorMessage()}",
+              file=sys.stderr, flush=True)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self) -> None:
+        if self.ready is not None and not self.ready.called:
+            self.ready.cancel()
+        if self._expiry.running:
+            self._expiry.stop()
+        if self.announcer is not None:
+            offline = self.announcer.stop()
+            offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)
+            await offline.addErrback(lambda _: None)
+        if self.table is not None:
+            self.table.close_all()
+        if self.dht is not None:
+            await self.dht.stop().addErrback(lambda _: None)
+        if self.endpoint is not None:
+            await self.endpoint.close().addErrback(lambda _: None)
+        self.thread.stop()
+        (self.options.data_dir / ADDRESS_FILE).unlink(missing_ok=True)
+
+
+def _open_model(spec: str) -> Any:
+    from meshnode.model.source import open_model
+
+    return open_model(spec)
+
+
+def _key_for(fingerprint: str):
+    from meshnode.dht.network import block_key
+
+    return lambda block: block_key(fingerprint, block)
