@@ -1,0 +1,19 @@
+"""The model engine: Llama-family decoder blocks in JAX, weights, tokenizers, generation.
+
+Modules:
+
+- ``config``      ModelConfig from config.json or GGUF metadata (llama, mistral, qwen2)
+- ``dtypes``      storage dtypes, compute dtype per device
+- ``rope``        rotary frequencies (default, linear, llama3) and their application
+- ``layers``      the decoder block as pure functions (RMSNorm, attention, SwiGLU)
+- ``span``        SpanRunner / SpanParams / KVCache: blocks [start, end) over lax.scan
+- ``head``        ClientHead / ClientParams: embedding, final norm, LM head
+- ``sampling``    SamplingOptions, Sampler: greedy, temperature, top-k, top-p
+- ``checkpoint``  lazy safetensors reading of Hugging Face folders
+- ``gguf_file``   GGUF metadata, dequantized tensors, llama.cpp q/k un-permutation
+- ``weights``     named tensors -> fused, stacked parameter trees, with shape checks
+- ``tokenizer``   Tokenizer: tokenizer.json or GGUF BPE, chat templates
+- ``source``      open_model(spec) -> ModelSource, fingerprints
+- ``decoding``    the generation loop over any ``forward(hidden, start_position)``
+- ``generate``    LocalModel / generate_local: all blocks in this process
+"""

@@ -1,0 +1,178 @@
+"""GGUF files: config from metadata, and tensors dequantized under Hugging Face names.
+
+``GGUFFile`` memory-maps the file with ``gguf.GGUFReader``; a tensor is
+dequantized (``gguf.quants.dequantize``: F32, F16, BF16, Q4_0, Q4_1, Q5_*, Q8_0,
+the K-quants...) only when read, so a span touches only its blocks.
+
+llama.cpp's converter permutes the rows of q/k projections of ``llama``
+architecture files from Hugging Face's half-rotation layout to interleaved
+pairs; reading undoes it exactly as transformers' ``LlamaTensorProcessor`` does
+(``reverse_permute``), so both layouts meet the same rotary code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
+
+from meshnode.errors import ConfigError, MissingWeights, ModelError, UnknownArchitecture
+from meshnode.model.config import ModelConfig, RopeConfig
+
+#: GGUF general.architecture -> engine family
+_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+#: architectures whose q/k rows llama.cpp permutes
+_PERMUTED = {"llama", "mistral"}
+
+_GLOBAL_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_LAYER_NAMES = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """The GGUF tensor name of a Hugging Face one, or None if it has none."""
+    if hf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if len(parts) < 5 or parts[:2] != ["model", "layers"]:
+        return None
+    index, stem, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
+    if stem not in _LAYER_NAMES:
+        return None
+    return f"blk.{index}.{_LAYER_NAMES[stem]}.{kind}"
+
+
+def reverse_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: rows [heads * 2 * half] back to HF order."""
+    half = weights.shape[0] // heads // 2
+    w = weights.reshape(heads, half, 2, *weights.shape[1:])  # [h, D/2, 2, ...]
+    return w.swapaxes(2, 1).reshape(weights.shape)
+
+
+class GGUFFile:
+    """One GGUF file: metadata, and a TensorReader over its tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self._reader = GGUFReader(str(self.path))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{self.path}: not a readable GGUF file: {exc}") from exc
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.architecture = str(self.value("general.architecture", ""))
+        self._config: ModelConfig | None = None
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """A metadata value (arrays as lists), or default when absent."""
+        field = self._reader.fields.get(key)
+        if field is None:
+            return default
+        return field.contents()
+
+    def has_key(self, key: str) -> bool:
+        return key in self._reader.fields
+
+    def tensor_types(self) -> dict[str, str]:
+        """GGUF tensor name -> quantization type name (F32, Q4_1, ...)."""
+        return {name: t.tensor_type.name for name, t in self._tensors.items()}
+
+    @property
+    def config(self) -> ModelConfig:
+        if self._config is None:
+            self._config = config_from_gguf(self)
+        return self._config
+
+    def has(self, name: str) -> bool:
+        target = gguf_name(name)
+        return target is not None and target in self._tensors
+
+    def read(self, name: str) -> np.ndarray:
+        target = gguf_name(name)
+        if target is None or target not in self._tensors:
+            raise MissingWeights(f"{self.path}: no tensor for {name!r}")
+        array = read_tensor(self._tensors[target])
+        if self.architecture in _PERMUTED and (".attn_q." in target or ".attn_k." in target):
+            config = self.config
+            heads = config.num_heads if ".attn_q." in target else config.num_kv_heads
+            array = reverse_permute(array, heads)
+        return array
+
+
+def read_tensor(tensor: Any) -> np.ndarray:
+    """A GGUF ReaderTensor as a float32 array in numpy (row-major, HF) order."""
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    qtype = GGMLQuantizationType(tensor.tensor_type)
+    try:
+        values = dequantize(np.asarray(tensor.data), qtype)
+    except NotImplementedError as exc:
+        raise ModelError(f"tensor {tensor.name!r}: {qtype.name} is not supported: {exc}") from exc
+    return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def config_from_gguf(file: GGUFFile) -> ModelConfig:
+    """A ModelConfig from llama.cpp's metadata keys (``<arch>.block_count``...)."""
+    arch = file.architecture
+    if arch not in _FAMILIES:
+        raise UnknownArchitecture(
+            f"{file.path}: GGUF architecture {arch!r} is not supported "
+            f"(supported: {', '.join(sorted(_FAMILIES))})"
+        )
+
+    def key(name: str, default: Any = None) -> Any:
+        value = file.value(f"{arch}.{name}", default)
+        if value is None:
+            raise ConfigError(f"{file.path}: metadata lacks {arch}.{name}")
+        return value
+
+    hidden, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    tokens = file.value("tokenizer.ggml.tokens") if not file.has_key(f"{arch}.vocab_size") else None
+    vocab = int(file.value(f"{arch}.vocab_size") or len(tokens or ()))
+    if not vocab:
+        raise ConfigError(f"{file.path}: metadata gives no vocabulary size")
+    scaling = str(file.value(f"{arch}.rope.scaling.type", "none"))
+    rope = RopeConfig(theta=float(key("rope.freq_base", 10000.0)))
+    if scaling == "linear":
+        rope = RopeConfig(
+            theta=rope.theta, rope_type="linear", factor=float(key("rope.scaling.factor"))
+        )
+    elif scaling not in ("none", ""):
+        raise ConfigError(f"{file.path}: rope scaling {scaling!r} is not supported")
+    eos = file.value("tokenizer.ggml.eos_token_id")
+    qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in file.tensor_types()
+    return ModelConfig(
+        family=_FAMILIES[arch],
+        hidden_size=hidden,
+        intermediate_size=int(key("feed_forward_length")),
+        num_layers=int(key("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(key("attention.head_count_kv", heads)),
+        head_dim=int(key("attention.key_length", hidden // heads)),
+        vocab_size=vocab,
+        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        rope=rope,
+        max_position_embeddings=int(key("context_length", 2048)),
+        tie_word_embeddings="output.weight" not in file.tensor_types(),
+        qkv_bias=qkv_bias,
+        bos_token_id=_maybe_int(file.value("tokenizer.ggml.bos_token_id")),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+
+def _maybe_int(value: Any) -> int | None:
+    return None if value is None else int(value)

@@ -1,0 +1,130 @@
+"""The decoder block as pure functions over a parameter dict.
+
+One layer's parameters (the span stacks these on a leading layer axis):
+
+=============  ==================  ==========================================
+name           shape               meaning
+=============  ==================  ==========================================
+attn_norm      [H]                 RMSNorm before attention
+wqkv           [H, Q + 2*KV]       q, k and v projections side by side
+bqkv           [Q + 2*KV]          their biases (Qwen2, Llama attention_bias)
+wo             [Q, H]              output projection
+bo             [H]                 its bias (Llama attention_bias only)
+mlp_norm       [H]                 RMSNorm before the MLP
+w_gate_up      [H, 2*F]            SwiGLU gate and up projections side by side
+w_down         [F, H]              SwiGLU down projection
+=============  ==================  ==========================================
+
+with Q = heads * head_dim and KV = kv_heads * head_dim. Fusing q/k/v and gate/up
+halves the number of matmuls a decode step dispatches. Norm statistics, the
+softmax and the residual stream's rotary math run in float32 whatever the
+compute dtype.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from meshnode.model.config import ModelConfig
+from meshnode.model.rope import apply_rope
+
+#: additive mask value; finite so fully masked (padding) rows stay NaN-free
+MASK_VALUE = -1e30
+
+
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """RMSNorm with float32 statistics, as transformers' LlamaRMSNorm."""
+    x32 = x.astype(jnp.float32)  # [..., H]
+    variance = jnp.mean(x32 * x32, axis=-1, keepdims=True)  # [..., 1]
+    normed = (x32 * lax.rsqrt(variance + eps)).astype(x.dtype)  # [..., H]
+    return weight.astype(x.dtype) * normed
+
+
+def attention_mask(
+    q_positions: jnp.ndarray, kv_length: int, window: jnp.ndarray
+) -> jnp.ndarray:
+    """bool [T, A]: causal, and within ``window`` positions when window > 0."""
+    kv_positions = jnp.arange(kv_length)[None, :]  # [1, A]
+    q = q_positions[:, None]  # [T, 1]
+    causal = kv_positions <= q  # [T, A]
+    in_window = jnp.where(window > 0, kv_positions > q - window, True)  # [T, A]
+    return causal & in_window
+
+
+def attention(
+    config: ModelConfig,
+    layer: dict,
+    x: jnp.ndarray,
+    rope: tuple[jnp.ndarray, jnp.ndarray],
+    mask: jnp.ndarray,
+    cache: tuple[jnp.ndarray, jnp.ndarray],
+    cache_index: tuple,
+) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    """Self-attention of x [B, T, H] over the cache after writing x's keys and values.
+
+    ``cache`` is the span's (k, v), each [L, B, S, K, D]; ``cache_index`` is
+    (layer, start) where this layer's new positions go. Returns the attention
+    output [B, T, H] (before the residual add) and the updated cache.
+    """
+    batch, length, _ = x.shape
+    heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
+    groups = heads // kv_heads
+    kv_length = mask.shape[-1]
+    layer_index, start = cache_index
+
+    qkv = x @ layer["wqkv"]  # [B, T, Q + 2KV]
+    if "bqkv" in layer:
+        qkv = qkv + layer["bqkv"]
+    q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
+    q = apply_rope(q.reshape(batch, length, heads, dim), *rope)  # [B, T, N, D]
+    k = apply_rope(k.reshape(batch, length, kv_heads, dim), *rope)  # [B, T, K, D]
+    v = v.reshape(batch, length, kv_heads, dim)  # [B, T, K, D]
+
+    k_cache, v_cache = cache
+    at = (layer_index, 0, start, 0, 0)
+    k_cache = lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+    v_cache = lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+    window = (1, batch, kv_length, kv_heads, dim)
+    keys = lax.dynamic_slice(k_cache, (layer_index, 0, 0, 0, 0), window)[0]  # [B, A, K, D]
+    values = lax.dynamic_slice(v_cache, (layer_index, 0, 0, 0, 0), window)[0]  # [B, A, K, D]
+
+    q = q.reshape(batch, length, kv_heads, groups, dim)  # [B, T, K, G, D]
+    scores = jnp.einsum(
+        "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+    )  # [B, K, G, T, A]
+    scores = scores * (dim**-0.5)
+    scores = jnp.where(mask[None, None, None], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # [B, K, G, T, A]
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(x.dtype))  # [B, T, K, G, D]
+    out = out.reshape(batch, length, heads * dim) @ layer["wo"]  # [B, T, H]
+    if "bo" in layer:
+        out = out + layer["bo"]
+    return out, (k_cache, v_cache)
+
+
+def mlp(layer: dict, x: jnp.ndarray) -> jnp.ndarray:
+    """SwiGLU: x [B, T, H] -> [B, T, H]."""
+    gate_up = x @ layer["w_gate_up"]  # [B, T, 2F]
+    gate, up = jnp.split(gate_up, 2, axis=-1)  # [B, T, F] each
+    return (jax.nn.silu(gate) * up) @ layer["w_down"]  # [B, T, H]
+
+
+def decoder_block(
+    config: ModelConfig,
+    layer: dict,
+    x: jnp.ndarray,
+    rope: tuple[jnp.ndarray, jnp.ndarray],
+    mask: jnp.ndarray,
+    cache: tuple[jnp.ndarray, jnp.ndarray],
+    cache_index: tuple,
+) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    """One pre-norm decoder layer: x [B, T, H] -> [B, T, H], cache updated."""
+    eps = config.rms_norm_eps
+    attended, cache = attention(
+        config, layer, rms_norm(x, layer["attn_norm"], eps), rope, mask, cache, cache_index
+    )
+    x = x + attended  # [B, T, H]
+    x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], eps))  # [B, T, H]
+    return x, cache

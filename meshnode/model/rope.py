@@ -1,0 +1,59 @@
+"""Rotary position embeddings: inverse frequencies per rope type, and their application.
+
+The frequencies are computed once on the host in float32 the way transformers
+computes them (``default``, ``linear`` and Llama 3's ``llama3`` smoothing);
+``apply_rope`` uses the half-rotation layout of Hugging Face checkpoints
+(GGUF q/k weights are un-permuted into that layout when loaded).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from meshnode.model.config import ModelConfig
+
+
+def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """float32 [head_dim // 2]: the rotation speed of each pair of channels."""
+    rope, dim = config.rope, config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / np.power(np.float32(rope.theta), exponents)).astype(np.float32)  # [D/2]
+    if rope.rope_type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.rope_type == "llama3":
+        return _llama3_frequencies(inv_freq, config)
+    return inv_freq
+
+
+def _llama3_frequencies(inv_freq: np.ndarray, config: ModelConfig) -> np.ndarray:
+    rope = config.rope
+    old_context = rope.original_max_position_embeddings
+    low_freq_wavelen = old_context / rope.low_freq_factor
+    high_freq_wavelen = old_context / rope.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq  # [D/2]
+    scaled = np.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)  # [D/2]
+    smooth = (old_context / wavelen - rope.low_freq_factor) / (
+        rope.high_freq_factor - rope.low_freq_factor
+    )  # [D/2]
+    smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled  # [D/2]
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)  # [D/2]
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(inv_freq: jnp.ndarray, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """cos, sin float32 [T, D] for integer positions [T]."""
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [T, D]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
+    """Rotate x [B, T, heads, D] by the tables [T, D]; math in float32, result in x's dtype."""
+    x32 = x.astype(jnp.float32)  # [B, T, h, D]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)  # [B, T, h, D]
+    out = x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]  # [B, T, h, D]
+    return out.astype(x.dtype)

