@@ -1,0 +1,316 @@
+"""The client API: ``MeshClient`` for Twisted code, ``generate`` / ``stream`` for everyone else.
+
+Inside Twisted (Deferreds, or coroutines via ``Deferred.fromCoroutine``)::
+
+    client = MeshClient(reactor, [PeerAddress.parse("127.0.0.1:7000#ab12...")])
+    await client.start()
+    result = await client.generate("What is the capital of France?",
+                                   GenerationOptions(max_new_tokens=32),
+                                   on_text=lambda piece: print(piece, end=""))
+    print(result.text, result.route, result.decode_tok_s)
+    await client.close()
+
+Without Twisted (the reactor runs in a background thread)::
+
+    from meshnode.client.api import generate, stream
+    result = generate("What is the capital of France?", bootstrap=["127.0.0.1:7000#ab12..."])
+    for piece in stream("Tell me a story", bootstrap=[...], max_new_tokens=100):
+        print(piece, end="", flush=True)
+
+The client holds the model's embeddings, final norm and LM head (it opens the
+same model spec as the workers), finds a route in the DHT, opens a session on
+each worker of the route, and runs the model engine's generation loop with a
+remote forward (``meshnode.client.generate``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+from meshnode.client.chain import DEFAULT_STEP_TIMEOUT, InferenceChain
+from meshnode.client.generate import (
+    GenerationOptions,
+    MeshGenerationResult,
+    mesh_result,
+    run_generation,
+)
+from meshnode.client.routing.discovery import discover_route
+from meshnode.client.routing.route import NodeID, Route
+from meshnode.errors import ClientError, MeshError, RouteNotFound
+from meshnode.identity import Identity, PeerAddress
+from meshnode.model.decoding import TextStream, prompt_token_ids
+from meshnode.model.sampling import SamplingOptions
+
+DEFAULT_MODEL = "smollm2"
+#: generations one client runs at once (each holds a loop thread while it runs)
+MAX_CONCURRENT_GENERATIONS = 32
+#: seconds between two route lookups while waiting for the mesh to cover the model
+ROUTE_POLL_INTERVAL = 0.5
+
+
+class MeshClient:
+    """Generation through the mesh for Twisted code; every method returns a Deferred."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        bootstrap: Iterable[PeerAddress | str],
+        model: str = DEFAULT_MODEL,
+        identity: Identity | None = None,
+        step_timeout: float = DEFAULT_STEP_TIMEOUT,
+        max_concurrent: int = MAX_CONCURRENT_GENERATIONS,
+    ):
+        self.reactor = reactor
+        self.bootstrap = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a)
+                          for a in bootstrap]
+        self.model_spec = model
+        self.identity = identity or Identity.ephemeral()
+        self.step_timeout = step_timeout
+        self._pool = ThreadPool(0, max_concurrent, name="meshnode-client")
+        self._started: Deferred[None] | None = None
+        self.endpoint: Any = None
+        self.dht: Any = None
+        self.source: Any = None
+        self.head: Any = None
+        self.tokenizer: Any = None
+        self.last_route: Route | None = None
+
+    def start(self) -> Deferred[None]:
+        """Join the DHT and load the head; safe to call many times."""
+        if self._started is None:
+            self._started = Deferred.fromCoroutine(self._start())
+        return self._started
+
+    def find_route(self, max_length: int = 0, banned: Iterable[NodeID] = ()) -> Deferred[Route]:
+        """The least-latency route now (``RouteNotFound`` when blocks are not covered)."""
+        return Deferred.fromCoroutine(self._find_route(max_length, set(banned)))
+
+    def wait_for_route(self, timeout: float, max_length: int = 0) -> Deferred[Route]:
+        """Poll the DHT until every block is covered, or fail after ``timeout`` seconds."""
+        return Deferred.fromCoroutine(self._wait_for_route(timeout, max_length))
+
+    def generate(
+        self,
+        prompt: str,
+        options: GenerationOptions = GenerationOptions(),
+        on_text: Callable[[str], None] | None = None,
+    ) -> Deferred[MeshGenerationResult]:
+        """Generate from a text prompt; ``on_text`` gets each new piece on the reactor thread."""
+        return Deferred.fromCoroutine(self._generate_text(prompt, options, on_text))
+
+    def generate_ids(
+        self,
+        prompt_ids: list[int],
+        options: GenerationOptions = GenerationOptions(),
+        on_token: Callable[[int], None] | None = None,
+    ) -> Deferred[MeshGenerationResult]:
+        """Generate from token ids; ``on_token`` gets each new id on the reactor thread."""
+        return Deferred.fromCoroutine(self._generate(list(prompt_ids), options, on_token))
+
+    def close(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._close())
+
+    # -- internals -------------------------------------------------------
+
+    async def _start(self) -> None:
+        from meshnode.dht.network import DHTNode
+        from meshnode.wire.endpoint import Endpoint
+
+        self._pool.start()
+        self.endpoint = Endpoint(self.reactor, self.identity, {})
+        self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
+        loaded = deferToThreadPool(self.reactor, self._pool, _load_client_side, self.model_spec)
+        if self.bootstrap:
+            await self.dht.bootstrap(self.bootstrap)
+        self.source, self.head, self.tokenizer = await loaded
+
+    def _key_for(self, block: int) -> bytes:
+        from meshnode.dht.network import block_key
+
+        return block_key(self.source.fingerprint, block)
+
+    async def _find_route(self, max_length: int, banned: set[NodeID]) -> Route:
+        await self.start()
+        route = await discover_route(
+            self.dht, self.endpoint, self.reactor, self._key_for,
+            self.source.config.num_layers, self.source.fingerprint, banned, max_length,
+        )
+        self.last_route = route
+        return route
+
+    async def _wait_for_route(self, timeout: float, max_length: int) -> Route:
+        deadline = self.reactor.seconds() + timeout
+        while True:
+            try:
+                return await self._find_route(max_length, set())
+            except RouteNotFound:
+                if self.reactor.seconds() >= deadline:
+                    raise
+            await deferLater(self.reactor, ROUTE_POLL_INTERVAL, lambda: None)
+
+    async def _generate_text(self, prompt: str, options: GenerationOptions,
+                             on_text: Callable[[str], None] | None) -> MeshGenerationResult:
+        await self.start()
+        prompt_ids = prompt_token_ids(self.tokenizer, prompt, options.chat, options.system)
+        on_token = None
+        if on_text is not None:
+            text_stream = TextStream(self.tokenizer, self._stop_ids())
+
+            def on_token(token: int) -> None:
+                piece = text_stream.push(token)
+                if piece:
+                    on_text(piece)
+
+        return await self._generate(prompt_ids, options, on_token)
+
+    async def _generate(self, prompt_ids: list[int], options: GenerationOptions,
+                        on_token: Callable[[int], None] | None) -> MeshGenerationResult:
+        await self.start()
+        max_length = len(prompt_ids) + options.max_new_tokens
+        route = await self._find_route(max_length, set())
+        chain = InferenceChain(self.endpoint, route, self.source.fingerprint, max_length,
+                               self.step_timeout)
+        await chain.open()
+        callback = None
+        if on_token is not None:
+            def callback(token: int) -> None:
+                self.reactor.callFromThread(on_token, token)
+        try:
+            loop_result = await deferToThreadPool(
+                self.reactor, self._pool, run_generation, self.reactor, self.head, chain,
+                prompt_ids, options, self._stop_ids(), callback,
+            )
+        finally:
+            await chain.close()
+        text = self.tokenizer.decode(list(loop_result.token_ids))
+        return mesh_result(loop_result, text, prompt_ids, route)
+
+    def _stop_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.eos_ids) | frozenset(self.source.config.eos_token_ids)
+
+    async def _close(self) -> None:
+        if self.dht is not None:
+            await self.dht.stop()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        if self._pool.started:
+            self._pool.stop()
+
+
+def _load_client_side(spec: str) -> tuple[Any, Any, Any]:
+    from meshnode.model.head import ClientHead
+    from meshnode.model.source import open_model
+
+    source = open_model(spec)
+    head = ClientHead(source.config, source.load_client_params("float32"))
+    return source, head, source.tokenizer()
+
+
+# --- the blocking API ------------------------------------------------------------
+
+
+class _BackgroundReactor:
+    """The global reactor, run in a daemon thread for callers outside Twisted."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._clients: dict[tuple, MeshClient] = {}
+
+    def reactor(self) -> Any:
+        from twisted.internet import reactor
+
+        with self._lock:
+            if self._thread is None:
+                if reactor.running:
+                    raise ClientError("the reactor already runs here: use MeshClient instead")
+                running = threading.Event()
+                reactor.callWhenRunning(running.set)
+                self._thread = threading.Thread(
+                    target=reactor.run, kwargs={"installSignalHandlers": False},
+                    name="meshnode-reactor", daemon=True)
+                self._thread.start()
+                running.wait()
+                atexit.register(self.shutdown)
+        return reactor
+
+    def client(self, bootstrap: Iterable[str | PeerAddress], model: str) -> MeshClient:
+        reactor = self.reactor()
+        key = (tuple(str(a) for a in bootstrap), model)
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = MeshClient(reactor, list(bootstrap), model)
+            return self._clients[key]
+
+    def call(self, function: Callable[..., Any], *args: Any) -> Any:
+        return blockingCallFromThread(self.reactor(), function, *args)
+
+    def shutdown(self) -> None:
+        reactor = self.reactor()
+        for client in list(self._clients.values()):
+            try:
+                blockingCallFromThread(reactor, client.close)
+            except MeshError:
+                pass
+        self._clients.clear()
+        reactor.callFromThread(reactor.stop)
+
+
+_background = _BackgroundReactor()
+
+
+def options_from(max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, chat: bool = True,
+                 system: str | None = None) -> GenerationOptions:
+    return GenerationOptions(max_new_tokens, SamplingOptions(temperature, top_k, top_p, seed),
+                             chat, system)
+
+
+def generate(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,
+             on_text: Callable[[str], None] | None = None,
+             **options: Any) -> MeshGenerationResult:
+    """Generate through the mesh, blocking; ``options`` as ``options_from``.
+
+    ``on_text`` receives each new piece of text, on the background reactor thread.
+    """
+    client = _background.client(bootstrap, model)
+    return _background.call(client.generate, prompt, options_from(**options), on_text)
+
+
+def stream(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,
+           **options: Any) -> Iterator[str]:
+    """Generate through the mesh, yielding text pieces as they come."""
+    client = _background.client(bootstrap, model)
+    pieces: queue.Queue = queue.Queue()
+    done = object()
+    reactor = _background.reactor()
+
+    def start() -> None:
+        d = client.generate(prompt, options_from(**options), pieces.put)
+        d.addBoth(lambda outcome: pieces.put((done, outcome)))
+
+    reactor.callFromThread(start)
+    while True:
+        item = pieces.get()
+        if isinstance(item, tuple) and item and item[0] is done:
+            outcome = item[1]
+            if hasattr(outcome, "raiseException"):
+                outcome.raiseException()
+            return
+        yield item
+
+
+def wait_for_route(bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,
+                   timeout: float = 60.0) -> Route:
+    """Block until the mesh covers every block of ``model`` (or ``RouteNotFound``)."""
+    client = _background.client(bootstrap, model)
+    return _background.call(client.wait_for_route, timeout)

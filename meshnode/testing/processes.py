@@ -1,0 +1,197 @@
+"""``LocalMesh``: real bootstrap and worker processes on loopback, for tests and the demo.
+
+Every node is a ``twistd -n meshnode ...`` process with its own folder (data
+dir, pidfile, logfile), listening on an ephemeral port of 127.0.0.1. Its pinned
+address is read from ``<data dir>/address`` (workers write it when ready) or
+from the first ``host:port#<id>`` in its log. Children run the same meshnode
+as this process (``PYTHONPATH`` points at it). ``NodeProcess.signal`` lets
+chaos tests SIGKILL or SIGSTOP a node; ``LocalMesh.stop`` stops every node
+(SIGTERM, then SIGKILL after a bound) and is safe to call twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import meshnode
+from meshnode.errors import MeshError
+from meshnode.identity import PeerAddress
+
+ADDRESS_PATTERN = re.compile(r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3}:\d+#[0-9a-f]{64})")
+#: seconds a node may take to start (a worker loads and compiles its blocks)
+START_TIMEOUT = 180.0
+#: seconds between SIGTERM and SIGKILL
+STOP_TIMEOUT = 15.0
+POLL_INTERVAL = 0.05
+
+
+class NodeFailed(MeshError):
+    """A node process exited or did not become ready in time."""
+
+    code = "node_failed"
+
+
+@dataclass
+class NodeProcess:
+    """One ``twistd`` process and its folder."""
+
+    name: str
+    folder: Path
+    process: subprocess.Popen
+    address: PeerAddress | None = None
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def data_dir(self) -> Path:
+        return self.folder / "data"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "twistd.log"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` (e.g. SIGKILL, SIGSTOP, SIGCONT) if the process is still there."""
+        if self.alive():
+            self.process.send_signal(signum)
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> PeerAddress:
+        """Poll until the node reports its address; ``NodeFailed`` if it dies or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            address = self._read_address()
+            if address is not None:
+                self.address = address
+                return address
+            if not self.alive():
+                raise NodeFailed(f"{self.name} exited with {self.process.returncode}:\n"
+                                 f"{self.log_tail()}")
+            time.sleep(POLL_INTERVAL)
+        raise NodeFailed(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
+        """SIGTERM (and SIGCONT, in case it was stopped), then SIGKILL after ``timeout``."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGCONT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def _read_address(self) -> PeerAddress | None:
+        for path in (self.data_dir / "address", self.log_path):
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            match = ADDRESS_PATTERN.search(text)
+            if match:
+                return PeerAddress.parse(match.group(1))
+        return None
+
+
+class LocalMesh:
+    """Bootstrap and worker processes under one temporary folder; a context manager."""
+
+    def __init__(self, model: str, root: Path | None = None, python: str = sys.executable,
+                 extra_env: dict[str, str] | None = None):
+        self.model = model
+        self._owned_root = root is None
+        self.root = root or Path(tempfile.mkdtemp(prefix="meshnode-mesh-"))
+        self.python = python
+        self.nodes: list[NodeProcess] = []
+        self.bootstrap: NodeProcess | None = None
+        self._env = _child_env(extra_env)
+
+    def __enter__(self) -> LocalMesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start_bootstrap(self) -> NodeProcess:
+        """A DHT-only node; waits until it reports its address."""
+        node = self._spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0"])
+        node.wait_ready()
+        self.bootstrap = node
+        return node
+
+    def start_worker(self, blocks: str | None = None, extra: list[str] | None = None,
+                     wait: bool = True) -> NodeProcess:
+        """A worker joined to the bootstrap node; ``blocks`` is ``"A:B"`` or None (choose)."""
+        if self.bootstrap is None or self.bootstrap.address is None:
+            raise NodeFailed("start the bootstrap node first")
+        args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0",
+                "--bootstrap", str(self.bootstrap.address)]
+        if blocks is not None:
+            args += ["--blocks", blocks]
+        node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []))
+        if wait:
+            node.wait_ready()
+        return node
+
+    def workers(self) -> list[NodeProcess]:
+        return [n for n in self.nodes if n is not self.bootstrap]
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Stop every node: SIGTERM to all at once, then SIGKILL whoever is left."""
+        for node in self.nodes:
+            node.signal(signal.SIGTERM)
+            node.signal(signal.SIGCONT)
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            try:
+                node.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                node.process.kill()
+                node.process.wait()
+
+    def _spawn(self, name: str, args: list[str]) -> NodeProcess:
+        folder = self.root / name
+        (folder / "data").mkdir(parents=True, exist_ok=True)
+        args = args + ["--data-dir", str(folder / "data")]
+        command = [
+            self.python, "-c", "from twisted.scripts.twistd import run; run()",
+            "-n", f"--pidfile={folder / 'twistd.pid'}", f"--logfile={folder / 'twistd.log'}",
+            "meshnode", *args,
+        ]
+        with open(folder / "stderr.log", "wb") as stderr:
+            process = subprocess.Popen(command, cwd=folder, env=self._env,
+                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                       stderr=stderr)
+        node = NodeProcess(name, folder, process, args=args)
+        self.nodes.append(node)
+        return node
+
+
+def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
+    """Our environment, with this meshnode first on the path and JAX on the CPU by default."""
+    env = dict(os.environ)
+    source_root = str(Path(meshnode.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.update(extra or {})
+    return env
