@@ -45,7 +45,7 @@ from meshnode.client.generate import (
 )
 from meshnode.client.routing.discovery import discover_route
 from meshnode.client.routing.route import NodeID, Route
-from meshnode.errors import ClientError, MeshError, RouteNotFound
+from meshnode.errors import ClientError, MeshError, ModelError, RouteNotFound
 from meshnode.identity import Identity, PeerAddress
 from meshnode.model.decoding import TextStream, prompt_token_ids
 from meshnode.model.sampling import SamplingOptions
@@ -160,6 +160,8 @@ class MeshClient:
     async def _generate_text(self, prompt: str, options: GenerationOptions,
                              on_text: Callable[[str], None] | None) -> MeshGenerationResult:
         await self.start()
+        if self.tokenizer is None:
+            raise ModelError(f"model {self.model_spec} has no tokenizer: give token ids")
         prompt_ids = prompt_token_ids(self.tokenizer, prompt, options.chat, options.system)
         on_token = None
         if on_text is not None:
@@ -191,11 +193,13 @@ class MeshClient:
             )
         finally:
             await chain.close()
-        text = self.tokenizer.decode(list(loop_result.token_ids))
+        text = self.tokenizer.decode(list(loop_result.token_ids)) if self.tokenizer else ""
         return mesh_result(loop_result, text, prompt_ids, route)
 
     def _stop_ids(self) -> frozenset[int]:
-        return frozenset(self.tokenizer.eos_ids) | frozenset(self.source.config.eos_token_ids)
+        """As local generation: EOS ids of the config and of the tokenizer."""
+        tokenizer_ids = self.tokenizer.eos_ids if self.tokenizer is not None else ()
+        return frozenset(tokenizer_ids) | frozenset(self.source.config.eos_token_ids)
 
     async def _close(self) -> None:
         if self.dht is not None:
@@ -212,7 +216,11 @@ def _load_client_side(spec: str) -> tuple[Any, Any, Any]:
 
     source = open_model(spec)
     head = ClientHead(source.config, source.load_client_params("float32"))
-    return source, head, source.tokenizer()
+    try:
+        tokenizer = source.tokenizer()
+    except ModelError:  # a bare checkpoint: ids in, ids out
+        tokenizer = None
+    return source, head, tokenizer
 
 
 # --- the blocking API ------------------------------------------------------------
@@ -269,7 +277,7 @@ _background = _BackgroundReactor()
 
 
 def options_from(max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, chat: bool = True,
+                 top_p: float = 1.0, seed: int | None = None, chat: bool = False,
                  system: str | None = None) -> GenerationOptions:
     return GenerationOptions(max_new_tokens, SamplingOptions(temperature, top_k, top_p, seed),
                              chat, system)
@@ -284,6 +292,13 @@ def generate(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = D
     """
     client = _background.client(bootstrap, model)
     return _background.call(client.generate, prompt, options_from(**options), on_text)
+
+
+def generate_ids(prompt_ids: list[int], bootstrap: Iterable[str | PeerAddress],
+                 model: str = DEFAULT_MODEL, **options: Any) -> MeshGenerationResult:
+    """Generate from token ids through the mesh, blocking (for models without a tokenizer)."""
+    client = _background.client(bootstrap, model)
+    return _background.call(client.generate_ids, list(prompt_ids), options_from(**options))
 
 
 def stream(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,

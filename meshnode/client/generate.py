@@ -33,7 +33,7 @@ class GenerationOptions:
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     sampling: SamplingOptions = SamplingOptions()
-    chat: bool = True
+    chat: bool = False
     system: str | None = None
 
 

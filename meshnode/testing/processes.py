@@ -141,17 +141,25 @@ class LocalMesh:
 
     def start_worker(self, blocks: str | None = None, extra: list[str] | None = None,
                      wait: bool = True) -> NodeProcess:
-        """A worker joined to the bootstrap node; ``blocks`` is ``"A:B"`` or None (choose)."""
-        if self.bootstrap is None or self.bootstrap.address is None:
-            raise NodeFailed("start the bootstrap node first")
-        args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0",
-                "--bootstrap", str(self.bootstrap.address)]
+        """A worker that joins through ``join_address`` (none for the first of a mesh
+        without a bootstrap node); ``blocks`` is ``"A:B"`` or None (choose)."""
+        args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0"]
+        if self.join_address is not None:
+            args += ["--bootstrap", str(self.join_address)]
         if blocks is not None:
             args += ["--blocks", blocks]
         node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []))
         if wait:
             node.wait_ready()
         return node
+
+    @property
+    def join_address(self) -> PeerAddress | None:
+        """Where new nodes join: the bootstrap node, else the first ready node."""
+        for node in ([self.bootstrap] if self.bootstrap else []) + self.nodes:
+            if node.address is not None:
+                return node.address
+        return None
 
     def workers(self) -> list[NodeProcess]:
         return [n for n in self.nodes if n is not self.bootstrap]

@@ -103,7 +103,8 @@ class WorkerService(Service):
             await self.dht.bootstrap(options.bootstrap)
         source = await self.thread.call(_open_model, options.model)
         self.span = await self._choose_span(source)
-        compute = SpanCompute(self.thread, source, self.span, "float32")
+        dtype = await self.thread.call(_compute_dtype)
+        compute = SpanCompute(self.thread, source, self.span, dtype)
         await compute.load()
         self.throughput = await compute.measure_throughput()
         self._serve(source, compute)
@@ -127,14 +128,15 @@ class WorkerService(Service):
         options = self.options
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
                                   options.idle_timeout)
-        limits = WorkerLimits(source.fingerprint, self.span, options.max_length, "float32")
+        dtype = str(compute.compute_dtype)
+        limits = WorkerLimits(source.fingerprint, self.span, options.max_length, dtype)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput)
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
 
         def info(state: WorkerState) -> ServerInfo:
             return ServerInfo(str(self.endpoint.address), self.span, state, self.throughput,
-                              self.table.budget.free, "float32", source.fingerprint)
+                              self.table.budget.free, dtype, source.fingerprint)
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    _key_for(source.fingerprint), info,
@@ -183,6 +185,12 @@ def _open_model(spec: str) -> Any:
     from meshnode.model.source import open_model
 
     return open_model(spec)
+
+
+def _compute_dtype() -> Any:
+    from meshnode.model.dtypes import default_compute_dtype
+
+    return default_compute_dtype()
 
 
 def _key_for(fingerprint: str):
