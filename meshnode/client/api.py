@@ -43,12 +43,13 @@ from meshnode.client.generate import (
     mesh_result,
     run_generation,
 )
-from meshnode.client.routing.discovery import discover_route
+from meshnode.client.routing.discovery import discover_route, fetch_block_records
 from meshnode.client.routing.route import NodeID, Route
 from meshnode.errors import ClientError, MeshError, ModelError, RouteNotFound
 from meshnode.identity import Identity, PeerAddress
 from meshnode.model.decoding import TextStream, prompt_token_ids
 from meshnode.model.sampling import SamplingOptions
+from meshnode.worker.records import ServerInfo
 
 DEFAULT_MODEL = "smollm2"
 #: generations one client runs at once (each holds a loop thread while it runs)
@@ -90,6 +91,10 @@ class MeshClient:
             self._started = Deferred.fromCoroutine(self._start())
         return self._started
 
+    def block_records(self) -> Deferred[dict[int, dict[NodeID, ServerInfo]]]:
+        """Per block, the valid server infos in the DHT now (for status and tests)."""
+        return Deferred.fromCoroutine(self._block_records())
+
     def find_route(self, max_length: int = 0, banned: Iterable[NodeID] = ()) -> Deferred[Route]:
         """The least-latency route now (``RouteNotFound`` when blocks are not covered)."""
         return Deferred.fromCoroutine(self._find_route(max_length, set(banned)))
@@ -112,9 +117,13 @@ class MeshClient:
         prompt_ids: list[int],
         options: GenerationOptions = GenerationOptions(),
         on_token: Callable[[int], None] | None = None,
+        route: Route | None = None,
     ) -> Deferred[MeshGenerationResult]:
-        """Generate from token ids; ``on_token`` gets each new id on the reactor thread."""
-        return Deferred.fromCoroutine(self._generate(list(prompt_ids), options, on_token))
+        """Generate from token ids; ``on_token`` gets each new id on the reactor thread.
+
+        ``route``: go through these hops instead of finding the best route now.
+        """
+        return Deferred.fromCoroutine(self._generate(list(prompt_ids), options, on_token, route))
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
@@ -137,6 +146,10 @@ class MeshClient:
         from meshnode.dht.network import block_key
 
         return block_key(self.source.fingerprint, block)
+
+    async def _block_records(self) -> dict[int, dict[NodeID, ServerInfo]]:
+        await self.start()
+        return await fetch_block_records(self.dht, self._key_for, self.source.config.num_layers)
 
     async def _find_route(self, max_length: int, banned: set[NodeID]) -> Route:
         await self.start()
@@ -175,10 +188,12 @@ class MeshClient:
         return await self._generate(prompt_ids, options, on_token)
 
     async def _generate(self, prompt_ids: list[int], options: GenerationOptions,
-                        on_token: Callable[[int], None] | None) -> MeshGenerationResult:
+                        on_token: Callable[[int], None] | None,
+                        route: Route | None = None) -> MeshGenerationResult:
         await self.start()
         max_length = len(prompt_ids) + options.max_new_tokens
-        route = await self._find_route(max_length, set())
+        if route is None:
+            route = await self._find_route(max_length, set())
         chain = InferenceChain(self.endpoint, route, self.source.fingerprint, max_length,
                                self.step_timeout)
         await chain.open()
