@@ -174,7 +174,7 @@ class Endpoint:
         key: _DialKey = (address.host, address.port, address.node_id)
         existing = self._by_node.get(address.node_id) if address.node_id else None
         existing = existing or self._by_address.get(key)
-        if existing is not None and existing.connected:
+        if existing is not None and existing.usable:
             return defer.succeed(existing)
         dial = self._dials.get(key)
         if dial is None:
@@ -251,7 +251,7 @@ class Endpoint:
         if self._by_node.get(node_id) is protocol:
             del self._by_node[node_id]
             replacement = next(
-                (p for p in self._protocols if p.peer and p.peer.node_id == node_id), None
+                (p for p in self._protocols if p.usable and p.peer.node_id == node_id), None
             )
             if replacement is not None:
                 self._by_node[node_id] = replacement

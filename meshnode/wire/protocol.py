@@ -95,6 +95,7 @@ class MeshProtocol(Protocol):
         self._paused = False
         self._reading_paused = False
         self._refusing = False
+        self._closing = False
         self._fail_reason: MeshError | None = None
         self._handshake_timer: IDelayedCall | None = None
 
@@ -122,7 +123,12 @@ class MeshProtocol(Protocol):
             self.transport.abortConnection()
             return
         remote = self.transport.getPeer()
-        self.peer = PeerInfo(node_id, getattr(remote, "host", ""), getattr(remote, "port", 0))
+        self.bind_peer(PeerInfo(node_id, getattr(remote, "host", ""), getattr(remote, "port", 0)))
+
+    def bind_peer(self, peer: PeerInfo) -> None:
+        """Start reading frames from ``peer`` (called once its node id is verified)."""
+        self._cancel_handshake_timer()
+        self.peer = peer
         self.ready.callback(self)
 
     def connectionLost(self, reason: Failure = None) -> None:
@@ -143,21 +149,33 @@ class MeshProtocol(Protocol):
             deferred.cancel()
         self.closed.callback(None)
 
+    @property
+    def usable(self) -> bool:
+        """Verified, connected and not closing: requests may be sent."""
+        return self.connected and self.peer is not None and not self._closing
+
     def _cancel_handshake_timer(self) -> None:
         if self._handshake_timer is not None and self._handshake_timer.active():
             self._handshake_timer.cancel()
         self._handshake_timer = None
 
     def close(self) -> None:
-        """Close gracefully (queued frames are flushed by TLS first)."""
-        if self.connected:
+        """Close gracefully: frames already queued are written first."""
+        self._closing = True
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        # TLS will not shut down while a producer is registered, so let go of it
+        # once our own queue is empty.
+        if self._closing and self.connected and not self._queue:
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     # -- outgoing requests --------------------------------------------------
 
     def request(self, message: Message, timeout: float) -> Deferred[Message]:
         """Send ``message`` as a request; fires with the response or fails (see module doc)."""
-        if not self.connected or self.peer is None:
+        if not self.usable:
             return defer.fail(ConnectionClosed("connection is not open"))
         request_id = self._next_id
         self._next_id += 1
@@ -198,7 +216,7 @@ class MeshProtocol(Protocol):
     # -- sending and flow control ------------------------------------------
 
     def _send(self, parts: list[memoryview | bytes]) -> None:
-        if not self.connected:
+        if not self.connected or self._closing:
             return
         self.stats.frames_sent += 1
         self.stats.bytes_sent += sum(len(part) for part in parts)
@@ -220,6 +238,7 @@ class MeshProtocol(Protocol):
                 batch.append(part)
                 size += len(part)
             self.transport.writeSequence(batch)
+        self._finish_close()
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -257,7 +276,7 @@ class MeshProtocol(Protocol):
         log.warn("closing connection to {peer}: {error}", peer=self.peer, error=exc)
         self._refusing = True
         self._send(encode_error(CONNECTION_LEVEL_ID, "", exc.code, str(exc)))
-        self.transport.loseConnection()
+        self.close()
 
     def _dispatch(self, frame: RawFrame) -> None:
         try:

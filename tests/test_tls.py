@@ -1,0 +1,152 @@
+"""Mutual TLS 1.3 on real loopback sockets: certificates required, node ids bound and pinned."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.ssl import CertificateOptions, TLSVersion
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from meshnode.errors import ConnectionClosed, PeerIdMismatch
+from meshnode.identity import Identity, PeerAddress
+from meshnode.wire.endpoint import Endpoint
+from meshnode.wire.message import Message
+
+TIMEOUT = 10.0
+
+
+def reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def within(deferred: Deferred) -> Deferred:
+    return deferred.addTimeout(TIMEOUT, reactor())
+
+
+@implementer(IHandshakeListener)
+class RecordingPeer(Protocol):
+    """A bare TLS client: records the handshake, what it reads and when it is dropped."""
+
+    def __init__(self) -> None:
+        self.handshake_done = False
+        self.received = b""
+        self.lost: Deferred[None] = Deferred()
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        # A request frame: a server that accepted us would answer it.
+        self.transport.write(b"\x00\x00\x00\x01\x00\x00\x00\x00\xa0")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason=None) -> None:
+        self.lost.callback(None)
+
+
+def connect_raw(address: PeerAddress, options) -> RecordingPeer:
+    peer = RecordingPeer()
+    factory = ClientFactory.forProtocol(lambda: peer)
+    reactor().connectTCP(address.host, address.port, TLSMemoryBIOFactory(options, True, factory))
+    return peer
+
+
+async def started(*handlers: dict) -> list[Endpoint]:
+    endpoints = [Endpoint(reactor(), Identity.ephemeral(), h) for h in handlers]
+    for endpoint in endpoints:
+        await within(endpoint.listen("127.0.0.1"))
+    return endpoints
+
+
+async def close_all(*endpoints: Endpoint) -> None:
+    await within(gatherResults([e.close() for e in endpoints]))
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_without_certificate_is_refused():
+    """When a TLS client presents no certificate, then the server drops it and answers nothing."""
+    (server,) = await started({})
+    try:
+        peer = connect_raw(server.address, CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_3))
+        await within(peer.lost)
+        assert peer.received == b""
+        assert server.connection_stats() == {}
+    finally:
+        await close_all(server)
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_with_another_id_is_refused():
+    """When the address pins an id the server does not have, then PeerIdMismatch and no message."""
+    seen = []
+    (server,) = await started({"echo": lambda peer, m: seen.append(m) or m})
+    client = Endpoint(reactor(), Identity.ephemeral(), {})
+    pinned = server.address.with_node_id(Identity.ephemeral().node_id)
+    try:
+        with pytest.raises(PeerIdMismatch):
+            await within(client.request(pinned, Message("echo"), timeout=TIMEOUT))
+        assert seen == [] and client.connection_stats() == {}
+    finally:
+        await close_all(server, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_sides_see_each_others_node_id():
+    """When a client requests, then each side knows the other's verified node id."""
+    seen = []
+    (server,) = await started({"who": lambda peer, m: seen.append(peer) or Message("who")})
+    client = Endpoint(reactor(), Identity.ephemeral(), {})
+    try:
+        await within(client.request(server.address, Message("who"), timeout=TIMEOUT))
+        assert seen[0].node_id == client.identity.node_id
+        assert list(client.connection_stats()) == [server.identity.node_id]
+    finally:
+        await close_all(server, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_round_trip_with_tensors_and_concurrent_requests():
+    """When many tensor requests are in flight on one connection, then each gets its own answer."""
+
+    def double(peer, message):
+        return Message("double", {"i": message.fields["i"]}, (message.tensors[0] * 2,))
+
+    (server,) = await started({"double": double})
+    client = Endpoint(reactor(), Identity.ephemeral(), {})
+    try:
+        calls = [
+            client.request(
+                server.address,
+                Message("double", {"i": i}, (np.full((64, 64), i, np.float32),)),
+                timeout=TIMEOUT,
+            )
+            for i in range(16)
+        ]
+        replies = await within(gatherResults(calls))
+        for i, reply in enumerate(replies):
+            assert reply.fields["i"] == i
+            np.testing.assert_array_equal(reply.tensors[0], np.full((64, 64), 2 * i, np.float32))
+        assert len(server._protocols) == 1
+    finally:
+        await close_all(server, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_dial_refused_fails_with_connection_closed():
+    """When nothing listens at the address, then ConnectionClosed."""
+    (server,) = await started({})
+    address = server.address
+    await close_all(server)
+    client = Endpoint(reactor(), Identity.ephemeral(), {})
+    try:
+        with pytest.raises(ConnectionClosed):
+            await within(client.request(address, Message("x"), timeout=TIMEOUT))
+    finally:
+        await close_all(client)

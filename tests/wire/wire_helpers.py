@@ -1,0 +1,61 @@
+"""Helpers shared by the wire tests: raw frame builders and an in-memory connection."""
+
+from __future__ import annotations
+
+import struct
+
+import cbor2
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from meshnode.identity import Identity
+from meshnode.wire.frames import FrameDecoder, RawFrame
+from meshnode.wire.header import decode_cbor
+from meshnode.wire.limits import WireLimits
+from meshnode.wire.message import Message, PeerInfo
+from meshnode.wire.protocol import MeshProtocol
+
+
+def raw_frame(header: object, body: bytes = b"", *, encoded: bytes | None = None) -> bytes:
+    """A frame with ``header`` CBOR-encoded (or given as raw bytes) and ``body``."""
+    head = encoded if encoded is not None else cbor2.dumps(header)
+    return struct.pack(">II", len(head), len(body)) + head + body
+
+
+def request_header(type_: str = "echo", request_id: int = 1, **extra: object) -> dict:
+    header = {"v": 1, "type": type_, "id": request_id, "kind": "request", "fields": {}}
+    header.update(extra)
+    return header
+
+
+def echo(peer: PeerInfo, message: Message) -> Message:
+    return Message(message.type, dict(message.fields), message.tensors)
+
+
+class MemoryConnection:
+    """A ``MeshProtocol`` over a ``StringTransport`` with a verified fake peer and a fake clock."""
+
+    def __init__(self, handlers: dict | None = None, limits: WireLimits = WireLimits()) -> None:
+        self.clock = Clock()
+        self.transport = StringTransport()
+        handlers = {"echo": echo} if handlers is None else handlers
+        self.protocol = MeshProtocol(self.clock, limits, handlers.get)
+        self.protocol.makeConnection(self.transport)
+        self.protocol.bind_peer(PeerInfo(Identity.ephemeral().node_id, "127.0.0.1", 1))
+        self.decoder = FrameDecoder(1 << 20, 1 << 30)
+
+    def feed(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def sent_frames(self) -> list[tuple[dict, RawFrame]]:
+        """Frames written so far (and not yet read), with their decoded headers."""
+        data = self.transport.value()
+        self.transport.clear()
+        return [(decode_cbor(frame.header), frame) for frame in self.decoder.feed(data)]
+
+    def sent_headers(self) -> list[dict]:
+        return [header for header, _ in self.sent_frames()]
+
+    @property
+    def closed(self) -> bool:
+        return self.transport.disconnecting or self.transport.disconnected
