@@ -3,7 +3,8 @@
 Every request a node receives from a listening peer, and every answer from a
 peer it dialled, counts as that peer being alive: it goes into the routing
 table. A full bucket makes us ping its oldest contact; the newcomer only
-replaces it if the ping fails (``routing``). A peer that cannot be reached
+replaces it if the ping fails (``routing``). A lost connection to a contact
+makes us ping it too, so a node that left drops out of the table at once. A peer that cannot be reached
 (timeout, refused or lost connection, wrong node id) or that answers with
 garbage is dropped from the table. An error frame is an answer: the peer is
 alive.
@@ -73,6 +74,7 @@ class DHTProtocol:
             (messages.STORE, self.rpc_store),
         ):
             self.endpoint.add_handler(type_, handler)
+        self.endpoint.on_disconnect(self._disconnected)
 
     @property
     def listen_port(self) -> int | None:
@@ -172,13 +174,24 @@ class DHTProtocol:
     def welcome(self, contact: Contact) -> None:
         """Note that ``contact`` is alive; ping the oldest of its bucket when full."""
         oldest = self.table.add(contact, self.clock.seconds())
-        if oldest is None or oldest.node_id in self._pinging or self._stopped:
+        if oldest is not None:
+            self._probe(oldest)
+
+    def _disconnected(self, node_id: NodeID) -> None:
+        """A connection to a contact dropped: find out now whether it is still alive,
+        rather than letting lookups trip over it."""
+        contact = self.table.get(node_id)
+        if contact is not None:
+            self._probe(contact)
+
+    def _probe(self, contact: Contact) -> None:
+        if contact.node_id in self._pinging or self._stopped:
             return
-        self._pinging.add(oldest.node_id)
-        d = self.call_ping(oldest.address)
+        self._pinging.add(contact.node_id)
+        d = self.call_ping(contact.address)
         # call_ping has already updated the table: kept on answer, removed on failure.
         d.addErrback(lambda _: None)
-        d.addBoth(lambda _: self._pinging.discard(oldest.node_id))
+        d.addBoth(lambda _: self._pinging.discard(contact.node_id))
 
     def _request(
         self,

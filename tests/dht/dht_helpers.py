@@ -1,12 +1,13 @@
 """An in-memory network of fake Endpoints on a ``task.Clock``, for DHT protocol tests.
 
 ``FakeEndpoint`` has the real Endpoint's interface (``listen``, ``request``,
-``add_handler``, ``close``, ``identity``, ``address``): requests are delivered
-after ``latency`` seconds of the fake clock, their fields pass through CBOR
-like on the wire, handler errors come back as ``RemoteError``, a closed
-endpoint refuses connections (``ConnectionClosed``), a frozen one never
-answers (``RequestTimeout``), and a pinned node id that does not match is
-refused (``PeerIdMismatch``).
+``add_handler``, ``on_disconnect``, ``close``, ``identity``, ``address``):
+requests are delivered after ``latency`` seconds of the fake clock, their
+fields pass through CBOR like on the wire, handler errors come back as
+``RemoteError``, a closed endpoint refuses connections (``ConnectionClosed``)
+and tells every other endpoint it disconnected, a frozen one never answers
+(``RequestTimeout``), and a pinned node id that does not match is refused
+(``PeerIdMismatch``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class FakeEndpoint:
         self.closed = False
         self.frozen = False
         self._handlers: dict[str, Any] = {}
+        self._disconnect_callbacks: list[Any] = []
         self._outgoing_port = network.allocate_port()
 
     def listen(self, host: str = HOST, port: int = 0) -> Deferred[PeerAddress]:
@@ -65,8 +67,16 @@ class FakeEndpoint:
     def add_handler(self, type_: str, handler: Any) -> None:
         self._handlers[type_] = handler
 
+    def on_disconnect(self, callback: Any) -> None:
+        self._disconnect_callbacks.append(callback)
+
     def close(self) -> Deferred[None]:
+        """Refuse connections from now on; every other endpoint sees a disconnect."""
         self.closed = True
+        for other in list(self.network.endpoints.values()):
+            if other is not self and not other.closed:
+                for callback in other._disconnect_callbacks:
+                    callback(self.identity.node_id)
         return succeed(None)
 
     def request(self, address: PeerAddress, message: Message, timeout: float) -> Deferred[Message]:

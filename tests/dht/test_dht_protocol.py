@@ -138,6 +138,22 @@ def test_unreachable_and_garbage_answering_peers_leave_the_table(network: FakeNe
     assert {c.node_id for c in a.table.contacts()} == {grumpy.node_id}
 
 
+def test_a_contact_whose_connection_drops_is_pinged_and_dropped_if_gone(
+    network: FakeNetwork,
+) -> None:
+    """When a contact's connection drops, then nodes ping it at once: a node that left
+    leaves their tables before any lookup trips over it."""
+    nodes = make_nodes(network, 4)
+    for node in nodes[1:]:
+        settle(network.clock, node.protocol.call_ping(nodes[0].endpoint.address))
+    leaving = nodes[3]
+    assert all(leaving.node_id in n.table for n in nodes[:1])
+    leaving.endpoint.close()
+    network.clock.advance(1.0)
+    assert all(leaving.node_id not in n.table for n in nodes[:3])
+    assert nodes[1].node_id in nodes[0].table
+
+
 def _far_id(own: bytes, i: int) -> bytes:
     """The i-th id in the half of the id space away from ``own`` (top bit flipped)."""
     top = (int.from_bytes(own, "big") >> 255) ^ 1
