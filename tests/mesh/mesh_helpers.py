@@ -38,7 +38,13 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
 
 
 def with_timeout(d, reactor, seconds: float = DEFERRED_TIMEOUT):
-    """Every Deferred a test awaits gets a bound."""
+    """Every Deferred (or coroutine) a test awaits gets a bound."""
+    import inspect
+
+    from twisted.internet.defer import Deferred
+
+    if inspect.iscoroutine(d):
+        d = Deferred.fromCoroutine(d)
     return d.addTimeout(seconds, reactor)
 
 
