@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from meshnode.errors import BadRequest, LengthLimit, SpanNotServed
 from meshnode.wire.message import Handler, Message, PeerInfo
 from meshnode.worker import messages
-from meshnode.worker.records import PROTOCOL_VERSION, BlockSpan
+from meshnode.worker.records import BlockSpan
 from meshnode.worker.sessions import Session, SessionTable
 
 
@@ -56,10 +56,8 @@ class InferenceHandlers:
         }
 
     def info(self, peer: PeerInfo, message: Message) -> Message:
-        return Message(
-            messages.reply_type(messages.INFO),
+        return messages.build_info_ok(
             {
-                "v": PROTOCOL_VERSION,
                 "model": self.limits.model,
                 "span": self.limits.span.to_wire(),
                 "hidden_size": self.compute.hidden_size,
@@ -80,11 +78,7 @@ class InferenceHandlers:
 
         def opened(cache: Any) -> Message:
             self.table.end_step(session, cache, 0)
-            return Message(
-                messages.reply_type(messages.OPEN),
-                {"v": PROTOCOL_VERSION, "session": session.session_id,
-                 "max_length": session.max_length},
-            )
+            return messages.build_open_ok(session.session_id, session.max_length)
 
         def failed(failure: Any) -> Any:
             session.closed = True
@@ -109,7 +103,7 @@ class InferenceHandlers:
 
     def close(self, peer: PeerInfo, message: Message) -> Message:
         self.table.close(peer.node_id, messages.parse_close(message))
-        return Message(messages.reply_type(messages.CLOSE), {"v": PROTOCOL_VERSION})
+        return messages.build_close_ok()
 
     def _check_open(self, request: messages.OpenRequest) -> None:
         if request.model != self.limits.model:
@@ -129,11 +123,7 @@ class InferenceHandlers:
     def _stepped(self, session: Session, result: tuple[Any, Any], position: int) -> Message:
         hidden, cache = result
         self.table.end_step(session, cache, position)
-        return Message(
-            messages.reply_type(messages.STEP),
-            {"v": PROTOCOL_VERSION, "position": position},
-            (hidden,),
-        )
+        return messages.build_step_ok(position, hidden)
 
     def _step_failed(self, session: Session, failure: Any) -> Any:
         # The donated cache may be gone: the session cannot go on.

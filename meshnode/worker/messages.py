@@ -64,6 +64,25 @@ def build_close(session_id: bytes) -> Message:
     return Message(CLOSE, {"v": PROTOCOL_VERSION, "session": session_id})
 
 
+def build_info_ok(fields: dict[str, Any]) -> Message:
+    """``fields``: model, span, hidden_size, dtype, max_length, cache_tokens, throughput,
+    sessions (see ``infer-info-ok``)."""
+    return Message(reply_type(INFO), {"v": PROTOCOL_VERSION, **fields})
+
+
+def build_open_ok(session_id: bytes, max_length: int) -> Message:
+    return Message(reply_type(OPEN),
+                   {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length})
+
+
+def build_step_ok(position: int, hidden: Any) -> Message:
+    return Message(reply_type(STEP), {"v": PROTOCOL_VERSION, "position": position}, (hidden,))
+
+
+def build_close_ok() -> Message:
+    return Message(reply_type(CLOSE), {"v": PROTOCOL_VERSION})
+
+
 def parse_open(message: Message) -> OpenRequest:
     fields = message.fields
     max_length = _uint(fields, "max_length")

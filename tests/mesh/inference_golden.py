@@ -1,0 +1,54 @@
+"""Golden encodings of schemas/inference.cddl, produced by meshnode.worker.messages.
+
+``tests/test_schemas.py`` checks that these bytes equal ``schemas/golden/inference/``
+(see ``schemas/README.md``); ``MESHNODE_WRITE_GOLDEN=1`` rewrites the files.
+"""
+
+from __future__ import annotations
+
+import cbor2
+import numpy as np
+
+from meshnode.worker import messages
+from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+
+SESSION = bytes(range(16))
+NODE = "127.0.0.1:7001#" + "ab" * 32
+
+
+def _fields(message) -> bytes:
+    return cbor2.dumps(message.fields, canonical=True)
+
+
+def golden_examples() -> dict[str, bytes]:
+    """``"<rule>.<example>"`` -> the exact bytes our builders produce."""
+    hidden = np.zeros((1, 1, 8), np.float32)
+    info = ServerInfo(NODE, BlockSpan(10, 20), WorkerState.ONLINE, 42.5, 8192, "float32", "fp")
+    return {
+        "server-info.online": cbor2.dumps(info.to_record(), canonical=True),
+        "infer-info.basic": _fields(messages.build_info()),
+        "infer-info-ok.basic": _fields(messages.build_info_ok({
+            "model": "fp", "span": [10, 20], "hidden_size": 576, "dtype": "float32",
+            "max_length": 2048, "cache_tokens": 8000, "throughput": 42.5, "sessions": 1,
+        })),
+        "infer-open.basic": _fields(messages.build_open("fp", BlockSpan(10, 20), 96)),
+        "infer-open-ok.basic": _fields(messages.build_open_ok(SESSION, 96)),
+        "infer-step.decode": _fields(messages.build_step(SESSION, BlockSpan(10, 20), 12, hidden)),
+        "infer-step-ok.decode": _fields(messages.build_step_ok(13, hidden)),
+        "infer-close.basic": _fields(messages.build_close(SESSION)),
+        "infer-close-ok.basic": _fields(messages.build_close_ok()),
+    }
+
+
+def invalid_examples() -> dict[str, bytes]:
+    """Encodings each rule must refuse."""
+    step = {"v": 1, "session": SESSION, "span": [10, 20], "start": 0}
+    record = ServerInfo(NODE, BlockSpan(0, 1), WorkerState.ONLINE, 1.0, 1, "float32",
+                        "fp").to_record()
+    return {
+        "infer-step.short-session": cbor2.dumps({**step, "session": b"12"}),
+        "infer-step.negative-start": cbor2.dumps({**step, "start": -1}),
+        "infer-open.no-max-length": cbor2.dumps({"v": 1, "model": "fp", "span": [0, 1]}),
+        "server-info.bad-state": cbor2.dumps({**record, "state": "asleep"}),
+        "server-info.bad-version": cbor2.dumps({**record, "v": 2}),
+    }
