@@ -1,0 +1,63 @@
+"""``meshnode bootstrap``: run a DHT node that others join.
+
+    meshnode bootstrap --host 0.0.0.0 --port 7000 --data-dir ~/.meshnode/seed
+    meshnode bootstrap --port 7001 --bootstrap 10.0.0.1:7000#<id>
+
+Prints its pinned address ``host:port#<node id>`` on start. The flags are
+defined once here and used by both ``meshnode bootstrap`` (which runs the
+reactor itself) and ``twistd meshnode bootstrap`` (``meshnode/tap.py``, through
+``make_service``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from meshnode.dht.service import DHTService, DHTServiceOptions, build_dht_service
+from meshnode.errors import MeshError
+from meshnode.identity import PeerAddress
+
+
+def _peer_address(text: str) -> PeerAddress:
+    try:
+        return PeerAddress.parse(text)
+    except MeshError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="D",
+        help="keep the node key here, so the node id survives restarts (default: a new id)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        type=_peer_address,
+        metavar="H:P[#ID]",
+        help="another DHT node to join (repeatable)",
+    )
+
+
+def make_service(args: argparse.Namespace, reactor: Any) -> DHTService:
+    options = DHTServiceOptions(
+        host=args.host, port=args.port, data_dir=args.data_dir, bootstrap=list(args.bootstrap)
+    )
+    return build_dht_service(options, reactor)
+
+
+def run(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+
+    service = make_service(args, reactor)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 1 if service.failed is not None else 0

@@ -1,0 +1,100 @@
+"""``DHTService``: a DHT-only node as a Twisted service, built from plain options.
+
+``meshnode bootstrap`` runs it under its own reactor and ``twistd meshnode
+bootstrap`` (``meshnode/tap.py``) under twistd's; both build it with
+``build_dht_service``. On start it listens, prints its pinned address
+``host:port#<node id>`` on one line (flushed: launchers read it), then joins
+through the ``bootstrap`` addresses, if any. A seed whose peers are all down
+keeps running: others can still join it.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from meshnode.dht.network import DHTNode
+from meshnode.errors import DHTError
+from meshnode.identity import Identity, PeerAddress
+from meshnode.wire.endpoint import Endpoint
+
+
+@dataclass(frozen=True)
+class DHTServiceOptions:
+    """Where a DHT node listens, where its key lives, whom it joins."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    data_dir: Path | None = None  # None: an ephemeral identity, kept in memory
+    bootstrap: list[PeerAddress] = field(default_factory=list)
+
+
+class DHTService(Service):
+    """Runs one ``DHTNode`` over its own listening ``Endpoint`` until stopped."""
+
+    log = Logger()
+
+    def __init__(self, options: DHTServiceOptions, reactor: Any, out: TextIO | None = None):
+        self.options = options
+        self.reactor = reactor
+        self.out = out if out is not None else sys.stdout
+        self.endpoint: Endpoint | None = None
+        self.node: DHTNode | None = None
+        self.ready: Deferred[PeerAddress] | None = None
+        """Fires with our pinned address once listening and bootstrapped."""
+        self.failed: Failure | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self.ready = Deferred.fromCoroutine(self._start())
+        self.ready.addErrback(self._failed_start)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _start(self) -> PeerAddress:
+        options = self.options
+        if options.data_dir is None:
+            identity = Identity.ephemeral()
+        else:
+            identity = Identity.load_or_create(options.data_dir)
+        self.endpoint = Endpoint(self.reactor, identity, {})
+        address = await self.endpoint.listen(options.host, options.port)
+        self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
+        print(address, file=self.out, flush=True)
+        if options.bootstrap:
+            try:
+                size = await self.node.bootstrap(options.bootstrap)
+                self.log.info("joined the DHT: {size} contacts", size=size)
+            except DHTError as exc:
+                self.log.warn("running alone for now: {error}", error=exc)  # noqa: G010
+        return address
+
+    def _failed_start(self, failure: Failure) -> None:
+        self.failed = failure
+        print(f"meshnode bootstrap: error: {failure.getErrorMessage()}", file=sys.stderr)
+        if self.reactor.running:
+            self.reactor.stop()
+
+    async def _stop(self) -> None:
+        if self.ready is not None and not self.ready.called:
+            self.ready.cancel()
+        if self.node is not None:
+            await self.node.stop()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+
+
+def build_dht_service(
+    options: DHTServiceOptions, reactor: Any, out: TextIO | None = None
+) -> DHTService:
+    """The DHT node service for ``options``; start it with ``startService``."""
+    return DHTService(options, reactor, out)
