@@ -29,6 +29,7 @@ from OpenSSL import SSL
 from twisted.internet.interfaces import IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from meshnode.errors import IdentityError, PeerIdMismatch
 from meshnode.identity import Identity, NodeID, format_node_id, node_id_of_certificate
@@ -36,6 +37,13 @@ from meshnode.identity import Identity, NodeID, format_node_id, node_id_of_certi
 # Twisted coalesces small writes into one TLS record per reactor turn; writes
 # at least this large go straight to OpenSSL as memoryviews.
 DIRECT_WRITE_BYTES = 16 * 1024
+
+# Plaintext handed to OpenSSL per SSL_write for large parts, and ciphertext read
+# back per BIO read: large enough that Python overhead per byte is negligible.
+SSL_WRITE_BYTES = 256 * 1024
+BIO_DRAIN_BYTES = 512 * 1024
+# Most plaintext asked of OpenSSL per read (one record is at most 16 KiB).
+RECV_INTO_BYTES = 64 * 1024
 
 _VERIFY_FLAGS = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
 
@@ -81,7 +89,16 @@ def check_pinned(expected: NodeID | None, actual: NodeID) -> None:
 
 
 class MeshTLSProtocol(TLSMemoryBIOProtocol):
-    """TLS transport whose ``writeSequence`` never joins large parts into new bytes."""
+    """TLS transport tuned for large tensor frames.
+
+    ``writeSequence`` never joins large parts into new bytes (Twisted's joins
+    everything), and large parts bypass Twisted's per-16-KiB-record loop: each
+    ``SSL_WRITE_BYTES`` slice of the caller's memoryview goes to OpenSSL in one
+    call (which cuts it into records), and the encrypted bytes are drained from
+    the memory BIO in ``BIO_DRAIN_BYTES`` reads. Small parts, and anything
+    written before the handshake completes or while Twisted still holds
+    buffered application data, take Twisted's own path, so ordering is kept.
+    """
 
     def writeSequence(self, iovec: Iterable[bytes | memoryview]) -> None:
         small: list[bytes | memoryview] = []
@@ -92,9 +109,69 @@ class MeshTLSProtocol(TLSMemoryBIOProtocol):
             if small:
                 self.write(b"".join(small))
                 small = []
-            self.write(part)
+            self._write_large(part)
         if small:
             self.write(b"".join(small))
+
+    def _write_large(self, data: bytes | memoryview) -> None:
+        if self._lostTLSConnection or (self.disconnecting and self._producer is None):
+            return
+        if not self._handshakeDone or self._appSendBuffer:
+            self.write(data)
+            return
+        view = memoryview(data)
+        sent = unflushed = 0
+        while sent < len(view):
+            try:
+                # pyOpenSSL enables partial writes: each call may take one record only.
+                written = self._tlsConnection.send(view[sent : sent + SSL_WRITE_BYTES])
+            except SSL.WantReadError:
+                # Only a TLS 1.3 key update can get here; let Twisted buffer the rest.
+                self._drain_send_bio()
+                self._bufferedWrite(view[sent:])
+                return
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+                return
+            sent += written
+            unflushed += written
+            if unflushed >= SSL_WRITE_BYTES:
+                self._drain_send_bio()
+                unflushed = 0
+        self._drain_send_bio()
+
+    def _drain_send_bio(self) -> None:
+        while True:
+            try:
+                encrypted = self._tlsConnection.bio_read(BIO_DRAIN_BYTES)
+            except SSL.WantReadError:
+                return
+            self.transport.write(encrypted)
+
+
+    def _flushReceiveBIO(self) -> None:
+        # A wrapped protocol with get_buffer/buffer_updated (asyncio's BufferedProtocol
+        # shape) has records decrypted straight into its own buffer: no bytes object
+        # per record, no second copy.
+        protocol = self.wrappedProtocol
+        if not hasattr(protocol, "get_buffer"):
+            super()._flushReceiveBIO()
+            return
+        while not self._lostTLSConnection:
+            buffer = protocol.get_buffer(RECV_INTO_BYTES)
+            try:
+                received = self._tlsConnection.recv_into(buffer, len(buffer))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except SSL.Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    protocol.buffer_updated(received)
+        self._flushSendBIO()
 
 
 class MeshTLSFactory(TLSMemoryBIOFactory):

@@ -70,6 +70,8 @@ class FrameDecoder:
         self._body_view: memoryview | None = None
         self._body_filled = 0
         self._failed: FrameTooLarge | None = None
+        self._stage = memoryview(bytearray(0))
+        self._direct = False
 
     @property
     def buffered(self) -> int:
@@ -98,6 +100,30 @@ class FrameDecoder:
             frame = self._complete()
             if frame is not None:
                 yield frame
+
+    def get_buffer(self, limit: int) -> memoryview:
+        """Where the next received bytes should be written (at most ``limit`` of them).
+
+        Inside a body this is the frame's own aligned buffer, so the bytes land
+        in place; otherwise a small staging buffer for the prefix and header.
+        """
+        if self._failed is None and self._body_view is not None:
+            self._direct = True
+            return self._body_view[self._body_filled : self._body_filled + limit]
+        self._direct = False
+        if len(self._stage) < limit:
+            self._stage = memoryview(bytearray(limit))
+        return self._stage[:limit]
+
+    def buffer_updated(self, nbytes: int) -> Iterator[RawFrame]:
+        """``nbytes`` were written into the last ``get_buffer``; yield completed frames."""
+        if self._direct:
+            self._body_filled += nbytes
+            frame = self._complete()
+            if frame is not None:
+                yield frame
+        else:
+            yield from self.feed(self._stage[:nbytes])
 
     def _gather(self, view: memoryview, pos: int, want: int) -> int:
         take = min(want - len(self._small), len(view) - pos)

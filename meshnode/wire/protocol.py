@@ -24,7 +24,7 @@ pool bookkeeping). Per connection it owns:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer
@@ -96,6 +96,7 @@ class MeshProtocol(Protocol):
         self._reading_paused = False
         self._refusing = False
         self._closing = False
+        self._scratch: memoryview | None = None
         self._fail_reason: MeshError | None = None
         self._handshake_timer: IDelayedCall | None = None
 
@@ -262,8 +263,25 @@ class MeshProtocol(Protocol):
         if self.peer is None or self._refusing:
             return
         self.stats.bytes_received += len(data)
+        self._consume(self._decoder.feed(data))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        """Receive-in-place hook used by ``meshnode.tls.MeshTLSProtocol``."""
+        if self.peer is None or self._refusing:
+            self._scratch = memoryview(bytearray(sizehint))
+            return self._scratch
+        self._scratch = None
+        return self._decoder.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._scratch is not None:
+            return
+        self.stats.bytes_received += nbytes
+        self._consume(self._decoder.buffer_updated(nbytes))
+
+    def _consume(self, frames: Iterator[RawFrame]) -> None:
         try:
-            for frame in self._decoder.feed(data):
+            for frame in frames:
                 self.stats.frames_received += 1
                 self._dispatch(frame)
                 if self._refusing or not self.connected:
