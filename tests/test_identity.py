@@ -36,7 +36,7 @@ def test_unreadable_key_file_is_an_identity_error(tmp_path):
 
 
 def test_node_id_is_sha256_of_spki_der():
-    """The node id is SHA-256 of the SubjectPublicKeyInfo DER, also from the raw key and the cert."""
+    """The node id is SHA-256 of the SubjectPublicKeyInfo DER, from raw key and cert alike."""
     identity = Identity.ephemeral()
     spki = identity.private_key.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -1,4 +1,4 @@
-"""The wire: frames, CBOR headers, tensor payloads and request/response over one connection per peer.
+"""The wire: frames, CBOR headers, tensors, request/response over one connection per peer.
 
 Map of the package (see ``docs/wire.md``):
 

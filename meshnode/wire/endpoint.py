@@ -185,7 +185,9 @@ class Endpoint:
             )
         return self._wait_for(dial, address, timeout)
 
-    def _wait_for(self, dial: _Dial, address: PeerAddress, timeout: float) -> Deferred[MeshProtocol]:
+    def _wait_for(
+        self, dial: _Dial, address: PeerAddress, timeout: float
+    ) -> Deferred[MeshProtocol]:
         timer: IDelayedCall | None = None
 
         def give_up(waiter: Deferred[MeshProtocol]) -> None:
@@ -199,7 +201,8 @@ class Endpoint:
         def timed_out() -> None:
             if waiter in dial.waiters:
                 dial.waiters.remove(waiter)
-                waiter.errback(Failure(RequestTimeout(f"no connection to {address} in {timeout:g}s")))
+                error = RequestTimeout(f"no connection to {address} in {timeout:g}s")
+                waiter.errback(Failure(error))
 
         def stop_timer(result: Any) -> Any:
             if timer is not None and timer.active():

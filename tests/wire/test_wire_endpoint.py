@@ -68,7 +68,7 @@ class Misbehaving(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_misbehaving_connection_is_dropped_and_others_go_on():
-    """When one peer sends an oversized prefix, then it gets an error and is dropped; others go on."""
+    """When one peer sends an oversized prefix, then error and drop; others go on."""
     server = await listening({"echo": echo}, WireLimits(max_body_bytes=1 << 20))
     good = Endpoint(reactor(), Identity.ephemeral(), {})
     bad = Misbehaving()

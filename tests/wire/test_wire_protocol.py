@@ -44,7 +44,7 @@ def answer(connection: MemoryConnection, header: dict, body: bytes = b"") -> Non
 
 
 def test_length_prefix_over_limit_closes_after_error_frame():
-    """When a prefix announces more than the limit, then an error frame, then close, no buffering."""
+    """When a prefix announces more than the limit, then error frame, close, no buffering."""
     connection = MemoryConnection(limits=WireLimits(max_body_bytes=1024))
     connection.feed(struct.pack(">II", 10, 1025) + b"x" * 100)
     headers = connection.sent_headers()
@@ -86,7 +86,8 @@ def test_unknown_message_type():
     connection = MemoryConnection()
     answer(connection, request_header("nope", 3))
     header = connection.sent_headers()[0]
-    assert (header["id"], header["type"], header["fields"]["code"]) == (3, "nope", "unknown_message")
+    code = header["fields"]["code"]
+    assert (header["id"], header["type"], code) == (3, "nope", "unknown_message")
 
 
 @pytest.mark.parametrize(
@@ -94,7 +95,11 @@ def test_unknown_message_type():
     [
         ({"dtype": "float32", "shape": [4], "offset": 0, "nbytes": 16}, b"\0" * 8, "bad_tensor"),
         ({"dtype": "float32", "shape": [4], "offset": 0, "nbytes": 12}, b"\0" * 16, "bad_tensor"),
-        ({"dtype": "float128", "shape": [1], "offset": 0, "nbytes": 16}, b"\0" * 16, "unknown_dtype"),
+        (
+            {"dtype": "float128", "shape": [1], "offset": 0, "nbytes": 16},
+            b"\0" * 16,
+            "unknown_dtype",
+        ),
     ],
     ids=["overruns-body", "disagrees-with-shape", "unknown-dtype"],
 )
@@ -123,7 +128,7 @@ def test_handler_mesh_error_keeps_its_code():
 
 
 def test_handler_crash_is_internal_and_logged():
-    """When a handler raises anything else, then code internal, no details leak, and it is logged."""
+    """When a handler raises anything else, then internal, no details sent, logged."""
 
     def crash(peer, message):
         raise ZeroDivisionError("secret")
@@ -205,7 +210,7 @@ def test_malformed_response_fails_only_its_request():
 
 
 def test_request_times_out_on_the_injected_clock():
-    """When no answer comes within the timeout, then RequestTimeout, and a late answer is ignored."""
+    """When no answer comes within the timeout, then RequestTimeout; a late answer is ignored."""
     connection = MemoryConnection()
     deferred = connection.protocol.request(Message("q"), 2.0)
     request_id = connection.sent_headers()[0]["id"]
