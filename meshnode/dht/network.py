@@ -99,6 +99,7 @@ class DHTNode:
         self.protocol = DHTProtocol(endpoint, self.table, self.storage, clock, request_timeout)
         self.protocol.register()
         self.last_lookup: LookupResult | None = None
+        """The most recent lookup's result and cost (rounds, bytes), for benchmarks."""
         self._rng = rng if rng is not None else random.Random()
         self._owned: dict[bytes, SignedRecord] = {}
         self._running: set[Deferred] = set()
@@ -129,6 +130,10 @@ class DHTNode:
     def get(self, key: bytes) -> Deferred[dict[NodeID, SignedRecord]]:
         """The latest unexpired, verified record of each sub-key found under ``key``."""
         return self._run(self._get(key))
+
+    def find_closest(self, target: bytes) -> Deferred[LookupResult]:
+        """The k live nodes closest to ``target`` (an iterative FIND_NODE lookup)."""
+        return self._run(self._lookup(target))
 
     def stop(self) -> Deferred[None]:
         """Stop the periodic jobs, cancel every call in flight, answer no more requests."""
