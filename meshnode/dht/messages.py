@@ -21,7 +21,7 @@ import cbor2
 from meshnode.dht.node import Contact
 from meshnode.dht.records import SignedRecord
 from meshnode.errors import BadRequest, InvalidRecord
-from meshnode.identity import NODE_ID_BYTES, NodeID
+from meshnode.identity import MAX_PORT, NODE_ID_BYTES, NodeID
 from meshnode.wire.codec import encode_message
 from meshnode.wire.header import REQUEST
 from meshnode.wire.message import Message, PeerInfo
@@ -37,8 +37,6 @@ MAX_CONTACTS_PER_RESPONSE = 32
 
 MAX_RESPONSE_RECORD_BYTES = 48 * 1024
 """Record bytes in one FIND_VALUE answer, to stay under the wire's header limit."""
-
-MAX_PORT = 65535
 
 
 # --- building ----------------------------------------------------------------
@@ -120,9 +118,13 @@ def sender_contact(peer: PeerInfo, message: Message) -> Contact | None:
     port = message.fields.get("port")
     if port is None:
         return None
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= MAX_PORT:
+    if not _is_port(port):
         raise BadRequest(f"port must be a TCP port or null, not {port!r}")
     return Contact(peer.node_id, peer.host, port)
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_PORT
 
 
 def id_field(fields: dict[str, Any], name: str) -> bytes:
@@ -144,7 +146,7 @@ def contacts_field(fields: dict[str, Any]) -> list[Contact]:
         host, port = item.get("host"), item.get("port")
         if not isinstance(host, str) or not host:
             raise BadRequest("contact host must be a non-empty string")
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= MAX_PORT:
+        if not _is_port(port):
             raise BadRequest("contact port must be a TCP port")
         contacts.append(Contact(id_field(item, "id"), host, port))
     return contacts
