@@ -77,10 +77,13 @@ class InferenceChain:
     """The sessions along ``route``: a remote forward over every block of the model."""
 
     def __init__(self, endpoint: Any, route: Route, model: str, max_length: int,
-                 timeout: float = DEFAULT_STEP_TIMEOUT):
+                 timeout: float = DEFAULT_STEP_TIMEOUT, recovery: Any = None):
         self.route = route
         self.model = model
         self.sessions = [SpanSession(endpoint, hop, max_length, timeout) for hop in route.hops]
+        # ``meshnode.client.recovery.SpanRecovery``: replaces failed hops (None: fail)
+        self.recovery = recovery
+        self.abandoned: list[SpanSession] = []
 
     async def open(self) -> None:
         """Open every hop's session; on any failure close those opened and re-raise."""
@@ -89,12 +92,18 @@ class InferenceChain:
             consumeErrors=True,
         )
         failures = [result for ok, result in results if not ok]
+        if failures and self.recovery is not None:
+            failed = {i: result.value for i, (ok, result) in enumerate(results) if not ok}
+            await self.recovery.reopen(self, failed)
+            return
         if failures:
             await self.close()
             failures[0].raiseException()
 
     async def forward(self, hidden: np.ndarray) -> np.ndarray:
         """New positions ``[1, T, H]`` through every hop in order."""
+        if self.recovery is not None:
+            return await self.recovery.forward(self, hidden)
         for session in self.sessions:
             hidden = await session.step(hidden)
         return hidden
@@ -102,7 +111,8 @@ class InferenceChain:
     async def close(self) -> None:
         """Close every open session; errors are ignored (the worker's idle timeout frees it)."""
         await DeferredList(
-            [Deferred.fromCoroutine(s.close()) for s in self.sessions], consumeErrors=True
+            [Deferred.fromCoroutine(s.close()) for s in self.sessions + self.abandoned],
+            consumeErrors=True,
         )
 
     @property
