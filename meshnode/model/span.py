@@ -95,14 +95,24 @@ class SpanRunner:
     """Runs blocks [params.start, params.end) of a model, one session cache at a time."""
 
     def __init__(
-        self, config: ModelConfig, params: SpanParams, compute_dtype: Any = jnp.float32
+        self,
+        config: ModelConfig,
+        params: SpanParams,
+        compute_dtype: Any = jnp.float32,
+        scan: bool | None = None,
     ) -> None:
         self.config = config
         self.params = params
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self._layers = {name: jnp.asarray(a) for name, a in params.layers.items()}
-        windows = config.layer_windows[params.start : params.end]
-        self._windows = jnp.asarray(np.asarray(windows, dtype=np.int32))  # [L]
+        self.scan = jax.default_backend() != "cpu" if scan is None else scan
+        self._windows = tuple(config.layer_windows[params.start : params.end])
+        if self.scan:
+            self._layers: Any = {name: jnp.asarray(a) for name, a in params.layers.items()}
+        else:
+            self._layers = [
+                {name: jnp.asarray(a[i]) for name, a in params.layers.items()}
+                for i in range(params.num_layers)
+            ]
 
     @property
     def start(self) -> int:
@@ -145,17 +155,15 @@ class SpanRunner:
             buffer[:, :length] = np.asarray(hidden)
             hidden = buffer
         kv_length = min(cache.max_length, bucket_length(start_position + padded))
-        out, k, v = _span_step(
-            self._layers,
-            self._windows,
-            hidden,
-            np.int32(start_position),
-            cache.k,
-            cache.v,
-            config=self.config,
-            kv_length=kv_length,
-            compute_dtype=self.compute_dtype.name,
-        )
+        static = dict(config=self.config, kv_length=kv_length, compute_dtype=self.compute_dtype.name)
+        start = np.int32(start_position)
+        if self.scan:
+            windows = np.asarray(self._windows, dtype=np.int32)  # [L]
+            out, k, v = _scan_step(self._layers, windows, hidden, start, cache.k, cache.v, **static)
+        else:
+            out, k, v = _unrolled_step(
+                self._layers, hidden, start, cache.k, cache.v, windows=self._windows, **static
+            )
         if padded != length:
             out = out[:, :length]
         return out, KVCache(k, v)
@@ -175,12 +183,51 @@ def _check_input(config: ModelConfig, hidden: Any, cache: KVCache) -> tuple[int,
     return batch, length, width
 
 
+def _prologue(hidden, start, config: ModelConfig, compute_dtype: str):
+    x = hidden.astype(compute_dtype)  # [B, T, H]
+    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)  # [T]
+    rope = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)  # [T, D] x2
+    return x, positions, rope
+
+
+def _cast(layer: dict, compute_dtype: str) -> dict:
+    return {name: p.astype(compute_dtype) for name, p in layer.items()}
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "windows", "kv_length", "compute_dtype"),
+    donate_argnames=("k_cache", "v_cache"),
+)
+def _unrolled_step(
+    layers: list[dict],
+    hidden: jax.Array,
+    start: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *,
+    config: ModelConfig,
+    windows: tuple[int, ...],
+    kv_length: int,
+    compute_dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Python-level layer after another over per-layer weight arrays."""
+    x, positions, rope = _prologue(hidden, start, config, compute_dtype)
+    cache = (k_cache, v_cache)
+    for index, (layer, window) in enumerate(zip(layers, windows)):
+        mask = attention_mask(positions, kv_length, window)  # [T, A]
+        x, cache = decoder_block(
+            config, _cast(layer, compute_dtype), x, rope, mask, cache, (index, start)
+        )
+    return x, *cache
+
+
 @functools.partial(
     jax.jit,
     static_argnames=("config", "kv_length", "compute_dtype"),
     donate_argnames=("k_cache", "v_cache"),
 )
-def _span_step(
+def _scan_step(
     layers: dict,
     windows: jax.Array,
     hidden: jax.Array,
@@ -192,11 +239,8 @@ def _span_step(
     kv_length: int,
     compute_dtype: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    dtype = jnp.dtype(compute_dtype)
-    layers = jax.tree.map(lambda p: p.astype(dtype), layers)
-    x = hidden.astype(dtype)  # [B, T, H]
-    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)  # [T]
-    rope = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)  # [T, D] x2
+    """lax.scan over stacked weights: one compiled layer whatever the span length."""
+    x, positions, rope = _prologue(hidden, start, config, compute_dtype)
     indices = jnp.arange(windows.shape[0], dtype=jnp.int32)  # [L]
 
     def body(carry, xs):
@@ -204,7 +248,7 @@ def _span_step(
         layer, index, window = xs
         mask = attention_mask(positions, kv_length, window)  # [T, A]
         x, (k_cache, v_cache) = decoder_block(
-            config, layer, x, rope, mask, (k_cache, v_cache), (index, start)
+            config, _cast(layer, compute_dtype), x, rope, mask, (k_cache, v_cache), (index, start)
         )
         return (x, k_cache, v_cache), None
 
