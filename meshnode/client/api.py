@@ -37,6 +37,7 @@ from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from meshnode.client.chain import DEFAULT_STEP_TIMEOUT, InferenceChain
+from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.generate import (
     GenerationOptions,
     MeshGenerationResult,
@@ -84,6 +85,9 @@ class MeshClient:
         self.head: Any = None
         self.tokenizer: Any = None
         self.last_route: Route | None = None
+        # workers that failed us lately, and how hard to try before failing (issue 6)
+        self.bans = BanList(reactor)
+        self.recovery_options = RecoveryOptions()
 
     def start(self) -> Deferred[None]:
         """Join the DHT and load the head; safe to call many times."""
@@ -193,9 +197,11 @@ class MeshClient:
         await self.start()
         max_length = len(prompt_ids) + options.max_new_tokens
         if route is None:
-            route = await self._find_route(max_length, set())
+            route = await self._find_route(max_length, set(self.bans.banned()))
+        recovery = SpanRecovery(self.endpoint, self.dht, self.reactor, self._key_for,
+                                self.source.fingerprint, self.bans, self.recovery_options)
         chain = InferenceChain(self.endpoint, route, self.source.fingerprint, max_length,
-                               self.step_timeout)
+                               self.step_timeout, recovery)
         await chain.open()
         callback = None
         if on_token is not None:
