@@ -1,0 +1,284 @@
+"""Fault recovery on the client: bans, replacement routes for one span, and replay.
+
+When a worker of a chain dies, resets the connection, times out or answers a
+step with an error, ``SpanRecovery``:
+
+1. bans it in the client's ``BanList`` (for ``base`` seconds, doubling on each
+   repeat within ``forget_after``, capped at ``maximum``);
+2. finds a replacement route for exactly that span's blocks
+   (``span_route``: the same Dijkstra as ``find_route``, over the workers'
+   spans clipped to the span; the replacement may split it over several
+   workers), polling the DHT for at most ``route_wait`` seconds, after which
+   it gives up with ``RouteNotFound.missing`` naming the uncovered blocks;
+3. opens a session on each replacement worker and replays the failed
+   session's recorded inputs (``SpanSession.inputs()``) through them in order,
+   which rebuilds their KV caches to the position the chain had reached;
+4. hands the new sessions to the chain, which retries the step there.
+
+A replacement that fails in turn is banned too and the next one tried, at
+most ``max_attempts`` times per failure. Every request carries the chain's
+step timeout, so a stopped (SIGSTOP) worker costs one timeout, never a hang.
+The abandoned session is closed best-effort with a short timeout when the
+chain closes (the worker's idle timeout frees it otherwise).
+
+Pure parts (``BanList``, ``span_route``) take an injected clock and no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
+
+import numpy as np
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from meshnode.client.chain import SpanSession
+from meshnode.client.routing.discovery import fetch_block_records, measure_rtts
+from meshnode.client.routing.route import (
+    NodeID,
+    Route,
+    RouteHop,
+    candidates_from_records,
+    find_route,
+)
+from meshnode.errors import ClientError, MeshError, RouteNotFound
+from meshnode.worker.records import BlockSpan, ServerInfo
+
+#: first ban of a worker (seconds); each repeat doubles it, up to ``MAX_BAN``
+BASE_BAN = 15.0
+BAN_GROWTH = 2.0
+MAX_BAN = 600.0
+#: seconds a worker must stay unbanned before its strikes are forgotten
+FORGET_AFTER = 600.0
+#: replacements tried for one failure before giving up
+MAX_ATTEMPTS = 6
+#: seconds to wait for the mesh to cover a span again before ``RouteNotFound``
+ROUTE_WAIT = 30.0
+#: seconds between two route lookups while waiting
+ROUTE_POLL_INTERVAL = 0.5
+#: seconds a best-effort close of an abandoned session may take
+ABANDONED_CLOSE_TIMEOUT = 2.0
+
+log = Logger()
+
+
+class BanList:
+    """Workers not to route through for a while; bans grow on repeats. Pure."""
+
+    def __init__(self, clock: Any, base: float = BASE_BAN, growth: float = BAN_GROWTH,
+                 maximum: float = MAX_BAN, forget_after: float = FORGET_AFTER):
+        self._clock = clock
+        self.base, self.growth, self.maximum = base, growth, maximum
+        self.forget_after = forget_after
+        self._strikes: dict[NodeID, int] = {}
+        self._until: dict[NodeID, float] = {}
+
+    def ban(self, node_id: NodeID) -> float:
+        """Ban ``node_id`` now; returns the ban's length in seconds."""
+        now = self._clock.seconds()
+        if now - self._until.get(node_id, now) > self.forget_after:
+            self._strikes.pop(node_id, None)
+        strikes = self._strikes.get(node_id, 0) + 1
+        self._strikes[node_id] = strikes
+        duration = min(self.base * self.growth ** (strikes - 1), self.maximum)
+        self._until[node_id] = max(self._until.get(node_id, now), now + duration)
+        return duration
+
+    def is_banned(self, node_id: NodeID) -> bool:
+        return self._until.get(node_id, float("-inf")) > self._clock.seconds()
+
+    def strikes(self, node_id: NodeID) -> int:
+        return self._strikes.get(node_id, 0)
+
+    def banned(self) -> frozenset[NodeID]:
+        """Workers banned now; forgets those whose strikes have lapsed (bounded memory)."""
+        now = self._clock.seconds()
+        for node_id, until in list(self._until.items()):
+            if now - until > self.forget_after:
+                del self._until[node_id]
+                self._strikes.pop(node_id, None)
+        return frozenset(n for n, until in self._until.items() if until > now)
+
+
+def span_route(
+    workers: Mapping[NodeID, ServerInfo],
+    span: BlockSpan,
+    model: str,
+    rtts: Mapping[NodeID, float] | None = None,
+    banned: Collection[NodeID] = (),
+    min_cache_tokens: int = 0,
+) -> Route:
+    """The least-latency chain covering exactly ``span`` (``RouteNotFound`` with absolute
+    ``missing`` blocks otherwise).
+
+    Each worker's span is clipped to ``span`` and shifted to start at 0, its
+    throughput scaled so the cost per block is unchanged, and ``find_route``
+    runs on that; the hops are shifted back.
+    """
+    clipped: dict[NodeID, ServerInfo] = {}
+    for node_id, info in workers.items():
+        low, high = max(info.span.start, span.start), min(info.span.end, span.end)
+        if low >= high:
+            continue
+        clipped[node_id] = dataclasses.replace(
+            info, span=BlockSpan(low - span.start, high - span.start),
+            throughput=info.throughput * (high - low) / info.span.length,
+        )
+    try:
+        relative = find_route(clipped, span.length, model, rtts=rtts, banned=banned,
+                              min_cache_tokens=min_cache_tokens)
+    except RouteNotFound as exc:
+        missing = tuple(block + span.start for block in exc.missing)
+        raise RouteNotFound(
+            f"no eligible worker serves blocks {list(missing)} (replacing span {span})", missing
+        ) from None
+    hops = tuple(
+        RouteHop(hop.node_id, workers[hop.node_id],
+                 BlockSpan(hop.span.start + span.start, hop.span.end + span.start))
+        for hop in relative.hops
+    )
+    return Route(hops, relative.expected_latency)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryOptions:
+    """How hard a client tries before a generation fails."""
+
+    max_attempts: int = MAX_ATTEMPTS
+    route_wait: float = ROUTE_WAIT
+    poll_interval: float = ROUTE_POLL_INTERVAL
+
+
+class _HopFailed(Exception):
+    """A replacement session failed while opening or replaying."""
+
+    def __init__(self, session: SpanSession, error: BaseException):
+        super().__init__(str(error))
+        self.session, self.error = session, error
+
+
+def recoverable(error: BaseException) -> bool:
+    """Failures a worker is to blame for: network, timeout, error frame, bad answer."""
+    return isinstance(error, MeshError) and not isinstance(error, ClientError)
+
+
+class SpanRecovery:
+    """Replaces failed sessions of a chain: ban, re-route the span, replay, go on."""
+
+    def __init__(self, endpoint: Any, dht: Any, clock: Any, key_for: Callable[[int], bytes],
+                 model: str, bans: BanList, options: RecoveryOptions = RecoveryOptions()):
+        self.endpoint, self.dht, self.clock = endpoint, dht, clock
+        self.key_for, self.model = key_for, model
+        self.bans = bans
+        self.options = options
+        self.replacements = 0
+
+    async def forward(self, chain: Any, hidden: np.ndarray) -> np.ndarray:
+        """``chain.forward`` with recovery: a failed hop is replaced and the step retried."""
+        index, failures = 0, 0
+        while index < len(chain.sessions):
+            session = chain.sessions[index]
+            try:
+                hidden = await session.step(hidden)
+            except Exception as error:
+                failures += 1
+                if not recoverable(error) or failures > self.options.max_attempts:
+                    raise
+                chain.sessions[index:index + 1] = await self.replace(
+                    session, error, chain.abandoned)
+                continue
+            index += 1
+        return hidden
+
+    async def reopen(self, chain: Any, failed: Mapping[int, BaseException]) -> None:
+        """After ``chain.open``: replace the hops whose open failed (nothing to replay)."""
+        for index in sorted(failed, reverse=True):
+            error = failed[index]
+            if not recoverable(error):
+                raise error
+            chain.sessions[index:index + 1] = await self.replace(
+                chain.sessions[index], error, chain.abandoned)
+
+    async def replace(self, failed: SpanSession, error: BaseException,
+                      abandoned: list[SpanSession]) -> list[SpanSession]:
+        """Open and replay replacement sessions for ``failed``'s span (after banning it)."""
+        self._drop(failed, error, abandoned)
+        inputs = failed.inputs() if failed.history else None
+        deadline = self.clock.seconds() + self.options.route_wait
+        for _ in range(self.options.max_attempts):
+            route = await self.wait_for_span_route(failed.span, failed.max_length, deadline)
+            sessions = [SpanSession(self.endpoint, hop, failed.max_length, failed.timeout)
+                        for hop in route.hops]
+            try:
+                await self._open_all(sessions)
+                if inputs is not None:
+                    await _replay(sessions, inputs)
+            except _HopFailed as hop_failure:
+                abandoned.extend(s for s in sessions if s is not hop_failure.session)
+                self._drop(hop_failure.session, hop_failure.error, abandoned)
+                continue
+            self.replacements += 1
+            log.info("span {span} moved to {route}", span=str(failed.span),
+                     route=route.describe())
+            return sessions
+        raise ClientError(f"span {failed.span}: {self.options.max_attempts} replacements "
+                          f"failed in a row") from error
+
+    async def wait_for_span_route(self, span: BlockSpan, max_length: int,
+                                  deadline: float) -> Route:
+        """Poll the DHT until ``span`` is covered by workers not banned, or ``RouteNotFound``."""
+        while True:
+            try:
+                return await self.discover(span, max_length)
+            except RouteNotFound:
+                if self.clock.seconds() >= deadline:
+                    raise
+            await deferLater(self.clock, self.options.poll_interval, lambda: None)
+
+    async def discover(self, span: BlockSpan, max_length: int) -> Route:
+        """Records of ``span``'s blocks -> reachable, unbanned workers -> ``span_route``."""
+        found = await fetch_block_records(
+            self.dht, lambda i: self.key_for(span.start + i), span.length)
+        records = {span.start + i: by_worker for i, by_worker in found.items()}
+        banned = self.bans.banned()
+        workers = {
+            node_id: info
+            for node_id, info in candidates_from_records(records).items()
+            if node_id not in banned and info.online and info.model == self.model
+        }
+        rtts = await measure_rtts(self.endpoint, self.clock, workers)
+        return span_route(workers, span, self.model, rtts,
+                          banned=set(workers) - set(rtts), min_cache_tokens=max_length)
+
+    def _drop(self, session: SpanSession, error: BaseException,
+              abandoned: list[SpanSession]) -> None:
+        duration = self.bans.ban(session.hop.node_id)
+        log.warn("worker {worker} failed on span {span} ({error}); banned for {ban:g} s",
+                 worker=session.hop.node_id.hex()[:12], span=str(session.span),
+                 error=str(error) or type(error).__name__, ban=duration)
+        session.timeout = min(session.timeout, ABANDONED_CLOSE_TIMEOUT)
+        abandoned.append(session)
+
+    async def _open_all(self, sessions: list[SpanSession]) -> None:
+        results = await DeferredList(
+            [Deferred.fromCoroutine(s.open(self.model)) for s in sessions], consumeErrors=True)
+        for session, (ok, result) in zip(sessions, results):
+            if not ok:
+                if not recoverable(result.value):
+                    result.raiseException()
+                raise _HopFailed(session, result.value)
+
+
+async def _replay(sessions: list[SpanSession], inputs: np.ndarray) -> None:
+    """Rebuild the caches: the recorded inputs through the new sessions, in order."""
+    hidden = inputs
+    for session in sessions:
+        try:
+            hidden = await session.step(hidden)
+        except Exception as error:
+            if not recoverable(error):
+                raise
+            raise _HopFailed(session, error) from error
