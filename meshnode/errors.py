@@ -171,6 +171,12 @@ class LengthLimit(WorkerError):
     code = "length_limit"
 
 
+class Overloaded(WorkerError):
+    """A peer has too many requests waiting for this worker's compute thread."""
+
+    code = "overloaded"
+
+
 # --- client (meshnode/client) ------------------------------------------------
 
 

@@ -16,8 +16,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from meshnode.errors import BadRequest, LengthLimit, UnknownSession
+from meshnode.errors import BadRequest, LengthLimit, SessionLimit, UnknownSession
 from meshnode.worker.budget import CacheBudget
+from meshnode.worker.limits import MAX_SESSION_AGE, MAX_SESSIONS_PER_PEER
 from meshnode.worker.records import SESSION_ID_BYTES, BlockSpan
 
 
@@ -43,6 +44,7 @@ class Session:
     busy: bool = False
     closed: bool = False
     steps: int = field(default=0)
+    opened: float = 0.0
 
     def check_step(self, span: BlockSpan, start: int, length: int) -> None:
         """Raise unless a step of ``length`` new positions at ``start`` fits this session."""
@@ -70,24 +72,35 @@ class SessionTable:
         clock: Clock,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         new_id: Callable[[], bytes] = lambda: os.urandom(SESSION_ID_BYTES),
+        max_per_owner: int = MAX_SESSIONS_PER_PEER,
+        max_age: float = MAX_SESSION_AGE,
     ):
         self.budget = budget
         self._clock = clock
         self.idle_timeout = idle_timeout
         self._new_id = new_id
         self._sessions: dict[bytes, Session] = {}
+        # bounds of meshnode.worker.limits: sessions per peer, lifetime of any session
+        self.max_per_owner = max_per_owner
+        self.max_age = max_age
+        self._owned: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def open(self, owner: bytes, span: BlockSpan, max_length: int) -> Session:
-        """Reserve ``max_length`` cache tokens and register a session (``NoCapacity`` if full)."""
+        """Reserve ``max_length`` cache tokens and register a session (``NoCapacity`` if full,
+        ``SessionLimit`` if ``owner`` holds ``max_per_owner`` sessions already)."""
+        if self._owned.get(owner, 0) >= self.max_per_owner:
+            raise SessionLimit(f"at most {self.max_per_owner} open sessions per client")
         self.budget.reserve(max_length)
         session_id = self._new_id()
         while session_id in self._sessions:
             session_id = self._new_id()
-        session = Session(session_id, owner, span, max_length, self._clock.seconds())
+        now = self._clock.seconds()
+        session = Session(session_id, owner, span, max_length, now, opened=now)
         self._sessions[session_id] = session
+        self._owned[owner] = self._owned.get(owner, 0) + 1
         return session
 
     def get(self, owner: bytes, session_id: bytes) -> Session:
@@ -116,16 +129,28 @@ class SessionTable:
         self._close(self.get(owner, session_id))
 
     def expire_idle(self) -> list[Session]:
-        """Close every idle session not busy with a step; returns those closed."""
+        """Close every idle session not busy with a step, and every session older than
+        ``max_age`` (freed when its step ends); returns those closed."""
         now = self._clock.seconds()
         idle = [
             s
             for s in self._sessions.values()
-            if not s.busy and not s.closed and now - s.last_used >= self.idle_timeout
+            if not s.closed and (
+                (not s.busy and now - s.last_used >= self.idle_timeout)
+                or now - s.opened >= self.max_age
+            )
         ]
         for session in idle:
             self._close(session)
         return idle
+
+    def close_owned(self, owner: bytes) -> None:
+        """Close every session of ``owner`` (its connection dropped: nobody can step them)."""
+        for session in [s for s in self._sessions.values() if s.owner == owner]:
+            self._close(session)
+
+    def owned_by(self, owner: bytes) -> int:
+        return self._owned.get(owner, 0)
 
     def close_all(self) -> None:
         for session in list(self._sessions.values()):
@@ -140,3 +165,6 @@ class SessionTable:
         if self._sessions.pop(session.session_id, None) is not None:
             session.cache = None
             self.budget.release(session.max_length)
+            self._owned[session.owner] -= 1
+            if not self._owned[session.owner]:
+                del self._owned[session.owner]
