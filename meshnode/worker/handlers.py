@@ -41,11 +41,14 @@ class InferenceHandlers:
         table: SessionTable,
         compute: Any,
         throughput: Callable[[], float] = lambda: 0.0,
+        queue: Any = None,
     ):
         self.limits = limits
         self.table = table
         self.compute = compute
         self._throughput = throughput
+        # ``meshnode.worker.fairness.FairQueue``: compute turns round-robin across peers
+        self.queue = queue
 
     def handlers(self) -> dict[str, Handler]:
         return {
@@ -74,7 +77,8 @@ class InferenceHandlers:
         self._check_open(request)
         session = self.table.open(peer.node_id, request.span, request.max_length)
         self.table.begin_step(session)  # no step, close or timeout before the cache exists
-        allocated = maybeDeferred(self.compute.new_cache, request.span, request.max_length)
+        allocated = self._compute(
+            peer, lambda: self.compute.new_cache(request.span, request.max_length))
 
         def opened(cache: Any) -> Message:
             self.table.end_step(session, cache, 0)
@@ -93,9 +97,8 @@ class InferenceHandlers:
         length = request.hidden.shape[1]
         session.check_step(request.span, request.start, length)
         self.table.begin_step(session)
-        done = maybeDeferred(
-            self.compute.forward, session.span, request.hidden, request.start, session.cache
-        )
+        done = self._compute(peer, lambda: self.compute.forward(
+            session.span, request.hidden, request.start, session.cache))
         return done.addCallbacks(
             lambda result: self._stepped(session, result, request.start + length),
             lambda failure: self._step_failed(session, failure),
@@ -104,6 +107,11 @@ class InferenceHandlers:
     def close(self, peer: PeerInfo, message: Message) -> Message:
         self.table.close(peer.node_id, messages.parse_close(message))
         return messages.build_close_ok()
+
+    def _compute(self, peer: PeerInfo, work: Callable[[], Any]) -> Deferred[Any]:
+        if self.queue is None:
+            return maybeDeferred(work)
+        return self.queue.submit(peer.node_id, work)
 
     def _check_open(self, request: messages.OpenRequest) -> None:
         if request.model != self.limits.model:
