@@ -29,6 +29,7 @@ from meshnode.identity import Identity, PeerAddress
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
+from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
@@ -130,9 +131,12 @@ class WorkerService(Service):
                                   options.idle_timeout)
         dtype = str(compute.compute_dtype)
         limits = WorkerLimits(source.fingerprint, self.span, options.max_length, dtype)
-        handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput)
+        handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
+                                     FairQueue())
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
+        # a client whose connection dropped cannot step its sessions: free their caches
+        self.endpoint.on_disconnect(self.table.close_owned)
 
         def info(state: WorkerState) -> ServerInfo:
             return ServerInfo(str(self.endpoint.address), self.span, state, self.throughput,
