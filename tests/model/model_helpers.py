@@ -104,3 +104,86 @@ def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
     """max |ours - reference| / max |reference|."""
     return float(np.max(np.abs(ours - reference)) / np.max(np.abs(reference)))
+
+
+def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (what the loader undoes)."""
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+_GGUF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+
+def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np.ndarray]:
+    """Write a transformers Llama as a llama.cpp-style GGUF; 2-D weights in ``qtype_name``.
+
+    Returns HF name -> the float32 values a loader should read back (quantization
+    error included, permutation undone).
+    """
+    import gguf
+
+    config = model.config
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    expected = {}
+    for name, tensor in model.state_dict().items():
+        values = tensor.float().numpy()
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name in _GGUF_NAMES:
+            target = _GGUF_NAMES[name]
+        else:
+            parts = name.split(".")
+            target = f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
+        stored = values
+        if ".attn_q." in target:
+            stored = llama_cpp_permute(values, config.num_attention_heads)
+        elif ".attn_k." in target:
+            stored = llama_cpp_permute(values, config.num_key_value_heads)
+        if values.ndim == 2 and qtype_name != "F32":
+            raw = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(target, raw, raw_dtype=qtype)
+            roundtrip = gguf.quants.dequantize(raw, qtype).reshape(values.shape)
+            if stored is not values:
+                heads = (config.num_attention_heads if ".attn_q." in target
+                         else config.num_key_value_heads)
+                half = values.shape[0] // heads // 2
+                roundtrip = (roundtrip.reshape(heads, half, 2, -1).swapaxes(1, 2)
+                             .reshape(values.shape))
+            expected[name] = roundtrip
+        else:
+            writer.add_tensor(target, stored.astype(np.float32))
+            expected[name] = values
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return expected
