@@ -350,3 +350,24 @@ def wait_for_route(bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_
     """Block until the mesh covers every block of ``model`` (or ``RouteNotFound``)."""
     client = _background.client(bootstrap, model)
     return _background.call(client.wait_for_route, timeout)
+
+
+def block_records(bootstrap: Iterable[str | PeerAddress],
+                  model: str = DEFAULT_MODEL) -> dict[int, dict[NodeID, ServerInfo]]:
+    """Per block of ``model``, the workers announcing it now (blocking)."""
+    client = _background.client(bootstrap, model)
+    return _background.call(client.block_records)
+
+
+
+def background_client(bootstrap: Iterable[str | PeerAddress],
+                      model: str = DEFAULT_MODEL) -> MeshClient:
+    """The started ``MeshClient`` the blocking API uses; call its methods with ``call``."""
+    client = _background.client(bootstrap, model)
+    _background.call(client.start)
+    return client
+
+
+def call(function: Callable[..., Any], *args: Any) -> Any:
+    """Run ``function(*args)`` on the background reactor and wait for its Deferred's result."""
+    return _background.call(function, *args)

@@ -3,7 +3,7 @@
 Every node is a ``twistd -n meshnode ...`` process with its own folder (data
 dir, pidfile, logfile), listening on an ephemeral port of 127.0.0.1. Its pinned
 address is read from ``<data dir>/address`` (workers write it when ready) or
-from the first ``host:port#<id>`` in its log. Children run the same meshnode
+from the first ``host:port#<id>`` in its output or its log. Children run the same meshnode
 as this process (``PYTHONPATH`` points at it). ``NodeProcess.signal`` lets
 chaos tests SIGKILL or SIGSTOP a node; ``LocalMesh.stop`` stops every node
 (SIGTERM, then SIGKILL after a bound) and is safe to call twice.
@@ -31,6 +31,8 @@ START_TIMEOUT = 180.0
 #: seconds between SIGTERM and SIGKILL
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
+#: compilations shorter than this are not worth a cache entry
+MIN_CACHED_COMPILE_SECONDS = 0.1
 
 
 class NodeFailed(MeshError):
@@ -70,10 +72,15 @@ class NodeProcess:
             self.process.send_signal(signum)
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The end of the twistd log and of the process's own output."""
+        tails = []
+        for path in (self.log_path, self.folder / "stdout.log"):
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            tails.append(f"--- {path.name}\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(tails) or "(no log)"
 
     def wait_ready(self, timeout: float = START_TIMEOUT) -> PeerAddress:
         """Poll until the node reports its address; ``NodeFailed`` if it dies or times out."""
@@ -102,7 +109,7 @@ class NodeProcess:
         return self.process.returncode
 
     def _read_address(self) -> PeerAddress | None:
-        for path in (self.data_dir / "address", self.log_path):
+        for path in (self.data_dir / "address", self.folder / "stdout.log", self.log_path):
             try:
                 text = path.read_text(errors="replace")
             except OSError:
@@ -186,20 +193,41 @@ class LocalMesh:
             "-n", f"--pidfile={folder / 'twistd.pid'}", f"--logfile={folder / 'twistd.log'}",
             "meshnode", *args,
         ]
-        with open(folder / "stderr.log", "wb") as stderr:
+        with open(folder / "stdout.log", "wb") as stdout:
             process = subprocess.Popen(command, cwd=folder, env=self._env,
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=stderr)
+                                       stdin=subprocess.DEVNULL, stdout=stdout,
+                                       stderr=subprocess.STDOUT)
         node = NodeProcess(name, folder, process, args=args)
         self.nodes.append(node)
         return node
 
 
+def compile_cache_dir() -> str:
+    """JAX's persistent compilation cache shared by local nodes (``$JAX_COMPILATION_CACHE_DIR``).
+
+    Workers of equal span lengths compile the same programs: with the cache, only
+    the first process of a machine pays for each (seconds per shape on a small CPU).
+    """
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
+        Path(tempfile.gettempdir()) / f"meshnode-jax-cache-{os.getuid()}")
+
+
+def enable_compile_cache() -> None:
+    """Use the shared compilation cache in this process too (the demo's and tests' client)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
+
+
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
-    """Our environment, with this meshnode first on the path and JAX on the CPU by default."""
+    """Our environment, with this meshnode first on the path, JAX on the CPU by default
+    and the shared compilation cache."""
     env = dict(os.environ)
     source_root = str(Path(meshnode.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (source_root, env.get("PYTHONPATH")) if p)
     env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", compile_cache_dir())
+    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", str(MIN_CACHED_COMPILE_SECONDS))
     env.update(extra or {})
     return env

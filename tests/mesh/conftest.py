@@ -45,6 +45,14 @@ def _has_bootstrap_command() -> bool:
     return importlib.util.find_spec("meshnode.commands.bootstrap") is not None
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache():
+    """The client side shares the workers' persistent compilation cache."""
+    from meshnode.testing.processes import enable_compile_cache
+
+    enable_compile_cache()
+
+
 @pytest.fixture(scope="session")
 def smollm2_mesh(tmp_path_factory):
     """A bootstrap node and three SmolLM2 workers (blocks 0-9, 10-19, 20-29)."""
