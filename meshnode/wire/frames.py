@@ -104,16 +104,21 @@ class FrameDecoder:
     def get_buffer(self, limit: int) -> memoryview:
         """Where the next received bytes should be written (at most ``limit`` of them).
 
-        Inside a body this is the frame's own aligned buffer, so the bytes land
-        in place; otherwise a small staging buffer for the prefix and header.
+        Inside a body this is the rest of the frame's own aligned buffer, so
+        the bytes land in place. Otherwise it is a staging buffer exactly as
+        long as the rest of the prefix or header: a reader that fills it
+        whole (``meshnode.wire._tls_fastpath.read_records``) never pulls body
+        bytes into it, so they are never copied twice.
         """
         if self._failed is None and self._body_view is not None:
             self._direct = True
             return self._body_view[self._body_filled : self._body_filled + limit]
         self._direct = False
-        if len(self._stage) < limit:
-            self._stage = memoryview(bytearray(limit))
-        return self._stage[:limit]
+        want = PREFIX_BYTES if self._header_length < 0 else self._header_length
+        want = min(max(want - len(self._small), 1), limit)
+        if len(self._stage) < want:
+            self._stage = memoryview(bytearray(max(want, PREFIX_BYTES)))
+        return self._stage[:want]
 
     def buffer_updated(self, nbytes: int) -> Iterator[RawFrame]:
         """``nbytes`` were written into the last ``get_buffer``; yield completed frames."""

@@ -66,6 +66,8 @@ log = Logger()
 
 HandlerLookup = Callable[[str], "Handler | None"]
 
+_SCRATCH_BYTES = 64 * 1024
+
 
 @implementer(IHandshakeListener, IPushProducer)
 class MeshProtocol(Protocol):
@@ -97,6 +99,7 @@ class MeshProtocol(Protocol):
         self._refusing = False
         self._closing = False
         self._scratch: memoryview | None = None
+        self._discarding = False
         self._fail_reason: MeshError | None = None
         self._handshake_timer: IDelayedCall | None = None
 
@@ -268,13 +271,16 @@ class MeshProtocol(Protocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         """Receive-in-place hook used by ``meshnode.tls.MeshTLSProtocol``."""
         if self.peer is None or self._refusing:
-            self._scratch = memoryview(bytearray(sizehint))
-            return self._scratch
-        self._scratch = None
+            # Bytes we will not read: decrypt them into a small reused buffer.
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(_SCRATCH_BYTES))
+            self._discarding = True
+            return self._scratch[: min(sizehint, _SCRATCH_BYTES)]
+        self._discarding = False
         return self._decoder.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._scratch is not None:
+        if self._discarding:
             return
         self.stats.bytes_received += nbytes
         self._consume(self._decoder.buffer_updated(nbytes))

@@ -90,3 +90,44 @@ def test_frame_parts_are_not_joined():
     parts = frame_parts(b"\xa0", [view], view.nbytes)
     assert parts[2] is view
     assert parts[0] == encode_prefix(1, 64)
+
+
+def decoded_in_place(stream: bytes, limit: int) -> tuple[list[tuple[bytes, bytes]], list[int]]:
+    """Frames from a reader that fills each ``get_buffer`` whole (as TLS does); buffer sizes."""
+    decoder = FrameDecoder()
+    frames, sizes, pos = [], [], 0
+    while pos < len(stream):
+        buffer = decoder.get_buffer(limit)
+        sizes.append(len(buffer))
+        take = min(len(buffer), len(stream) - pos)
+        buffer[:take] = stream[pos : pos + take]
+        pos += take
+        frames += [(f.header, f.body.tobytes()) for f in decoder.buffer_updated(take)]
+    return frames, sizes
+
+
+@pytest.mark.parametrize("limit", [1, 5, 64, 1 << 20])
+def test_receive_in_place_gives_the_same_frames(limit):
+    """When bytes are written into get_buffer's buffers, then the frames are those of feed."""
+    frames, _ = decoded_in_place(STREAM, limit)
+    assert frames == EXPECTED
+
+
+def test_staging_buffer_is_exactly_the_rest_of_prefix_or_header():
+    """When a reader fills each buffer whole, then no body byte passes through staging."""
+    _, sizes = decoded_in_place(FRAMES[1], 1 << 20)
+    header_length = len(FRAMES[1]) - 8 - 200
+    assert sizes == [8, header_length, 200]
+
+
+def test_body_is_received_into_the_frame_buffer():
+    """When a body arrives through get_buffer, then it is written in the frame's own buffer."""
+    decoder = FrameDecoder()
+    for part in (FRAMES[1][:8], FRAMES[1][8:-200]):
+        decoder.get_buffer(1 << 20)[: len(part)] = part
+        assert list(decoder.buffer_updated(len(part))) == []
+    body_buffer = decoder.get_buffer(1 << 20)
+    body_buffer[:] = bytes(range(200))
+    (frame,) = decoder.buffer_updated(200)
+    assert np.shares_memory(frame.body, np.asarray(body_buffer))
+    assert frame.body.ctypes.data % 64 == 0
