@@ -127,11 +127,13 @@ def bench_ssl(total: int, frame: int, pings: int) -> dict:
         context = _ssl_context(False, folder)
         with context.wrap_socket(socket.create_connection(("127.0.0.1", int(port)))) as conn:
             payload = memoryview(np.ones(frame // 4, np.float32).view(np.uint8))
+            cpu = _CpuClock(child.pid)
             started = time.perf_counter()
             for _ in range(total // frame):
                 conn.sendall(payload)
             assert conn.recv(1) == ACK
             elapsed = time.perf_counter() - started
+            cpu_s = cpu.seconds()
             rtts = []
             for _ in range(pings):
                 t0 = time.perf_counter()
@@ -141,7 +143,7 @@ def bench_ssl(total: int, frame: int, pings: int) -> dict:
             cipher = conn.cipher()
     finally:
         child.wait(timeout=30)
-    return {"mb_s": total / elapsed / 1e6, "seconds": elapsed, "cipher": cipher[0],
+    return {"mb_s": total / elapsed / 1e6, "seconds": elapsed, **cpu_s, "cipher": cipher[0],
             "tls": cipher[1], **_percentiles(rtts)}
 
 
@@ -156,12 +158,14 @@ async def bench_mesh(reactor, total: int, frame: int, pings: int) -> dict:
         endpoint = Endpoint(reactor, Identity.ephemeral(), {}, WireLimits())
         tensor = np.ones(frame // 4, np.float32)
         await endpoint.request(address, Message("ping"))  # dial + handshake outside the timing
+        cpu = _CpuClock(child.pid)
         started = time.perf_counter()
         replies = await defer.gatherResults(
             [endpoint.request(address, Message("sink", {}, (tensor,)), timeout=120)
              for _ in range(total // frame)]
         )
         elapsed = time.perf_counter() - started
+        cpu_s = cpu.seconds()
         assert sum(reply.fields["n"] for reply in replies) == total
         rtts = []
         for i in range(pings):
@@ -171,7 +175,7 @@ async def bench_mesh(reactor, total: int, frame: int, pings: int) -> dict:
         protocol = endpoint._by_node[address.node_id]
         handle = protocol.transport.getHandle()
         stats = endpoint.stats_for(address.node_id)
-        result = dict(mb_s=total / elapsed / 1e6, seconds=elapsed,
+        result = dict(mb_s=total / elapsed / 1e6, seconds=elapsed, **cpu_s,
                       cipher=handle.get_cipher_name(), tls=handle.get_protocol_version_name(),
                       frame_bytes_sent=stats.bytes_sent, **_percentiles(rtts))
         await endpoint.close()
@@ -200,6 +204,30 @@ def bench_rounds(rounds: int, total: int, frame: int, pings: int) -> list[dict]:
         if exit_.code:
             raise
     return results
+
+
+class _CpuClock:
+    """CPU seconds spent by this process and by the server child since creation.
+
+    On a shared machine wall-clock MB/s moves with the other load; CPU time
+    per side says where the work is. The child's comes from /proc (Linux);
+    elsewhere it is reported as NaN.
+    """
+
+    def __init__(self, child_pid: int) -> None:
+        self._stat = Path(f"/proc/{child_pid}/stat")
+        self._ours, self._theirs = time.process_time(), self._child()
+
+    def _child(self) -> float:
+        try:
+            fields = self._stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> dict:
+        return {"client_cpu_s": time.process_time() - self._ours,
+                "server_cpu_s": self._child() - self._theirs}
 
 
 def _percentiles(rtts: list[float]) -> dict:
@@ -236,8 +264,9 @@ def main() -> None:
         print(f" round {number}: ratio meshnode / plain ssl {figures['ratio']:.2f}")
         for name in ("meshnode", "plain_ssl"):
             f = figures[name]
-            print(f"  {name:10s} {f['mb_s']:8.1f} MB/s  ({f['tls']}, {f['cipher']})"
-                  f"  rtt p50 {f['rtt_p50_ms']:.3f} ms  p99 {f['rtt_p99_ms']:.3f} ms")
+            print(f"  {name:10s} {f['mb_s']:8.1f} MB/s  cpu s client {f['client_cpu_s']:.2f}"
+                  f" server {f['server_cpu_s']:.2f}  rtt p50 {f['rtt_p50_ms']:.3f} ms"
+                  f"  p99 {f['rtt_p99_ms']:.3f} ms  ({f['tls']}, {f['cipher']})")
     print(f"median ratio meshnode / plain ssl: {report['median_ratio']:.2f}")
 
 if __name__ == "__main__":

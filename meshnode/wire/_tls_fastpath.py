@@ -208,6 +208,7 @@ class MeshTLSProtocol(TLSMemoryBIOProtocol):
             return False
         return (
             transport.connected
+            and not self._aborted
             and not transport.disconnecting
             and not transport._tempDataLen
             and transport.offset == len(transport.dataBuffer)
