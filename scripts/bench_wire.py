@@ -33,11 +33,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from cryptography.hazmat.primitives import serialization  # noqa: E402
+from cryptography.hazmat.primitives import serialization
 
-from meshnode.identity import Identity, PeerAddress  # noqa: E402
-from meshnode.wire.limits import WireLimits  # noqa: E402
-from meshnode.wire.message import Message  # noqa: E402
+from meshnode.identity import Identity, PeerAddress
+from meshnode.wire.limits import WireLimits
+from meshnode.wire.message import Message
 
 MIB = 1024 * 1024
 ACK = b"k"
@@ -111,9 +111,7 @@ def serve_ssl(total: int, pings: int, folder: Path) -> None:
 
 
 def _spawn(*args: str) -> tuple[subprocess.Popen, str]:
-    child = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True
-    )
+    child = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
     return child, child.stdout.readline().strip()
 
 
@@ -121,8 +119,16 @@ def bench_ssl(total: int, frame: int, pings: int) -> dict:
     folder = Path(tempfile.mkdtemp())
     _write_pem(Identity.ephemeral(), folder, "server")
     _write_pem(Identity.ephemeral(), folder, "client")
-    child, port = _spawn("--serve", "ssl", "--total-bytes", str(total), "--pings", str(pings),
-                         "--folder", str(folder))
+    child, port = _spawn(
+        "--serve",
+        "ssl",
+        "--total-bytes",
+        str(total),
+        "--pings",
+        str(pings),
+        "--folder",
+        str(folder),
+    )
     try:
         context = _ssl_context(False, folder)
         with context.wrap_socket(socket.create_connection(("127.0.0.1", int(port)))) as conn:
@@ -143,8 +149,14 @@ def bench_ssl(total: int, frame: int, pings: int) -> dict:
             cipher = conn.cipher()
     finally:
         child.wait(timeout=30)
-    return {"mb_s": total / elapsed / 1e6, "seconds": elapsed, **cpu_s, "cipher": cipher[0],
-            "tls": cipher[1], **_percentiles(rtts)}
+    return {
+        "mb_s": total / elapsed / 1e6,
+        "seconds": elapsed,
+        **cpu_s,
+        "cipher": cipher[0],
+        "tls": cipher[1],
+        **_percentiles(rtts),
+    }
 
 
 async def bench_mesh(reactor, total: int, frame: int, pings: int) -> dict:
@@ -161,8 +173,10 @@ async def bench_mesh(reactor, total: int, frame: int, pings: int) -> dict:
         cpu = _CpuClock(child.pid)
         started = time.perf_counter()
         replies = await defer.gatherResults(
-            [endpoint.request(address, Message("sink", {}, (tensor,)), timeout=120)
-             for _ in range(total // frame)]
+            [
+                endpoint.request(address, Message("sink", {}, (tensor,)), timeout=120)
+                for _ in range(total // frame)
+            ]
         )
         elapsed = time.perf_counter() - started
         cpu_s = cpu.seconds()
@@ -175,9 +189,15 @@ async def bench_mesh(reactor, total: int, frame: int, pings: int) -> dict:
         protocol = endpoint._by_node[address.node_id]
         handle = protocol.transport.getHandle()
         stats = endpoint.stats_for(address.node_id)
-        result = dict(mb_s=total / elapsed / 1e6, seconds=elapsed, **cpu_s,
-                      cipher=handle.get_cipher_name(), tls=handle.get_protocol_version_name(),
-                      frame_bytes_sent=stats.bytes_sent, **_percentiles(rtts))
+        result = dict(
+            mb_s=total / elapsed / 1e6,
+            seconds=elapsed,
+            **cpu_s,
+            cipher=handle.get_cipher_name(),
+            tls=handle.get_protocol_version_name(),
+            frame_bytes_sent=stats.bytes_sent,
+            **_percentiles(rtts),
+        )
         await endpoint.close()
     finally:
         child.terminate()
@@ -195,8 +215,9 @@ def bench_rounds(rounds: int, total: int, frame: int, pings: int) -> list[dict]:
         for _ in range(rounds):
             plain = bench_ssl(total, frame, pings)
             mesh = await bench_mesh(reactor, total, frame, pings)
-            results.append({"meshnode": mesh, "plain_ssl": plain,
-                            "ratio": mesh["mb_s"] / plain["mb_s"]})
+            results.append(
+                {"meshnode": mesh, "plain_ssl": plain, "ratio": mesh["mb_s"] / plain["mb_s"]}
+            )
 
     try:
         task.react(lambda reactor: defer.Deferred.fromCoroutine(run(reactor)))
@@ -226,8 +247,10 @@ class _CpuClock:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def seconds(self) -> dict:
-        return {"client_cpu_s": time.process_time() - self._ours,
-                "server_cpu_s": self._child() - self._theirs}
+        return {
+            "client_cpu_s": time.process_time() - self._ours,
+            "server_cpu_s": self._child() - self._theirs,
+        }
 
 
 def _percentiles(rtts: list[float]) -> dict:
@@ -254,8 +277,13 @@ def main() -> None:
         return serve_ssl(args.total_bytes, args.pings, args.folder)
     total, frame = args.total_mib * MIB, args.frame_mib * MIB
     rounds = bench_rounds(args.rounds, total, frame, args.pings)
-    report = {"total_mib": args.total_mib, "frame_mib": args.frame_mib, "pings": args.pings,
-              "rounds": rounds, "median_ratio": float(np.median([r["ratio"] for r in rounds]))}
+    report = {
+        "total_mib": args.total_mib,
+        "frame_mib": args.frame_mib,
+        "pings": args.pings,
+        "rounds": rounds,
+        "median_ratio": float(np.median([r["ratio"] for r in rounds])),
+    }
     if args.json:
         print(json.dumps(report))
         return
@@ -264,10 +292,13 @@ def main() -> None:
         print(f" round {number}: ratio meshnode / plain ssl {figures['ratio']:.2f}")
         for name in ("meshnode", "plain_ssl"):
             f = figures[name]
-            print(f"  {name:10s} {f['mb_s']:8.1f} MB/s  cpu s client {f['client_cpu_s']:.2f}"
-                  f" server {f['server_cpu_s']:.2f}  rtt p50 {f['rtt_p50_ms']:.3f} ms"
-                  f"  p99 {f['rtt_p99_ms']:.3f} ms  ({f['tls']}, {f['cipher']})")
+            print(
+                f"  {name:10s} {f['mb_s']:8.1f} MB/s  cpu s client {f['client_cpu_s']:.2f}"
+                f" server {f['server_cpu_s']:.2f}  rtt p50 {f['rtt_p50_ms']:.3f} ms"
+                f"  p99 {f['rtt_p99_ms']:.3f} ms  ({f['tls']}, {f['cipher']})"
+            )
     print(f"median ratio meshnode / plain ssl: {report['median_ratio']:.2f}")
+
 
 if __name__ == "__main__":
     main()
