@@ -1,0 +1,29 @@
+"""Resilience fixtures: a tiny checkpoint and its local reference (shared by the module tests).
+
+Never import the reactor at module level here (pytest-twisted installs it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(1, str(Path(__file__).parent.parent / "mesh"))
+
+from mesh_helpers import write_tiny_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_local(tiny_checkpoint):
+    from meshnode.model.generate import LocalModel
+    from meshnode.model.source import open_model
+
+    return LocalModel.load(open_model(str(tiny_checkpoint)))
