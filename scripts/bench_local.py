@@ -25,12 +25,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from meshnode.model.decoding import generate_tokens  # noqa: E402
-from meshnode.model.generate import LocalBlocks, LocalModel  # noqa: E402
-from meshnode.model.sampling import Sampler  # noqa: E402
-from meshnode.model.source import open_model, smollm2_path  # noqa: E402
+from meshnode.model.decoding import generate_tokens
+from meshnode.model.generate import LocalBlocks, LocalModel
+from meshnode.model.sampling import Sampler
+from meshnode.model.source import open_model, smollm2_path
 
 
 def bench_meshnode(source, prompt: list[int], decode_tokens: int, repeats: int) -> dict:
@@ -122,13 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"{source.name}: float32 CPU, {args.prompt_tokens}-token prompt, "
-          f"{args.decode_tokens} decode steps, median of {args.repeats}")
+    print(
+        f"{source.name}: float32 CPU, {args.prompt_tokens}-token prompt, "
+        f"{args.decode_tokens} decode steps, median of {args.repeats}"
+    )
     print(f"{'':22}{'prefill (s)':>14}{'decode (tok/s)':>17}")
     print(f"{'meshnode (JAX)':22}{ours['prefill_s']:>14.4f}{ours['decode_tok_s']:>17.1f}")
     print(f"{'transformers eager':22}{theirs['prefill_s']:>14.4f}{theirs['decode_tok_s']:>17.1f}")
-    print(f"{'ratio (meshnode/hf)':22}{report['prefill_speedup']:>13.2f}x"
-          f"{report['decode_speedup']:>16.2f}x")
+    print(
+        f"{'ratio (meshnode/hf)':22}{report['prefill_speedup']:>13.2f}x"
+        f"{report['decode_speedup']:>16.2f}x"
+    )
     return 0
 
 

@@ -21,12 +21,15 @@ DEFAULT_MODEL = "smollm2"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true", help="run every block in this process")
     parser.add_argument(
-        "--model", default=DEFAULT_MODEL,
+        "--model",
+        default=DEFAULT_MODEL,
         help="checkpoint folder, .gguf file, or 'smollm2' (default)",
     )
     parser.add_argument("--prompt", default=None, help="the prompt text")
     parser.add_argument(
-        "--prompt-ids", default=None, type=_id_list,
+        "--prompt-ids",
+        default=None,
+        type=_id_list,
         help="comma-separated prompt token ids, instead of --prompt",
     )
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
@@ -37,7 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     parser.add_argument(
-        "--bootstrap", action="append", default=[], metavar="HOST:PORT[#ID]",
+        "--bootstrap",
+        action="append",
+        default=[],
+        metavar="HOST:PORT[#ID]",
         help="a DHT node to join (repeatable; mesh mode)",
     )
 

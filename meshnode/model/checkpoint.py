@@ -59,10 +59,12 @@ def _tensor_files(folder: Path) -> dict[str, str]:
             raise ConfigError(f"{index}: unreadable shard index: {exc}") from exc
         missing = sorted({f for f in weight_map.values() if not (folder / f).is_file()})
         if missing:
-            raise MissingWeights(f"{folder}: shard files listed in {INDEX_FILE} are missing: {missing}")
+            raise MissingWeights(
+                f"{folder}: shard files listed in {INDEX_FILE} are missing: {missing}"
+            )
         return dict(weight_map)
     single = folder / SINGLE_FILE
     if single.is_file():
         with safe_open(str(single), framework="numpy") as handle:
-            return {name: SINGLE_FILE for name in handle.keys()}
+            return {name: SINGLE_FILE for name in handle.keys()}  # noqa: SIM118 (not iterable)
     raise MissingWeights(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}")

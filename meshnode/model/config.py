@@ -123,25 +123,25 @@ def config_from_hf_dict(raw: Mapping[str, Any]) -> ModelConfig:
         layers = int(raw["num_hidden_layers"])
         kv_heads = int(raw.get("num_key_value_heads") or heads)
         head_dim = int(raw.get("head_dim") or hidden // heads)
-        config = dict(
-            family=family,
-            hidden_size=hidden,
-            intermediate_size=int(raw["intermediate_size"]),
-            num_layers=layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=head_dim,
-            vocab_size=int(raw["vocab_size"]),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-            rope=_hf_rope(raw),
-            max_position_embeddings=int(raw.get("max_position_embeddings") or 2048),
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=family == "qwen2" or bool(raw.get("attention_bias", False)),
-            o_bias=family != "qwen2" and bool(raw.get("attention_bias", False)),
-            layer_windows=_hf_windows(raw, family, layers),
-            bos_token_id=_optional_int(raw.get("bos_token_id")),
-            eos_token_ids=_id_tuple(raw.get("eos_token_id")),
-        )
+        config = {
+            "family": family,
+            "hidden_size": hidden,
+            "intermediate_size": int(raw["intermediate_size"]),
+            "num_layers": layers,
+            "num_heads": heads,
+            "num_kv_heads": kv_heads,
+            "head_dim": head_dim,
+            "vocab_size": int(raw["vocab_size"]),
+            "rms_norm_eps": float(raw.get("rms_norm_eps", 1e-6)),
+            "rope": _hf_rope(raw),
+            "max_position_embeddings": int(raw.get("max_position_embeddings") or 2048),
+            "tie_word_embeddings": bool(raw.get("tie_word_embeddings", False)),
+            "qkv_bias": family == "qwen2" or bool(raw.get("attention_bias", False)),
+            "o_bias": family != "qwen2" and bool(raw.get("attention_bias", False)),
+            "layer_windows": _hf_windows(raw, family, layers),
+            "bos_token_id": _optional_int(raw.get("bos_token_id")),
+            "eos_token_ids": _id_tuple(raw.get("eos_token_id")),
+        }
     except KeyError as exc:
         raise ConfigError(f"config lacks required key {exc.args[0]!r}") from exc
     except (TypeError, ValueError) as exc:

@@ -70,7 +70,7 @@ class LocalModel:
         prompt_ids: Sequence[int] | None = None,
         chat: bool = False,
         max_new_tokens: int = 64,
-        sampling: SamplingOptions = SamplingOptions(),
+        sampling: SamplingOptions | None = None,
         on_token: Callable[[int], None] | None = None,
         on_text: Callable[[str], None] | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -98,7 +98,7 @@ class LocalModel:
             blocks,
             ids,
             max_new_tokens=max_new_tokens,
-            sampler=Sampler(sampling),
+            sampler=Sampler(sampling or SamplingOptions()),
             stop_ids=self.stop_ids(),
             on_token=emit,
             clock=clock,
@@ -128,6 +128,8 @@ class LocalModel:
             return ""
 
 
-def generate_local(source: ModelSource, prompt: str | None = None, **options: Any) -> GenerationResult:
+def generate_local(
+    source: ModelSource, prompt: str | None = None, **options: Any
+) -> GenerationResult:
     """Load ``source`` and generate once; see LocalModel.generate for the options."""
     return LocalModel.load(source).generate(prompt, **options)

@@ -61,13 +61,19 @@ class ClientHead:
                 f"hidden states must be [batch, length, {self.config.hidden_size}], got {shape}"
             )
         return _logits(
-            self._params, hidden, eps=self.config.rms_norm_eps, compute_dtype=self.compute_dtype.name
+            self._params,
+            hidden,
+            eps=self.config.rms_norm_eps,
+            compute_dtype=self.compute_dtype.name,
         )
 
     def all_logits(self, hidden: Any) -> jax.Array:
         """hidden [B, T, H] -> float32 logits [B, T, V] of every position (for checks)."""
         return _all_logits(
-            self._params, hidden, eps=self.config.rms_norm_eps, compute_dtype=self.compute_dtype.name
+            self._params,
+            hidden,
+            eps=self.config.rms_norm_eps,
+            compute_dtype=self.compute_dtype.name,
         )
 
 

@@ -42,9 +42,7 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
     return weight.astype(x.dtype) * normed
 
 
-def attention_mask(
-    q_positions: jnp.ndarray, kv_length: int, window: jnp.ndarray
-) -> jnp.ndarray:
+def attention_mask(q_positions: jnp.ndarray, kv_length: int, window: jnp.ndarray) -> jnp.ndarray:
     """bool [T, A]: causal, and within ``window`` positions when window > 0."""
     kv_positions = jnp.arange(kv_length)[None, :]  # [1, A]
     q = q_positions[:, None]  # [T, 1]

@@ -125,7 +125,13 @@ class SpanRunner:
     def new_cache(self, max_length: int, batch: int = 1) -> KVCache:
         """A zeroed cache for sequences up to max_length positions, rounded to a bucket."""
         c = self.config
-        shape = (self.params.num_layers, batch, cache_length(max_length), c.num_kv_heads, c.head_dim)
+        shape = (
+            self.params.num_layers,
+            batch,
+            cache_length(max_length),
+            c.num_kv_heads,
+            c.head_dim,
+        )
         return KVCache(jnp.zeros(shape, self.compute_dtype), jnp.zeros(shape, self.compute_dtype))
 
     def cache_bytes(self, max_length: int, batch: int = 1) -> int:
@@ -135,7 +141,9 @@ class SpanRunner:
         per_position = 2 * c.num_kv_heads * c.head_dim * self.compute_dtype.itemsize
         return self.params.num_layers * batch * positions * per_position
 
-    def forward(self, hidden: Any, start_position: int, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def forward(
+        self, hidden: Any, start_position: int, cache: KVCache
+    ) -> tuple[jax.Array, KVCache]:
         """Run the new positions hidden [B, T, H] (numpy or JAX) starting at start_position.
 
         Returns (hidden_out [B, T, H] in the compute dtype, the updated cache).
@@ -155,7 +163,11 @@ class SpanRunner:
             buffer[:, :length] = np.asarray(hidden)
             hidden = buffer
         kv_length = min(cache.max_length, bucket_length(start_position + padded))
-        static = dict(config=self.config, kv_length=kv_length, compute_dtype=self.compute_dtype.name)
+        static = {
+            "config": self.config,
+            "kv_length": kv_length,
+            "compute_dtype": self.compute_dtype.name,
+        }
         start = np.int32(start_position)
         if self.scan:
             windows = np.asarray(self._windows, dtype=np.int32)  # [L]

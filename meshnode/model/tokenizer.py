@@ -65,7 +65,7 @@ class Tokenizer:
         self.backend = backend
         self.chat_template = chat_template
         self.special_tokens = dict(special_tokens or {})
-        ids = set(int(i) for i in eos_ids)
+        ids = {int(i) for i in eos_ids}
         eos = self.special_tokens.get("eos_token")
         if eos is not None and backend.token_to_id(eos) is not None:
             ids.add(backend.token_to_id(eos))
@@ -99,7 +99,9 @@ class Tokenizer:
         except TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
 
-    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: Sequence[Message], add_generation_prompt: bool = True
+    ) -> list[int]:
         """Token ids of the rendered conversation (the template writes its own special tokens)."""
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
@@ -109,13 +111,20 @@ def _compile(template: str) -> Any:
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -184,8 +193,12 @@ def tokenizer_from_gguf(metadata: Any) -> Tokenizer:
         raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or merges")
     backend = _byte_level_bpe(tokens, merges, types, metadata.value("tokenizer.ggml.pre"))
     special = {}
-    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                      ("pad_token", "padding")):
+    for name, key in (
+        ("bos_token", "bos"),
+        ("eos_token", "eos"),
+        ("unk_token", "unknown"),
+        ("pad_token", "padding"),
+    ):
         index = metadata.value(f"tokenizer.ggml.{key}_token_id")
         if index is not None and 0 <= int(index) < len(tokens):
             special[name] = tokens[int(index)]
@@ -229,8 +242,13 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
     }
     pairs = [tuple(m.split(" ")) for m in merges]
     backend = Backend(
-        BPE(vocab=vocab, merges=pairs, continuing_subword_prefix="", end_of_word_suffix="",
-            fuse_unk=False)
+        BPE(
+            vocab=vocab,
+            merges=pairs,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+        )
     )
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()

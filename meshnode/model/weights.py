@@ -20,6 +20,7 @@ from meshnode.model.dtypes import storage_dtype
 from meshnode.model.head import ClientParams
 from meshnode.model.span import SpanParams
 
+
 class TensorReader(Protocol):
     """Named tensors of one checkpoint, read on demand."""
 

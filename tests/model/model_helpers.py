@@ -14,41 +14,41 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-BASE = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    bos_token_id=None,
-    eos_token_id=None,
-    pad_token_id=None,
-    tie_word_embeddings=True,
-)
+BASE = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rms_norm_eps": 1e-5,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "tie_word_embeddings": True,
+}
 
 #: case name -> (transformers config class name, overrides)
 CASES = {
-    "llama": ("LlamaConfig", dict(rope_theta=10000.0)),
+    "llama": ("LlamaConfig", {"rope_theta": 10000.0}),
     "llama3_rope": (
         "LlamaConfig",
-        dict(
-            rope_parameters=dict(
-                rope_type="llama3",
-                rope_theta=500000.0,
-                factor=8.0,
-                low_freq_factor=1.0,
-                high_freq_factor=4.0,
-                original_max_position_embeddings=16,
-            )
-        ),
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
     ),
-    "llama_untied": ("LlamaConfig", dict(tie_word_embeddings=False)),
-    "llama_head_dim": ("LlamaConfig", dict(head_dim=32)),
-    "mistral_window": ("MistralConfig", dict(sliding_window=8, head_dim=16)),
-    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=False)),
+    "llama_untied": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "llama_head_dim": ("LlamaConfig", {"head_dim": 32}),
+    "mistral_window": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": False}),
 }
 
 
@@ -98,7 +98,7 @@ def reference_greedy(model, ids: list[int], new_tokens: int) -> list[int]:
             do_sample=False,
             pad_token_id=0,
         )
-    return out[0, len(ids):].tolist()
+    return out[0, len(ids) :].tolist()
 
 
 def relative_error(ours: np.ndarray, reference: np.ndarray) -> float:
@@ -173,11 +173,15 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
             writer.add_tensor(target, raw, raw_dtype=qtype)
             roundtrip = gguf.quants.dequantize(raw, qtype).reshape(values.shape)
             if stored is not values:
-                heads = (config.num_attention_heads if ".attn_q." in target
-                         else config.num_key_value_heads)
+                heads = (
+                    config.num_attention_heads
+                    if ".attn_q." in target
+                    else config.num_key_value_heads
+                )
                 half = values.shape[0] // heads // 2
-                roundtrip = (roundtrip.reshape(heads, half, 2, -1).swapaxes(1, 2)
-                             .reshape(values.shape))
+                roundtrip = (
+                    roundtrip.reshape(heads, half, 2, -1).swapaxes(1, 2).reshape(values.shape)
+                )
             expected[name] = roundtrip
         else:
             writer.add_tensor(target, stored.astype(np.float32))

@@ -47,8 +47,11 @@ def test_quantized_weights_load_as_dequantized(tiny_llama, tmp_path, qtype):
     """When 2-D weights are stored as qtype, then the loader reads exactly their dequantized values."""
     expected = write_llama_gguf(tiny_llama, tmp_path / f"tiny-{qtype}.gguf", qtype)
     file = GGUFFile(tmp_path / f"tiny-{qtype}.gguf")
-    two_d = {t for n, t in file.tensor_types().items() if n != "output_norm.weight"
-             and not n.endswith("norm.weight")}
+    two_d = {
+        t
+        for n, t in file.tensor_types().items()
+        if n != "output_norm.weight" and not n.endswith("norm.weight")
+    }
     assert two_d == {qtype}
     for name, values in expected.items():
         np.testing.assert_array_equal(file.read(name), values.astype(np.float32), err_msg=name)
@@ -72,8 +75,9 @@ def test_q6_k_blocks_decode_to_known_values(tmp_path):
     block = np.zeros(210, dtype=np.uint8)  # ql[128] qh[64] scales[16] d(f16)
     block[192:208] = 1
     block[208:210] = np.frombuffer(np.float16(0.5).tobytes(), dtype=np.uint8)
-    tensor = _write_raw(tmp_path / "q6k.gguf", "w", gguf.GGMLQuantizationType.Q6_K,
-                        np.tile(block, 4), rows=2)
+    tensor = _write_raw(
+        tmp_path / "q6k.gguf", "w", gguf.GGMLQuantizationType.Q6_K, np.tile(block, 4), rows=2
+    )
     values = read_tensor(tensor)
     assert values.shape == (2, 512)
     np.testing.assert_array_equal(values, np.full((2, 512), -16.0, dtype=np.float32))
@@ -87,6 +91,7 @@ def test_q4_k_blocks_decode_to_known_values(tmp_path):
     block[4:12] = 1  # 6-bit scales and mins of sub-blocks 0-3
     block[12:16] = 0x11  # low nibbles of sub-blocks 4-7
     block[16:] = 0x22
-    tensor = _write_raw(tmp_path / "q4k.gguf", "w", gguf.GGMLQuantizationType.Q4_K,
-                        np.tile(block, 2), rows=1)
+    tensor = _write_raw(
+        tmp_path / "q4k.gguf", "w", gguf.GGMLQuantizationType.Q4_K, np.tile(block, 2), rows=1
+    )
     np.testing.assert_array_equal(read_tensor(tensor), np.full((1, 512), 1.5, dtype=np.float32))
