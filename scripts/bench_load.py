@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""Load: many concurrent sessions through a mesh of worker processes, all checked.
+
+Starts a bootstrap node and one worker process per ``--spans`` entry, then one
+client runs ``--sessions`` greedy generations of ``--new-tokens`` tokens at
+once (random prompts of 3-20 ids, seeded). Reports aggregate tokens/s (all new
+tokens / wall time of the whole batch) and the p50 / p99 time per token (the
+gaps between consecutive tokens of a session, all sessions together), then
+checks every output against local greedy generation of the same model.
+
+    scripts/bench_load.py                      # SmolLM2, 32 x 200 through 0:10, 10:20, 20:30
+    scripts/bench_load.py --sessions 8 --new-tokens 50 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Run from a checkout: use its meshnode and the resilience tests' helpers.
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests" / "resilience"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--spans", default="0:10,10:20,20:30", help="one worker per span")
+    parser.add_argument("--sessions", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--no-check", action="store_true", help="skip the local reference")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    return parser.parse_args(argv)
+
+
+def random_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(3, 21))).tolist() for _ in range(count)]
+
+
+async def measure(reactor, args: argparse.Namespace) -> None:
+    from load_probe import run_load
+
+    from meshnode.client.api import MeshClient
+    from meshnode.testing.processes import LocalMesh
+
+    root = Path(tempfile.mkdtemp(prefix="meshnode-bench-load-"))
+    with LocalMesh(args.model, root=root) as mesh:
+        mesh.start_bootstrap()
+        nodes = [mesh.start_worker(span, wait=False) for span in args.spans.split(",")]
+        for node in nodes:
+            node.wait_ready()
+        client = MeshClient(reactor, [mesh.join_address], args.model,
+                            max_concurrent=args.sessions)
+        await client.start()
+        try:
+            await client.wait_for_route(60)
+            batch = random_prompts(args.sessions, client.source.config.vocab_size, args.seed)
+            load = await run_load(client, reactor, batch, args.new_tokens)
+            route = client.last_route.describe()
+        finally:
+            await client.close()
+    report = {
+        "model": args.model, "workers": args.spans.split(","), "sessions": args.sessions,
+        "new_tokens": args.new_tokens, "tokens": load.total_tokens, "seconds": load.seconds,
+        "tokens_per_second": load.tokens_per_second,
+        "p50_ms_per_token": 1000 * load.gap_percentile(0.5),
+        "p99_ms_per_token": 1000 * load.gap_percentile(0.99),
+        "route": route,
+    }
+    if not args.no_check:
+        report["mismatches"] = check(args.model, batch, load.tokens, args.new_tokens)
+    print_report(report, args.json)
+    if report.get("mismatches"):
+        raise SystemExit(1)
+
+
+def check(model: str, batch: list[list[int]], outputs: list[list[int]], new_tokens: int) -> int:
+    """Sessions whose tokens differ from local greedy generation."""
+    from meshnode.model.generate import LocalModel
+    from meshnode.model.source import open_model
+
+    local = LocalModel.load(open_model(model))
+    return sum(
+        list(local.generate(prompt_ids=ids, max_new_tokens=new_tokens).token_ids) != tokens
+        for ids, tokens in zip(batch, outputs)
+    )
+
+
+def print_report(report: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"{report['sessions']} sessions x {report['new_tokens']} new tokens of "
+          f"{report['model']} through workers {', '.join(report['workers'])}")
+    print(f"  {report['tokens']} tokens in {report['seconds']:.1f} s: "
+          f"{report['tokens_per_second']:.1f} tokens/s aggregate")
+    print(f"  time per token: p50 {report['p50_ms_per_token']:.1f} ms, "
+          f"p99 {report['p99_ms_per_token']:.1f} ms")
+    if "mismatches" in report:
+        print(f"  outputs equal to local greedy: {report['sessions'] - report['mismatches']}"
+              f" of {report['sessions']}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
+    args = parse_args(argv)
+    task.react(lambda reactor: Deferred.fromCoroutine(measure(reactor, args)))
+
+
+if __name__ == "__main__":
+    main()
