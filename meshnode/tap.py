@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from typing import Any
+from typing import ClassVar
 
 from twisted.application.service import IService
 from twisted.python import usage
@@ -46,7 +46,7 @@ class BootstrapOptions(_PassThrough):
 
 
 class Options(usage.Options):
-    subCommands = [
+    subCommands: ClassVar[list] = [
         ["worker", None, WorkerOptions, "serve a span of transformer blocks"],
         ["bootstrap", None, BootstrapOptions, "run a DHT node that others join"],
     ]

@@ -37,13 +37,13 @@ from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from meshnode.client.chain import DEFAULT_STEP_TIMEOUT, InferenceChain
-from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.generate import (
     GenerationOptions,
     MeshGenerationResult,
     mesh_result,
     run_generation,
 )
+from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.routing.discovery import discover_route, fetch_block_records
 from meshnode.client.routing.route import NodeID, Route
 from meshnode.errors import ClientError, MeshError, ModelError, RouteNotFound
@@ -53,6 +53,8 @@ from meshnode.model.sampling import SamplingOptions
 from meshnode.worker.records import ServerInfo
 
 DEFAULT_MODEL = "smollm2"
+#: greedy, 64 new tokens, no chat template: as ``meshnode generate``
+DEFAULT_OPTIONS = GenerationOptions()
 #: generations one client runs at once (each holds a loop thread while it runs)
 MAX_CONCURRENT_GENERATIONS = 32
 #: seconds between two route lookups while waiting for the mesh to cover the model
@@ -110,7 +112,7 @@ class MeshClient:
     def generate(
         self,
         prompt: str,
-        options: GenerationOptions = GenerationOptions(),
+        options: GenerationOptions = DEFAULT_OPTIONS,
         on_text: Callable[[str], None] | None = None,
     ) -> Deferred[MeshGenerationResult]:
         """Generate from a text prompt; ``on_text`` gets each new piece on the reactor thread."""
@@ -119,7 +121,7 @@ class MeshClient:
     def generate_ids(
         self,
         prompt_ids: list[int],
-        options: GenerationOptions = GenerationOptions(),
+        options: GenerationOptions = DEFAULT_OPTIONS,
         on_token: Callable[[int], None] | None = None,
         route: Route | None = None,
     ) -> Deferred[MeshGenerationResult]:

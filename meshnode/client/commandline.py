@@ -23,10 +23,14 @@ def run_generate(args: argparse.Namespace) -> int:
         bootstrap = [PeerAddress.parse(str(a)) for a in args.bootstrap]
     except BadAddress as exc:
         raise ClientError(f"bad --bootstrap: {exc}") from exc
-    options = dict(
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, chat=args.chat,
-    )
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "chat": args.chat,
+    }
     on_text = None if args.json or args.prompt is None else _write
     if args.prompt_ids is not None:
         result = generate_ids(args.prompt_ids, bootstrap, args.model, **options)
@@ -39,10 +43,14 @@ def run_generate(args: argparse.Namespace) -> int:
             print(result.text or " ".join(map(str, result.token_ids)))
         else:
             print()
-        route = " -> ".join(f"{hop['worker'][:12]}[{hop['span'][0]}:{hop['span'][1]}]"
-                            for hop in result.route)
-        print(f"[{len(result.token_ids)} tokens, prefill {result.prefill_s:.3f} s, "
-              f"decode {result.decode_tok_s:.1f} tok/s, route {route}]", file=sys.stderr)
+        route = " -> ".join(
+            f"{hop['worker'][:12]}[{hop['span'][0]}:{hop['span'][1]}]" for hop in result.route
+        )
+        print(
+            f"[{len(result.token_ids)} tokens, prefill {result.prefill_s:.3f} s, "
+            f"decode {result.decode_tok_s:.1f} tok/s, route {route}]",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -32,7 +32,7 @@ class GenerationOptions:
     """The options of ``meshnode generate``, local or mesh."""
 
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    sampling: SamplingOptions = SamplingOptions()
+    sampling: SamplingOptions = dataclasses.field(default_factory=SamplingOptions)
     chat: bool = False
     system: str | None = None
 
@@ -86,8 +86,9 @@ def run_generation(
     )
 
 
-def mesh_result(loop_result: Any, text: str, prompt_ids: list[int],
-                route: Route) -> MeshGenerationResult:
+def mesh_result(
+    loop_result: Any, text: str, prompt_ids: list[int], route: Route
+) -> MeshGenerationResult:
     return MeshGenerationResult(
         token_ids=loop_result.token_ids,
         text=text,

@@ -16,7 +16,6 @@ import argparse
 import json
 import platform
 import shutil
-import statistics
 import sys
 from typing import Any
 
@@ -44,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model)
     try:
         mesh.start_bootstrap()
-        nodes = [mesh.start_worker(span, wait=False)
-                 for span in split_spans(source.config.num_layers, args.workers)]
+        nodes = [
+            mesh.start_worker(span, wait=False)
+            for span in split_spans(source.config.num_layers, args.workers)
+        ]
         for node in nodes:
             node.wait_ready()
         local = _measure_local(source, prompt_ids, args)
@@ -80,8 +81,9 @@ def _measure_local(source: Any, prompt_ids: list[int], args: argparse.Namespace)
     return runs[1:]
 
 
-def _measure_mesh(mesh: Any, model: str, prompt_ids: list[int],
-                  args: argparse.Namespace) -> tuple[list[Any], list[dict]]:
+def _measure_mesh(
+    mesh: Any, model: str, prompt_ids: list[int], args: argparse.Namespace
+) -> tuple[list[Any], list[dict]]:
     from meshnode.client.api import background_client, call, options_from
 
     client = background_client([mesh.join_address], model)
@@ -96,8 +98,14 @@ def _median_run(runs: list[Any]) -> Any:
     return ordered[len(ordered) // 2]
 
 
-def _report(source: Any, args: argparse.Namespace, prompt_ids: list[int], local: list[Any],
-            mesh_runs: list[Any], route: list[dict]) -> dict[str, Any]:
+def _report(
+    source: Any,
+    args: argparse.Namespace,
+    prompt_ids: list[int],
+    local: list[Any],
+    mesh_runs: list[Any],
+    route: list[dict],
+) -> dict[str, Any]:
     import jax
 
     best_local, best_mesh = _median_run(local), _median_run(mesh_runs)
@@ -106,12 +114,20 @@ def _report(source: Any, args: argparse.Namespace, prompt_ids: list[int], local:
         "workers": args.workers,
         "prompt_tokens": len(prompt_ids),
         "new_tokens": len(best_mesh.token_ids),
-        "local": {"decode_tok_s": best_local.decode_tok_s, "prefill_s": best_local.prefill_s,
-                  "runs": [r.decode_tok_s for r in local]},
-        "mesh": {"decode_tok_s": best_mesh.decode_tok_s, "prefill_s": best_mesh.prefill_s,
-                 "runs": [r.decode_tok_s for r in mesh_runs], "route": route},
+        "local": {
+            "decode_tok_s": best_local.decode_tok_s,
+            "prefill_s": best_local.prefill_s,
+            "runs": [r.decode_tok_s for r in local],
+        },
+        "mesh": {
+            "decode_tok_s": best_mesh.decode_tok_s,
+            "prefill_s": best_mesh.prefill_s,
+            "runs": [r.decode_tok_s for r in mesh_runs],
+            "route": route,
+        },
         "decode_ratio": best_mesh.decode_tok_s / best_local.decode_tok_s
-        if best_local.decode_tok_s else 0.0,
+        if best_local.decode_tok_s
+        else 0.0,
         "same_tokens": list(best_local.token_ids) == list(best_mesh.token_ids),
         "device": f"{jax.default_backend()} ({platform.machine()}, {_cores()} cores)",
     }
@@ -125,9 +141,15 @@ def _cores() -> int:
 
 def _print(report: dict[str, Any]) -> None:
     local, mesh = report["local"], report["mesh"]
-    print(f"{report['model']}: {report['prompt_tokens']}-token prompt, "
-          f"{report['new_tokens']} new tokens, {report['workers']} workers, {report['device']}")
-    print(f"  local: decode {local['decode_tok_s']:7.1f} tok/s   prefill {local['prefill_s']:.3f} s")
+    print(
+        f"{report['model']}: {report['prompt_tokens']}-token prompt, "
+        f"{report['new_tokens']} new tokens, {report['workers']} workers, {report['device']}"
+    )
+    print(
+        f"  local: decode {local['decode_tok_s']:7.1f} tok/s   prefill {local['prefill_s']:.3f} s"
+    )
     print(f"  mesh:  decode {mesh['decode_tok_s']:7.1f} tok/s   prefill {mesh['prefill_s']:.3f} s")
-    print(f"  mesh/local decode: {report['decode_ratio']:.2f}   "
-          f"same tokens: {report['same_tokens']}", file=sys.stdout)
+    print(
+        f"  mesh/local decode: {report['decode_ratio']:.2f}   same tokens: {report['same_tokens']}",
+        file=sys.stdout,
+    )

@@ -11,6 +11,7 @@ bound; also on Ctrl-C, SIGTERM or any error.
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import signal
 import sys
@@ -25,13 +26,17 @@ COVERAGE_TIMEOUT = 120.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT,
-                        help=f"chat prompt (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument(
+        "--prompt", default=DEFAULT_PROMPT, help=f"chat prompt (default: {DEFAULT_PROMPT!r})"
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC")
     parser.add_argument("--workers", type=int, default=3, help="worker processes (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the nodes' folders (logs) instead of deleting them")
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the nodes' folders (logs) instead of deleting them",
+    )
 
 
 def split_spans(num_layers: int, workers: int) -> list[str]:
@@ -39,7 +44,7 @@ def split_spans(num_layers: int, workers: int) -> list[str]:
     if not 0 < workers <= num_layers:
         raise ValueError(f"cannot split {num_layers} blocks over {workers} workers")
     bounds = [round(i * num_layers / workers) for i in range(workers + 1)]
-    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+    return [f"{a}:{b}" for a, b in itertools.pairwise(bounds)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,17 +88,24 @@ def _answer(mesh: Any, args: argparse.Namespace) -> int:
     route = call(client.wait_for_route, COVERAGE_TIMEOUT)
     _say("every block covered; route: " + _route_text(route.describe()))
     print(f"\n> {args.prompt}\n", flush=True)
-    result = generate(args.prompt, bootstrap, args.model, on_text=_write, chat=True,
-                      max_new_tokens=args.max_new_tokens)
+    result = generate(
+        args.prompt,
+        bootstrap,
+        args.model,
+        on_text=_write,
+        chat=True,
+        max_new_tokens=args.max_new_tokens,
+    )
     print("\n", flush=True)
-    _say(f"{len(result.token_ids)} tokens, prefill {result.prefill_s:.2f} s, "
-         f"decode {result.decode_tok_s:.1f} tok/s, route {_route_text(result.route)}")
+    _say(
+        f"{len(result.token_ids)} tokens, prefill {result.prefill_s:.2f} s, "
+        f"decode {result.decode_tok_s:.1f} tok/s, route {_route_text(result.route)}"
+    )
     return 0
 
 
 def _route_text(route: Any) -> str:
-    return " -> ".join(f"{hop['worker'][:12]}[{hop['span'][0]}:{hop['span'][1]}]"
-                       for hop in route)
+    return " -> ".join(f"{hop['worker'][:12]}[{hop['span'][0]}:{hop['span'][1]}]" for hop in route)
 
 
 def _write(piece: str) -> None:

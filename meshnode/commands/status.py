@@ -17,32 +17,55 @@ from meshnode.errors import ClientError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", default=[], type=peer_address,
-                        metavar="H:P[#ID]", help="a DHT node to join (repeatable)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
-                        help=f"the model whose blocks to show (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        type=peer_address,
+        metavar="H:P[#ID]",
+        help="a DHT node to join (repeatable)",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="SPEC",
+        help=f"the model whose blocks to show (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def coverage_report(records: dict[int, dict[bytes, Any]], num_layers: int,
-                    model: str) -> dict[str, Any]:
+def coverage_report(
+    records: dict[int, dict[bytes, Any]], num_layers: int, model: str
+) -> dict[str, Any]:
     """Workers (by id) and per-block coverage, from the DHT records (pure)."""
     workers = candidates_from_records(records)
     rows = []
     for node_id, info in sorted(workers.items(), key=lambda kv: (kv[1].span, kv[0])):
-        rows.append({
-            "worker": node_id.hex(), "address": info.address, "span": info.span.to_wire(),
-            "state": info.state.value, "throughput": info.throughput,
-            "cache_tokens": info.cache_tokens, "dtype": info.dtype,
-            "same_model": info.model == model,
-        })
+        rows.append(
+            {
+                "worker": node_id.hex(),
+                "address": info.address,
+                "span": info.span.to_wire(),
+                "state": info.state.value,
+                "throughput": info.throughput,
+                "cache_tokens": info.cache_tokens,
+                "dtype": info.dtype,
+                "same_model": info.model == model,
+            }
+        )
     served = [
         sorted(n.hex() for n, i in records.get(b, {}).items() if i.online and i.model == model)
         for b in range(num_layers)
     ]
     missing = [b for b, ids in enumerate(served) if not ids]
-    return {"model": model, "num_blocks": num_layers, "workers": rows,
-            "blocks": served, "covered": not missing, "missing": missing}
+    return {
+        "model": model,
+        "num_blocks": num_layers,
+        "workers": rows,
+        "blocks": served,
+        "covered": not missing,
+        "missing": missing,
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,9 +88,11 @@ def _print(report: dict[str, Any], name: str) -> None:
     print(f"model {name} ({report['model'][:16]}), {report['num_blocks']} blocks")
     for row in report["workers"]:
         other = "" if row["same_model"] else "  (another model)"
-        print(f"  {row['worker'][:12]}  {row['address'].split('#')[0]:<21} "
-              f"blocks {row['span'][0]}:{row['span'][1]:<4} {row['state']:<7} "
-              f"{row['throughput']:8.1f} tok/s  {row['cache_tokens']:7d} cache tokens{other}")
+        print(
+            f"  {row['worker'][:12]}  {row['address'].split('#')[0]:<21} "
+            f"blocks {row['span'][0]}:{row['span'][1]:<4} {row['state']:<7} "
+            f"{row['throughput']:8.1f} tok/s  {row['cache_tokens']:7d} cache tokens{other}"
+        )
     if report["covered"]:
         print("every block is covered")
     else:

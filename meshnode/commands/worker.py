@@ -41,23 +41,50 @@ def block_span(text: str) -> BlockSpan:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap", action="append", default=[], type=peer_address,
-                        metavar="H:P[#ID]", help="a DHT node to join (repeatable)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC",
-                        help=f"model to serve (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        type=peer_address,
+        metavar="H:P[#ID]",
+        help="a DHT node to join (repeatable)",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        metavar="SPEC",
+        help=f"model to serve (default: {DEFAULT_MODEL})",
+    )
     span = parser.add_mutually_exclusive_group()
-    span.add_argument("--blocks", type=block_span, metavar="A:B",
-                      help="serve blocks A to B-1")
-    span.add_argument("--num-blocks", type=int, metavar="N",
-                      help="serve the N blocks least served in the mesh now (default: all)")
+    span.add_argument("--blocks", type=block_span, metavar="A:B", help="serve blocks A to B-1")
+    span.add_argument(
+        "--num-blocks",
+        type=int,
+        metavar="N",
+        help="serve the N blocks least served in the mesh now (default: all)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
-    parser.add_argument("--cache-tokens", type=int, default=DEFAULT_CACHE_TOKENS, metavar="N",
-                        help=f"KV cache budget in tokens (default: {DEFAULT_CACHE_TOKENS})")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH, metavar="N",
-                        help=f"longest session accepted (default: {DEFAULT_MAX_LENGTH})")
-    parser.add_argument("--data-dir", type=Path, metavar="D",
-                        help="node key and state (default: a new temporary folder)")
+    parser.add_argument(
+        "--cache-tokens",
+        type=int,
+        default=DEFAULT_CACHE_TOKENS,
+        metavar="N",
+        help=f"KV cache budget in tokens (default: {DEFAULT_CACHE_TOKENS})",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        metavar="N",
+        help=f"longest session accepted (default: {DEFAULT_MAX_LENGTH})",
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="D",
+        help="node key and state (default: a new temporary folder)",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> WorkerOptions:

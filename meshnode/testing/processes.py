@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import meshnode
 from meshnode.errors import MeshError
@@ -91,8 +92,9 @@ class NodeProcess:
                 self.address = address
                 return address
             if not self.alive():
-                raise NodeFailed(f"{self.name} exited with {self.process.returncode}:\n"
-                                 f"{self.log_tail()}")
+                raise NodeFailed(
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
+                )
             time.sleep(POLL_INTERVAL)
         raise NodeFailed(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
@@ -123,8 +125,13 @@ class NodeProcess:
 class LocalMesh:
     """Bootstrap and worker processes under one temporary folder; a context manager."""
 
-    def __init__(self, model: str, root: Path | None = None, python: str = sys.executable,
-                 extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        model: str,
+        root: Path | None = None,
+        python: str = sys.executable,
+        extra_env: dict[str, str] | None = None,
+    ):
         self.model = model
         self._owned_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="meshnode-mesh-"))
@@ -133,7 +140,7 @@ class LocalMesh:
         self.bootstrap: NodeProcess | None = None
         self._env = _child_env(extra_env)
 
-    def __enter__(self) -> LocalMesh:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -146,8 +153,9 @@ class LocalMesh:
         self.bootstrap = node
         return node
 
-    def start_worker(self, blocks: str | None = None, extra: list[str] | None = None,
-                     wait: bool = True) -> NodeProcess:
+    def start_worker(
+        self, blocks: str | None = None, extra: list[str] | None = None, wait: bool = True
+    ) -> NodeProcess:
         """A worker that joins through ``join_address`` (none for the first of a mesh
         without a bootstrap node); ``blocks`` is ``"A:B"`` or None (choose)."""
         args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0"]
@@ -189,14 +197,24 @@ class LocalMesh:
         (folder / "data").mkdir(parents=True, exist_ok=True)
         args = args + ["--data-dir", str(folder / "data")]
         command = [
-            self.python, "-c", "from twisted.scripts.twistd import run; run()",
-            "-n", f"--pidfile={folder / 'twistd.pid'}", f"--logfile={folder / 'twistd.log'}",
-            "meshnode", *args,
+            self.python,
+            "-c",
+            "from twisted.scripts.twistd import run; run()",
+            "-n",
+            f"--pidfile={folder / 'twistd.pid'}",
+            f"--logfile={folder / 'twistd.log'}",
+            "meshnode",
+            *args,
         ]
         with open(folder / "stdout.log", "wb") as stdout:
-            process = subprocess.Popen(command, cwd=folder, env=self._env,
-                                       stdin=subprocess.DEVNULL, stdout=stdout,
-                                       stderr=subprocess.STDOUT)
+            process = subprocess.Popen(
+                command,
+                cwd=folder,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+            )
         node = NodeProcess(name, folder, process, args=args)
         self.nodes.append(node)
         return node
@@ -209,7 +227,8 @@ def compile_cache_dir() -> str:
     the first process of a machine pays for each (seconds per shape on a small CPU).
     """
     return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        Path(tempfile.gettempdir()) / f"meshnode-jax-cache-{os.getuid()}")
+        Path(tempfile.gettempdir()) / f"meshnode-jax-cache-{os.getuid()}"
+    )
 
 
 def enable_compile_cache() -> None:

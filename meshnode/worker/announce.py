@@ -10,11 +10,12 @@ Time comes from the injected clock.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
 
@@ -88,8 +89,12 @@ class Announcer:
             self._pending = None
             failed = [r for ok, r in results if not ok]
             if failed:
-                self.log.warn("{n} block records not stored: {why}", n=len(failed),
-                              why=failed[0].getErrorMessage())
+                self.log.emit(
+                    LogLevel.warn,
+                    "{n} block records not stored: {why}",
+                    n=len(failed),
+                    why=failed[0].getErrorMessage(),
+                )
 
         pending.addCallback(done)
         pending.addErrback(lambda failure: setattr(self, "_pending", None))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from twisted.internet.defer import Deferred
@@ -85,17 +86,16 @@ class SpanCompute:
         self._params = self._source.load_span_params(
             self.span.start, self.span.end, self.compute_dtype
         )
-        self._runners[self.span] = SpanRunner(
-            self._source.config, self._params, self.compute_dtype
-        )
+        self._runners[self.span] = SpanRunner(self._source.config, self._params, self.compute_dtype)
 
     def _runner(self, span: BlockSpan) -> Any:
         runner = self._runners.get(span)
         if runner is None:
             from meshnode.model.span import SpanRunner
 
-            params = slice_span_params(self._params, span.start - self.span.start,
-                                       span.end - self.span.start)
+            params = slice_span_params(
+                self._params, span.start - self.span.start, span.end - self.span.start
+            )
             runner = SpanRunner(self._source.config, params, self.compute_dtype)
             self._runners[span] = runner
         return runner

@@ -10,8 +10,9 @@ compute object (``SpanCompute`` or a fake in tests): anything with
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 

@@ -47,8 +47,8 @@ def build_info() -> Message:
 
 def build_open(model: str, span: BlockSpan, max_length: int) -> Message:
     return Message(
-        OPEN, {"v": PROTOCOL_VERSION, "model": model, "span": span.to_wire(),
-               "max_length": max_length}
+        OPEN,
+        {"v": PROTOCOL_VERSION, "model": model, "span": span.to_wire(), "max_length": max_length},
     )
 
 
@@ -71,8 +71,9 @@ def build_info_ok(fields: dict[str, Any]) -> Message:
 
 
 def build_open_ok(session_id: bytes, max_length: int) -> Message:
-    return Message(reply_type(OPEN),
-                   {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length})
+    return Message(
+        reply_type(OPEN), {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length}
+    )
 
 
 def build_step_ok(position: int, hidden: Any) -> Message:
@@ -98,8 +99,10 @@ def parse_step(message: Message, hidden_size: int) -> StepRequest:
     hidden = message.tensors[0]
     check_hidden(hidden, hidden_size)
     return StepRequest(
-        parse_session_id(fields), BlockSpan.from_wire(fields.get("span")),
-        _uint(fields, "start"), hidden,
+        parse_session_id(fields),
+        BlockSpan.from_wire(fields.get("span")),
+        _uint(fields, "start"),
+        hidden,
     )
 
 

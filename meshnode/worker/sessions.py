@@ -13,14 +13,14 @@ an injected factory; the cache object itself is opaque here.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from meshnode.errors import BadRequest, LengthLimit, SessionLimit, UnknownSession
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.limits import MAX_SESSION_AGE, MAX_SESSIONS_PER_PEER
 from meshnode.worker.records import SESSION_ID_BYTES, BlockSpan
-
 
 #: a session untouched for this long is closed and its cache freed
 DEFAULT_IDLE_TIMEOUT = 300.0

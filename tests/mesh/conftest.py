@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mesh_helpers import write_tiny_checkpoint  # noqa: E402
+from mesh_helpers import write_tiny_checkpoint
 
 #: the three workers of the SmolLM2 mesh
 SMOLLM2_SPANS = ("0:10", "10:20", "20:30")

@@ -27,10 +27,20 @@ def golden_examples() -> dict[str, bytes]:
     return {
         "server-info.online": cbor2.dumps(info.to_record(), canonical=True),
         "infer-info.basic": _fields(messages.build_info()),
-        "infer-info-ok.basic": _fields(messages.build_info_ok({
-            "model": "fp", "span": [10, 20], "hidden_size": 576, "dtype": "float32",
-            "max_length": 2048, "cache_tokens": 8000, "throughput": 42.5, "sessions": 1,
-        })),
+        "infer-info-ok.basic": _fields(
+            messages.build_info_ok(
+                {
+                    "model": "fp",
+                    "span": [10, 20],
+                    "hidden_size": 576,
+                    "dtype": "float32",
+                    "max_length": 2048,
+                    "cache_tokens": 8000,
+                    "throughput": 42.5,
+                    "sessions": 1,
+                }
+            )
+        ),
         "infer-open.basic": _fields(messages.build_open("fp", BlockSpan(10, 20), 96)),
         "infer-open-ok.basic": _fields(messages.build_open_ok(SESSION, 96)),
         "infer-step.decode": _fields(messages.build_step(SESSION, BlockSpan(10, 20), 12, hidden)),
@@ -43,8 +53,9 @@ def golden_examples() -> dict[str, bytes]:
 def invalid_examples() -> dict[str, bytes]:
     """Encodings each rule must refuse."""
     step = {"v": 1, "session": SESSION, "span": [10, 20], "start": 0}
-    record = ServerInfo(NODE, BlockSpan(0, 1), WorkerState.ONLINE, 1.0, 1, "float32",
-                        "fp").to_record()
+    record = ServerInfo(
+        NODE, BlockSpan(0, 1), WorkerState.ONLINE, 1.0, 1, "float32", "fp"
+    ).to_record()
     return {
         "infer-step.short-session": cbor2.dumps({**step, "session": b"12"}),
         "infer-step.negative-start": cbor2.dumps({**step, "start": -1}),

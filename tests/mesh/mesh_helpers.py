@@ -20,10 +20,19 @@ def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     import transformers
 
     config = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=TINY_LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        rms_norm_eps=1e-5, rope_theta=10000.0, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None, tie_word_embeddings=False,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()

@@ -6,7 +6,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from meshnode.worker.announce import Announcer
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.worker.records import BlockSpan, ServerInfo
 
 
 class FakeDHT:
@@ -18,12 +18,13 @@ class FakeDHT:
         return succeed(1)
 
 
-def make(clock, dht, free=[100]):
+def make(clock, dht, free):
     def info(state):
         return ServerInfo("127.0.0.1:1", BlockSpan(3, 6), state, 50.0, free[0], "float32", "fp")
 
-    return Announcer(dht, clock, BlockSpan(3, 6), lambda b: bytes([b]) * 32, info,
-                     ttl=60, interval=20)
+    return Announcer(
+        dht, clock, BlockSpan(3, 6), lambda b: bytes([b]) * 32, info, ttl=60, interval=20
+    )
 
 
 def test_announces_each_block_then_refreshes_then_offline():

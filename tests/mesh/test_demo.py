@@ -17,8 +17,13 @@ def test_demo_answers_paris_and_leaves_nothing_running():
     """When the demo runs to the end, then it prints an answer containing Paris and every
     process it started is gone."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    demo = psutil.Popen([sys.executable, "-m", "meshnode", "demo", "--max-new-tokens", "16"],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    demo = psutil.Popen(
+        [sys.executable, "-m", "meshnode", "demo", "--max-new-tokens", "16"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     seen: set[int] = set()
     deadline = time.monotonic() + DEMO_TIMEOUT
     while demo.poll() is None and time.monotonic() < deadline:
@@ -36,6 +41,9 @@ def test_demo_answers_paris_and_leaves_nothing_running():
     assert "Paris" in stdout
     assert "route" in stderr and "tok/s" in stderr
     assert len(seen) >= 4, f"expected a bootstrap node and 3 workers, saw {len(seen)} children"
-    leftover = [pid for pid in seen if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    leftover = [
+        pid
+        for pid in seen
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert leftover == []

@@ -7,7 +7,6 @@ sessions, and the errors a bad client gets while others are served.
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import pytest_twisted
 from mesh_helpers import prompts, with_timeout
 from twisted.internet.defer import DeferredList
@@ -36,9 +35,9 @@ async def test_chat_answer_matches_local(smollm2_client, smollm2_local):
     and its tokens equal local generation's."""
     options = GenerationOptions(max_new_tokens=16, chat=True)
     result = await with_timeout(
-        smollm2_client.generate("What is the capital of France?", options), reactor())
-    local = smollm2_local.generate("What is the capital of France?", chat=True,
-                                   max_new_tokens=16)
+        smollm2_client.generate("What is the capital of France?", options), reactor()
+    )
+    local = smollm2_local.generate("What is the capital of France?", chat=True, max_new_tokens=16)
     assert list(result.token_ids) == list(local.token_ids)
     assert "Paris" in result.text
     assert [hop["span"] for hop in result.route] == [[0, 10], [10, 20], [20, 30]]
@@ -77,8 +76,9 @@ async def test_sixteen_concurrent_sessions(smollm2_client, smollm2_local):
     batch = prompts(16, 49152, seed=11)
     options = GenerationOptions(max_new_tokens=6)
     running = [smollm2_client.generate_ids(ids, options) for ids in batch]
-    results = await with_timeout(DeferredList(running, fireOnOneErrback=True,
-                                              consumeErrors=True), reactor(), 300)
+    results = await with_timeout(
+        DeferredList(running, fireOnOneErrback=True, consumeErrors=True), reactor(), 300
+    )
     for ids, (ok, result) in zip(batch, results):
         local = smollm2_local.generate(prompt_ids=ids, max_new_tokens=6)
         assert list(result.token_ids) == list(local.token_ids)
@@ -99,6 +99,7 @@ async def test_bad_requests_get_errors_while_others_are_served(smollm2_client, s
 
     bad = Endpoint(reactor(), Identity.ephemeral())
     try:
+
         async def error_of(message) -> str:
             try:
                 await with_timeout(bad.request(address, message), reactor())
@@ -108,23 +109,30 @@ async def test_bad_requests_get_errors_while_others_are_served(smollm2_client, s
 
         span = first.span
         opened = await with_timeout(
-            bad.request(address, messages.build_open(fingerprint, span, 32)), reactor())
+            bad.request(address, messages.build_open(fingerprint, span, 32)), reactor()
+        )
         session = opened.fields["session"]
         wide = np.zeros((1, 1, HIDDEN + 1), np.float32)
         hidden = np.zeros((1, 1, HIDDEN), np.float32)
-        assert await error_of(messages.build_step(b"\0" * 16, span, 0, hidden)) == \
-            "unknown_session"
+        assert await error_of(messages.build_step(b"\0" * 16, span, 0, hidden)) == "unknown_session"
         assert await error_of(messages.build_step(session, span, 0, wide)) == "bad_tensor"
-        assert await error_of(messages.build_step(session, span, 0, hidden.astype(np.int32))) \
+        assert (
+            await error_of(messages.build_step(session, span, 0, hidden.astype(np.int32)))
             == "bad_tensor"
-        assert await error_of(messages.build_open(fingerprint, BlockSpan(0, 30), 32)) == \
-            "span_not_served"
+        )
+        assert (
+            await error_of(messages.build_open(fingerprint, BlockSpan(0, 30), 32))
+            == "span_not_served"
+        )
         assert await error_of(messages.build_open(fingerprint, span, 10**6)) == "length_limit"
-        assert await error_of(messages.build_step(session, span, 0, np.zeros((1, 40, HIDDEN),
-                                                  np.float32))) == "length_limit"
+        assert (
+            await error_of(
+                messages.build_step(session, span, 0, np.zeros((1, 40, HIDDEN), np.float32))
+            )
+            == "length_limit"
+        )
         await with_timeout(bad.request(address, messages.build_close(session)), reactor())
-        assert await error_of(messages.build_step(session, span, 0, hidden)) == \
-            "unknown_session"
+        assert await error_of(messages.build_step(session, span, 0, hidden)) == "unknown_session"
     finally:
         await bad.close()
     result = await with_timeout(good, reactor())

@@ -5,7 +5,6 @@ Each test goes through real twistd worker processes over TLS on loopback.
 
 from __future__ import annotations
 
-import pytest
 import pytest_twisted
 from mesh_helpers import prompts, with_timeout
 
@@ -20,8 +19,9 @@ async def workers_by_span(client) -> dict[BlockSpan, tuple[bytes, object]]:
     from twisted.internet import reactor
 
     records = await with_timeout(client.block_records(), reactor)
-    return {info.span: (node_id, info)
-            for node_id, info in candidates_from_records(records).items()}
+    return {
+        info.span: (node_id, info) for node_id, info in candidates_from_records(records).items()
+    }
 
 
 def route_of(workers, *hops: tuple[str, str]) -> Route:

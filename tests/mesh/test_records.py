@@ -9,15 +9,15 @@ from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
 
 
 def make_info(**overrides) -> ServerInfo:
-    fields = dict(
-        address="127.0.0.1:4000#" + "ab" * 32,
-        span=BlockSpan(0, 10),
-        state=WorkerState.ONLINE,
-        throughput=123.5,
-        cache_tokens=4096,
-        dtype="float32",
-        model="fp-1",
-    )
+    fields = {
+        "address": "127.0.0.1:4000#" + "ab" * 32,
+        "span": BlockSpan(0, 10),
+        "state": WorkerState.ONLINE,
+        "throughput": 123.5,
+        "cache_tokens": 4096,
+        "dtype": "float32",
+        "model": "fp-1",
+    }
     fields.update(overrides)
     return ServerInfo(**fields)
 

@@ -39,8 +39,9 @@ def test_fills_the_gap():
 
 def test_ignores_other_models_and_offline():
     """When records are offline or of another model, then they do not count as coverage."""
-    records = per_block(info(0, 10, model="other", n=1), info(10, 20, online=False, n=2),
-                        info(20, 30, n=3))
+    records = per_block(
+        info(0, 10, model="other", n=1), info(10, 20, online=False, n=2), info(20, 30, n=3)
+    )
     assert block_coverage(records, 30, "m")[:20] == [0] * 20
     assert choose_span(records, 30, 10, "m") == BlockSpan(0, 10)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from meshnode.client.routing.route import NodeID, Route, candidates_from_records, find_route
 from meshnode.errors import MeshError
@@ -30,13 +30,18 @@ async def fetch_block_records(
     dht: Any, key_for: Callable[[int], bytes], num_layers: int
 ) -> dict[int, dict[NodeID, ServerInfo]]:
     """Per block, the valid server infos found in the DHT, by signer node id."""
-    results = await DeferredList([dht.get(key_for(b)) for b in range(num_layers)],
-                                 consumeErrors=True)
+    results = await DeferredList(
+        [dht.get(key_for(b)) for b in range(num_layers)], consumeErrors=True
+    )
     records: dict[int, dict[NodeID, ServerInfo]] = {}
     for block, (ok, found) in enumerate(results):
         if not ok:
-            log.warn("DHT lookup of block {b} failed: {why}", b=block,
-                     why=found.getErrorMessage())
+            log.emit(
+                LogLevel.warn,
+                "DHT lookup of block {b} failed: {why}",
+                b=block,
+                why=found.getErrorMessage(),
+            )
             continue
         records[block] = {
             node_id: info
@@ -62,8 +67,9 @@ async def measure_rtts(
 
     def ping(info: ServerInfo) -> Deferred[float]:
         began = clock.seconds()
-        d = endpoint.request(PeerAddress.parse(info.address), messages.build_info(),
-                             timeout=timeout)
+        d = endpoint.request(
+            PeerAddress.parse(info.address), messages.build_info(), timeout=timeout
+        )
         return d.addCallback(lambda _: clock.seconds() - began)
 
     node_ids = list(workers)
@@ -90,5 +96,11 @@ async def discover_route(
     }
     rtts = await measure_rtts(endpoint, clock, workers)
     unreachable = set(workers) - set(rtts)
-    return find_route(workers, num_layers, model, rtts=rtts,
-                      banned=set(banned) | unreachable, min_cache_tokens=max_length)
+    return find_route(
+        workers,
+        num_layers,
+        model,
+        rtts=rtts,
+        banned=set(banned) | unreachable,
+        min_cache_tokens=max_length,
+    )

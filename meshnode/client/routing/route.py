@@ -48,8 +48,10 @@ class Route:
 
     def describe(self) -> list[dict]:
         """Worker ids and spans, for ``--json`` and logs."""
-        return [{"worker": hop.node_id.hex(), "span": [hop.span.start, hop.span.end]}
-                for hop in self.hops]
+        return [
+            {"worker": hop.node_id.hex(), "span": [hop.span.start, hop.span.end]}
+            for hop in self.hops
+        ]
 
 
 def candidates_from_records(
@@ -63,9 +65,7 @@ def candidates_from_records(
     return workers
 
 
-def eligible(
-    info: ServerInfo, model: str, num_layers: int, min_cache_tokens: int = 0
-) -> bool:
+def eligible(info: ServerInfo, model: str, num_layers: int, min_cache_tokens: int = 0) -> bool:
     """Whether a worker may be routed through at all."""
     return (
         info.online
