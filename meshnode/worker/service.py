@@ -147,12 +147,13 @@ class WorkerService(Service):
                                    ttl=options.announce_ttl, interval=options.announce_interval)
 
     def _report(self, address: PeerAddress, source: Any) -> None:
+        """Print the ready line, then write the address file (launchers wait for either)."""
+        print(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
+              f"({self.throughput:.1f} tokens/s)", file=self.out, flush=True)
         path = self.options.data_dir / ADDRESS_FILE
         partial = path.with_suffix(".partial")
         partial.write_text(f"{address}\n")
         os.replace(partial, path)
-        print(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
-              f"({self.throughput:.1f} tokens/s)", file=self.out, flush=True)
 
     def _expire_idle(self) -> None:
         if self.table is not None:
