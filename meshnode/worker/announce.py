@@ -23,8 +23,8 @@ from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
 DEFAULT_TTL = 60.0
 #: seconds between refreshes
 DEFAULT_INTERVAL = 20.0
-#: seconds an ``offline`` record lives: long enough for clients to see it
-OFFLINE_TTL = 30.0
+#: the least amount by which a new announcement's expiry passes the previous one's
+EXPIRY_STEP = 0.001
 
 
 class Announcer:
@@ -52,11 +52,14 @@ class Announcer:
         self._loop.clock = clock
         self._interval = interval
         self._pending: Deferred | None = None
+        self._last_expiration = 0.0
 
-    def announce(self, state: WorkerState, ttl: float | None = None) -> Deferred[list]:
+    def announce(self, state: WorkerState) -> Deferred[list]:
         """Store the record of every block; fires with the per-block results."""
         value = self._info(state).to_record()
-        expiration = self._clock.seconds() + (self.ttl if ttl is None else ttl)
+        # strictly later than the previous announcement, or the DHT keeps the previous one
+        expiration = max(self._clock.seconds() + self.ttl, self._last_expiration + EXPIRY_STEP)
+        self._last_expiration = expiration
         stores = [
             self._dht.store(self._key_for(block), value, expiration)
             for block in self._span.blocks()
@@ -77,7 +80,9 @@ class Announcer:
             self._loop.stop()
         if self._pending is not None:
             self._pending.cancel()
-        return self.announce(WorkerState.OFFLINE, OFFLINE_TTL)
+        # The DHT keeps, per writer, the record that expires last: the offline record
+        # must expire after the last online one to replace it, hence the full ttl.
+        return self.announce(WorkerState.OFFLINE)
 
     def _refresh(self) -> None:
         if self._pending is not None:

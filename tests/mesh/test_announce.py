@@ -29,7 +29,7 @@ def make(clock, dht, free):
 
 def test_announces_each_block_then_refreshes_then_offline():
     """When started, then each block is stored; every interval again with fresh info;
-    and on stop, offline."""
+    and on stop, offline, expiring after the online records even at the same instant."""
     clock, dht, free = Clock(), FakeDHT(), [100]
     announcer = make(clock, dht, free)
     announcer.start()
@@ -41,5 +41,7 @@ def test_announces_each_block_then_refreshes_then_offline():
     assert dht.stores[-1][2] == 80
     announcer.stop()
     assert [v["state"] for _, v, _ in dht.stores[-3:]] == ["offline"] * 3
+    # the DHT keeps the record that expires last: offline must replace the online one
+    assert all(exp > 80 for _, _, exp in dht.stores[-3:])
     clock.advance(100)
     assert len(dht.stores) == 9
