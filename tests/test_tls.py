@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import pytest_twisted
+from twisted.internet import task
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -14,6 +15,7 @@ from zope.interface import implementer
 
 from meshnode.errors import ConnectionClosed, PeerIdMismatch
 from meshnode.identity import Identity, PeerAddress
+from meshnode.wire._tls_fastpath import SOCKET_IO_BYTES
 from meshnode.wire.endpoint import Endpoint
 from meshnode.wire.message import Message
 
@@ -160,6 +162,42 @@ async def test_megabytes_of_tensors_both_ways_arrive_intact():
         for n, reply in enumerate(replies):
             np.testing.assert_array_equal(reply.tensors[0], tensors[reply.fields["i"]])
             assert reply.fields["i"] == n // 2
+    finally:
+        await close_all(server, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reader_that_stops_holds_the_sender_to_about_one_buffer():
+    """When the peer stops reading, then the sender is paused with its frames still queued
+    as views (at most about one socket buffer of ciphertext in Twisted's hands), and once
+    the peer reads again every frame arrives."""
+    tensor = np.arange(8 << 20, dtype=np.uint32).view(np.uint8)  # 32 MiB
+
+    def size(peer, message):
+        return Message("n", {"n": sum(t.nbytes for t in message.tensors)})
+
+    (server,) = await started({"n": size})
+    client = Endpoint(reactor(), Identity.ephemeral(), {})
+    try:
+        await within(client.request(server.address, Message("n"), timeout=TIMEOUT))
+        (server_side,) = server._protocols
+        server_side.transport.pauseProducing()
+        calls = [
+            client.request(server.address, Message("n", {}, (tensor,)), timeout=TIMEOUT)
+            for _ in range(2)
+        ]
+        sender = client._by_node[server.identity.node_id]
+        for _ in range(int(TIMEOUT / 0.01)):  # no event says "paused": look each turn
+            if sender._paused:
+                break
+            await task.deferLater(reactor(), 0.01)
+        assert sender._paused
+        tcp = sender.transport.transport
+        assert len(tcp.dataBuffer) - tcp.offset + tcp._tempDataLen <= 2 * SOCKET_IO_BYTES
+        assert sender.queued_bytes > tensor.nbytes
+        server_side.transport.resumeProducing()
+        replies = await within(gatherResults(calls))
+        assert [reply.fields["n"] for reply in replies] == [tensor.nbytes] * 2
     finally:
         await close_all(server, client)
 
