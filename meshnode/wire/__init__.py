@@ -10,4 +10,6 @@ Map of the package (see ``docs/wire.md``):
 - ``codec``: ``Message`` <-> frame parts (header + tensor body).
 - ``protocol``: ``MeshProtocol``, one TLS connection: dispatch, request ids, flow control.
 - ``endpoint``: ``Endpoint``, the facade: listen, dial, connection pool, handlers.
+- ``_tls_fastpath``: ``MeshTLSProtocol``, Twisted's TLS protocol with a fast path for
+  tensor frames over private Twisted/pyOpenSSL names (re-exported by ``meshnode.tls``).
 """
