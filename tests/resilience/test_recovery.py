@@ -230,20 +230,15 @@ def test_worker_errors_are_remote_errors_of_the_worker():
 
 
 def test_replacement_failing_during_replay_is_banned_too():
-    """When the first replacement dies while replaying, then the next one is used."""
-    mesh = FakeMesh(["0:3", "3:6", "0:6", "3:6"])
-    # two workers serve 3:6: make the first replacement found die on its first step
+    """When the first replacement dies while replaying, then it is banned too and the next
+    worker of that span is used."""
+    mesh = FakeMesh(["0:6", "0:3", "3:6", "3:6"])
     recovery = mesh.recovery()
     chain = InferenceChain(mesh, mesh.route("0:6"), MODEL, 32, 5.0, recovery)
     run(mesh.clock, Deferred.fromCoroutine(chain.open()))
     steps(chain, mesh.clock, 2)
-    original_step = {}
-    for worker in mesh.workers.values():
-        if worker.span == BlockSpan(3, 6):
-            handler = worker.handlers[messages.STEP]
-            original_step[worker.node_id] = handler
-
-    first = next(iter(original_step))
+    # of the two equal workers of 3:6, routes prefer the lower node id: make it die mid-replay
+    first = min(w.node_id for w in mesh.workers.values() if w.span == BlockSpan(3, 6))
 
     def dying_step(peer, message, worker=mesh.workers[first]):
         worker.state = "dead"
@@ -252,5 +247,6 @@ def test_replacement_failing_during_replay_is_banned_too():
     mesh.workers[first].handlers[messages.STEP] = dying_step
     mesh.worker("0:6").state = "dead"
     steps(chain, mesh.clock, 3)
-    assert recovery.bans.banned() >= {first, mesh.worker("0:6").node_id}
-    assert recovery.replacements == 1
+    assert recovery.bans.banned() == {first, mesh.worker("0:6").node_id}
+    assert [str(s.span) for s in chain.sessions] == ["0:3", "3:6"]
+    assert chain.sessions[1].hop.node_id != first and recovery.replacements == 1
