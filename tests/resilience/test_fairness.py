@@ -93,3 +93,57 @@ def test_synchronous_work_and_failures_pass_through():
     errors = []
     queue.submit(b"A", lambda: 1 / 0).addErrback(lambda f: errors.append(f.type))
     assert errors == [ZeroDivisionError] and queue.in_flight == 0
+
+
+def test_worker_handlers_take_compute_turns_per_client():
+    """When client A has steps on five sessions waiting and client B sends one step, then the
+    worker computes B's step right after A's first, not after all of A's."""
+    import itertools
+
+    import numpy as np
+    from twisted.internet.defer import succeed
+    from twisted.internet.task import Clock
+
+    from meshnode.wire.message import PeerInfo
+    from meshnode.worker import messages
+    from meshnode.worker.budget import CacheBudget
+    from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+    from meshnode.worker.records import BlockSpan
+    from meshnode.worker.sessions import SessionTable
+
+    span, order, pending = BlockSpan(0, 2), [], []
+
+    class Compute:
+        hidden_size = 4
+
+        def new_cache(self, span, max_length):
+            return succeed(None)
+
+        def forward(self, span, hidden, start, cache):
+            order.append(int(hidden[0, 0, 0]))
+            pending.append(Deferred())
+            return pending[-1].addCallback(lambda _: (hidden, cache))
+
+    ids = (i.to_bytes(16, "big") for i in itertools.count(1))
+    table = SessionTable(CacheBudget(1000), Clock(), 60, lambda: next(ids))
+    handlers = InferenceHandlers(WorkerLimits("fp", span, 64, "float32"), table, Compute(),
+                                 queue=FairQueue())
+    alice, bob = PeerInfo(b"a" * 32, "h", 1), PeerInfo(b"b" * 32, "h", 2)
+
+    def open_session(peer: PeerInfo) -> bytes:
+        opened = []
+        handlers.open(peer, messages.build_open("fp", span, 8)).addCallback(opened.append)
+        return messages.parse_session_id(opened[0].fields)
+
+    def step(peer: PeerInfo, session: bytes, tag: int) -> None:
+        hidden = np.full((1, 1, 4), tag, np.float32)
+        handlers.step(peer, messages.build_step(session, span, 0, hidden))
+
+    alice_sessions = [open_session(alice) for _ in range(5)]
+    bob_session = open_session(bob)
+    for tag, session in enumerate(alice_sessions):
+        step(alice, session, tag)
+    step(bob, bob_session, 100)
+    while pending:
+        pending.pop(0).callback(None)
+    assert order == [0, 100, 1, 2, 3, 4]
