@@ -115,4 +115,4 @@ def run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0 if service.ready is not None and service.ready.called and service.endpoint else 1
+    return 1 if service.failure is not None or service.endpoint is None else 0

@@ -25,6 +25,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from meshnode.client.routing.discovery import fetch_block_records
+from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
@@ -77,6 +78,7 @@ class WorkerService(Service):
         self.span: BlockSpan | None = None
         self.throughput = 0.0
         self.ready: Deferred[PeerAddress] | None = None
+        self.failure: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -118,7 +120,7 @@ class WorkerService(Service):
         layers = source.config.num_layers
         if self.options.blocks is not None:
             if self.options.blocks.end > layers:
-                raise ValueError(f"--blocks {self.options.blocks}: the model has {layers} blocks")
+                raise WorkerError(f"--blocks {self.options.blocks}: the model has {layers} blocks")
             return self.options.blocks
         records = await fetch_block_records(self.dht, _key_for(source.fingerprint), layers)
         per_block = {block: list(found.values()) for block, found in records.items()}
@@ -161,7 +163,9 @@ class WorkerService(Service):
                 self.log.info("session {sid} timed out", sid=session.session_id.hex())
 
     def _failed_start(self, failure: Any) -> None:
-        self.log.failure("worker failed to start", failure)
+        self.failure = failure
+        if not failure.check(MeshError):  # a named error says it all; anything else: traceback
+            self.log.failure("worker failed to start", failure)
         print(f"meshnode worker: failed to start: {failure.getErrorMessage()}",
               file=sys.stderr, flush=True)
         if self.reactor.running:
