@@ -20,6 +20,7 @@ from meshnode.worker.service import (
     WorkerOptions,
     WorkerService,
 )
+from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT
 
 DEFAULT_MODEL = "smollm2"
 
@@ -80,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"longest session accepted (default: {DEFAULT_MAX_LENGTH})",
     )
     parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="S",
+        help=f"close sessions idle for S seconds (default: {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
         "--data-dir",
         type=Path,
         metavar="D",
@@ -101,6 +109,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         port=args.port,
         cache_tokens=args.cache_tokens,
         max_length=args.max_length,
+        idle_timeout=args.idle_timeout,
     )
 
 

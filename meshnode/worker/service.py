@@ -132,7 +132,9 @@ class WorkerService(Service):
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
                                   options.idle_timeout)
         dtype = str(compute.compute_dtype)
-        limits = WorkerLimits(source.fingerprint, self.span, options.max_length, dtype)
+        # a session can never be longer than the positions the model was trained for
+        max_length = min(options.max_length, source.config.max_position_embeddings)
+        limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
                                      FairQueue())
         for message_type, handler in handlers.handlers().items():
