@@ -1,10 +1,12 @@
-"""A tiny random checkpoint served by six worker processes: parity and split invariance.
+"""A tiny random checkpoint served by six worker processes: parity and split invariance;
+and a worker with a small cache budget refusing a session it has no room for.
 
 Each test goes through real twistd worker processes over TLS on loopback.
 """
 
 from __future__ import annotations
 
+import pytest
 import pytest_twisted
 from mesh_helpers import prompts, with_timeout
 
@@ -75,3 +77,43 @@ async def test_sub_spans_of_workers(tiny_client, tiny_local):
     ids = prompts(1, 128, seed=9)[0]
     local = list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS).token_ids)
     assert await generate(tiny_client, ids, route) == local
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_capacity_is_a_clear_error(tiny_checkpoint, tmp_path):
+    """When a worker's cache budget is taken, then a new session gets no_capacity, and once
+    a session closes, then the next open succeeds."""
+    from twisted.internet import reactor
+
+    from meshnode.errors import RemoteError
+    from meshnode.identity import Identity
+    from meshnode.model.source import open_model
+    from meshnode.testing.processes import LocalMesh
+    from meshnode.wire.endpoint import Endpoint
+    from meshnode.worker import messages
+
+    fingerprint = open_model(str(tiny_checkpoint)).fingerprint
+    span = BlockSpan(0, 6)
+    with LocalMesh(str(tiny_checkpoint), root=tmp_path) as mesh:
+        node = mesh.start_worker("0:6", extra=["--cache-tokens", "64"])
+        client = Endpoint(reactor, Identity.ephemeral())
+        try:
+            first = await with_timeout(
+                client.request(node.address, messages.build_open(fingerprint, span, 48)), reactor
+            )
+            with pytest.raises(RemoteError) as refused:
+                await with_timeout(
+                    client.request(node.address, messages.build_open(fingerprint, span, 32)),
+                    reactor,
+                )
+            assert refused.value.code == "no_capacity"
+            await with_timeout(
+                client.request(node.address, messages.build_close(first.fields["session"])),
+                reactor,
+            )
+            again = await with_timeout(
+                client.request(node.address, messages.build_open(fingerprint, span, 32)), reactor
+            )
+            assert len(again.fields["session"]) == 16
+        finally:
+            await client.close()
