@@ -21,6 +21,7 @@ from meshnode.errors import BadRequest, ClientError
 from meshnode.identity import PeerAddress
 from meshnode.wire.message import Message
 from meshnode.worker import messages
+from meshnode.worker.records import BlockSpan
 
 #: seconds for one step on one worker, prefill included
 DEFAULT_STEP_TIMEOUT = 60.0
@@ -41,7 +42,7 @@ class SpanSession:
         self.position = 0
 
     @property
-    def span(self):
+    def span(self) -> BlockSpan:
         return self.hop.span
 
     async def open(self, model: str) -> None:

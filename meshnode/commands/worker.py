@@ -67,6 +67,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
     parser.add_argument(
+        "--data-dir",
+        type=Path,
+        metavar="D",
+        help="node key and state (default: a new temporary folder)",
+    )
+    _add_session_limits(parser)
+
+
+def _add_session_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--cache-tokens",
         type=int,
         default=DEFAULT_CACHE_TOKENS,
@@ -86,12 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="S",
         help=f"close sessions idle for S seconds (default: {DEFAULT_IDLE_TIMEOUT:g})",
-    )
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="D",
-        help="node key and state (default: a new temporary folder)",
     )
 
 
