@@ -234,11 +234,13 @@ class MeshClient:
 
 
 def _load_client_side(spec: str) -> tuple[Any, Any, Any]:
+    from meshnode.model.dtypes import default_compute_dtype
     from meshnode.model.head import ClientHead
     from meshnode.model.source import open_model
 
     source = open_model(spec)
-    head = ClientHead(source.config, source.load_client_params("float32"))
+    dtype = default_compute_dtype()  # as local generation: the same logits, the same tokens
+    head = ClientHead(source.config, source.load_client_params(dtype), dtype)
     try:
         tokenizer = source.tokenizer()
     except ModelError:  # a bare checkpoint: ids in, ids out

@@ -5,7 +5,9 @@ and mesh share its stopping rule and timings). It is synchronous, so it runs on
 a client loop thread; its ``forward`` is ``RemoteBlocks``, which hands each
 step to the reactor thread (``blockingCallFromThread``) to go through the
 ``InferenceChain`` and waits for the answer. The head's JAX work (embed,
-logits) thus stays off the reactor thread too.
+logits) thus stays off the reactor thread too. Hidden states travel in the
+head's compute dtype (float32 on CPU, bfloat16 on accelerators, as local
+generation computes), so the mesh's tokens are the local ones.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from meshnode.client.routing.route import Route
 from meshnode.errors import ClientError
 from meshnode.model.decoding import GenerationResult, generate_tokens
 from meshnode.model.sampling import Sampler, SamplingOptions
+from meshnode.worker.messages import WIRE_FLOAT_DTYPES
 
 DEFAULT_MAX_NEW_TOKENS = 64
 
@@ -59,7 +62,9 @@ class RemoteBlocks:
             raise ClientError(
                 f"step at {start_position}, but the chain is at {self._chain.position}"
             )
-        x = np.ascontiguousarray(np.asarray(hidden, dtype=np.float32))  # [1, T, H]
+        x = np.ascontiguousarray(np.asarray(hidden))  # [1, T, H]
+        if x.dtype.name not in WIRE_FLOAT_DTYPES:
+            x = x.astype(np.float32)
         return blockingCallFromThread(
             self._reactor, lambda: Deferred.fromCoroutine(self._chain.forward(x))
         )
