@@ -217,7 +217,9 @@ class MeshClient:
         finally:
             await chain.close()
         text = self.tokenizer.decode(list(loop_result.token_ids)) if self.tokenizer else ""
-        return mesh_result(loop_result, text, prompt_ids, route)
+        # the hops at the end: recovery may have replaced some since the start
+        final = Route(tuple(s.hop for s in chain.sessions), route.expected_latency)
+        return mesh_result(loop_result, text, prompt_ids, final)
 
     def _stop_ids(self) -> frozenset[int]:
         """As local generation: EOS ids of the config and of the tokenizer."""
