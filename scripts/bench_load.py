@@ -59,8 +59,7 @@ async def measure(reactor, args: argparse.Namespace) -> None:
         nodes = [mesh.start_worker(span, wait=False) for span in args.spans.split(",")]
         for node in nodes:
             node.wait_ready()
-        client = MeshClient(reactor, [mesh.join_address], args.model,
-                            max_concurrent=args.sessions)
+        client = MeshClient(reactor, [mesh.join_address], args.model, max_concurrent=args.sessions)
         await client.start()
         try:
             await client.wait_for_route(60)
@@ -70,8 +69,12 @@ async def measure(reactor, args: argparse.Namespace) -> None:
         finally:
             await client.close()
     report = {
-        "model": args.model, "workers": args.spans.split(","), "sessions": args.sessions,
-        "new_tokens": args.new_tokens, "tokens": load.total_tokens, "seconds": load.seconds,
+        "model": args.model,
+        "workers": args.spans.split(","),
+        "sessions": args.sessions,
+        "new_tokens": args.new_tokens,
+        "tokens": load.total_tokens,
+        "seconds": load.seconds,
         "tokens_per_second": load.tokens_per_second,
         "p50_ms_per_token": 1000 * load.gap_percentile(0.5),
         "p99_ms_per_token": 1000 * load.gap_percentile(0.99),
@@ -100,15 +103,23 @@ def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report))
         return
-    print(f"{report['sessions']} sessions x {report['new_tokens']} new tokens of "
-          f"{report['model']} through workers {', '.join(report['workers'])}")
-    print(f"  {report['tokens']} tokens in {report['seconds']:.1f} s: "
-          f"{report['tokens_per_second']:.1f} tokens/s aggregate")
-    print(f"  time per token: p50 {report['p50_ms_per_token']:.1f} ms, "
-          f"p99 {report['p99_ms_per_token']:.1f} ms")
+    print(
+        f"{report['sessions']} sessions x {report['new_tokens']} new tokens of "
+        f"{report['model']} through workers {', '.join(report['workers'])}"
+    )
+    print(
+        f"  {report['tokens']} tokens in {report['seconds']:.1f} s: "
+        f"{report['tokens_per_second']:.1f} tokens/s aggregate"
+    )
+    print(
+        f"  time per token: p50 {report['p50_ms_per_token']:.1f} ms, "
+        f"p99 {report['p99_ms_per_token']:.1f} ms"
+    )
     if "mismatches" in report:
-        print(f"  outputs equal to local greedy: {report['sessions'] - report['mismatches']}"
-              f" of {report['sessions']}")
+        print(
+            f"  outputs equal to local greedy: {report['sessions'] - report['mismatches']}"
+            f" of {report['sessions']}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,9 +60,15 @@ async def measure(reactor, args: argparse.Namespace) -> None:
     source = open_model(args.model)
     span = BlockSpan.parse(args.blocks) if args.blocks else BlockSpan(0, source.config.num_layers)
     bounds = footprint(source, span, args.cache_tokens)
-    report: dict = {"model": source.name, "span": str(span), "cache_tokens": args.cache_tokens,
-                    "sessions": args.sessions, "warm": args.warm, "weights_mib": bounds.weights_bytes / MIB,
-                    "cache_budget_mib": bounds.cache_budget_bytes / MIB}
+    report: dict = {
+        "model": source.name,
+        "span": str(span),
+        "cache_tokens": args.cache_tokens,
+        "sessions": args.sessions,
+        "warm": args.warm,
+        "weights_mib": bounds.weights_bytes / MIB,
+        "cache_budget_mib": bounds.cache_budget_bytes / MIB,
+    }
     root = Path(tempfile.mkdtemp(prefix="meshnode-bench-memory-"))
     with LocalMesh(args.model, root=root) as mesh:
         mesh.start_bootstrap()
@@ -77,16 +83,16 @@ async def measure(reactor, args: argparse.Namespace) -> None:
             began = time.perf_counter()
             await churn(client.endpoint, route, model, hidden, 0, args.warm)
             report["rss_after_warm_mib"] = rss(worker.pid) / MIB
-            await churn(client.endpoint, route, model, hidden, args.warm,
-                        args.sessions - args.warm)
+            await churn(client.endpoint, route, model, hidden, args.warm, args.sessions - args.warm)
             report["rss_after_all_mib"] = rss(worker.pid) / MIB
             report["churn_seconds"] = time.perf_counter() - began
         finally:
             await client.close()
         report["rss_at_rest_mib"] = rss(worker.pid) / MIB
     report["runtime_overhead_mib"] = report["rss_at_start_mib"] - report["weights_mib"]
-    report["churn_growth_pct"] = 100 * (report["rss_after_all_mib"] / report["rss_after_warm_mib"]
-                                        - 1)
+    report["churn_growth_pct"] = 100 * (
+        report["rss_after_all_mib"] / report["rss_after_warm_mib"] - 1
+    )
     print_report(report, args.json)
 
 
@@ -94,16 +100,22 @@ def print_report(report: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(report))
         return
-    print(f"worker of {report['model']} blocks {report['span']}, "
-          f"cache budget {report['cache_tokens']} tokens")
+    print(
+        f"worker of {report['model']} blocks {report['span']}, "
+        f"cache budget {report['cache_tokens']} tokens"
+    )
     print(f"  hosted weights (float32)     {report['weights_mib']:9.1f} MiB")
     print(f"  cache budget                 {report['cache_budget_mib']:9.1f} MiB")
     print(f"  RSS at start (at rest)       {report['rss_at_start_mib']:9.1f} MiB")
-    print(f"  runtime overhead             {report['runtime_overhead_mib']:9.1f} MiB"
-          "  (RSS at start - weights)")
+    print(
+        f"  runtime overhead             {report['runtime_overhead_mib']:9.1f} MiB"
+        "  (RSS at start - weights)"
+    )
     print(f"  RSS after {report['warm']:>4} sessions       {report['rss_after_warm_mib']:9.1f} MiB")
-    print(f"  RSS after {report['sessions']:>4} sessions       {report['rss_after_all_mib']:9.1f} MiB"
-          f"  ({report['churn_growth_pct']:+.2f}% vs warm-up, {report['churn_seconds']:.1f} s)")
+    print(
+        f"  RSS after {report['sessions']:>4} sessions       {report['rss_after_all_mib']:9.1f} MiB"
+        f"  ({report['churn_growth_pct']:+.2f}% vs warm-up, {report['churn_seconds']:.1f} s)"
+    )
     print(f"  RSS at rest at the end       {report['rss_at_rest_mib']:9.1f} MiB")
     print(f"  bootstrap node RSS           {report['bootstrap_rss_mib']:9.1f} MiB")
 

@@ -68,8 +68,14 @@ log = Logger()
 class BanList:
     """Workers not to route through for a while; bans grow on repeats. Pure."""
 
-    def __init__(self, clock: Any, base: float = BASE_BAN, growth: float = BAN_GROWTH,
-                 maximum: float = MAX_BAN, forget_after: float = FORGET_AFTER):
+    def __init__(
+        self,
+        clock: Any,
+        base: float = BASE_BAN,
+        growth: float = BAN_GROWTH,
+        maximum: float = MAX_BAN,
+        forget_after: float = FORGET_AFTER,
+    ):
         self._clock = clock
         self.base, self.growth, self.maximum = base, growth, maximum
         self.forget_after = forget_after
@@ -124,20 +130,25 @@ def span_route(
         if low >= high:
             continue
         clipped[node_id] = dataclasses.replace(
-            info, span=BlockSpan(low - span.start, high - span.start),
+            info,
+            span=BlockSpan(low - span.start, high - span.start),
             throughput=info.throughput * (high - low) / info.span.length,
         )
     try:
-        relative = find_route(clipped, span.length, model, rtts=rtts, banned=banned,
-                              min_cache_tokens=min_cache_tokens)
+        relative = find_route(
+            clipped, span.length, model, rtts=rtts, banned=banned, min_cache_tokens=min_cache_tokens
+        )
     except RouteNotFound as exc:
         missing = tuple(block + span.start for block in exc.missing)
         raise RouteNotFound(
             f"no eligible worker serves blocks {list(missing)} (replacing span {span})", missing
         ) from None
     hops = tuple(
-        RouteHop(hop.node_id, workers[hop.node_id],
-                 BlockSpan(hop.span.start + span.start, hop.span.end + span.start))
+        RouteHop(
+            hop.node_id,
+            workers[hop.node_id],
+            BlockSpan(hop.span.start + span.start, hop.span.end + span.start),
+        )
         for hop in relative.hops
     )
     return Route(hops, relative.expected_latency)
@@ -168,8 +179,16 @@ def recoverable(error: BaseException) -> bool:
 class SpanRecovery:
     """Replaces failed sessions of a chain: ban, re-route the span, replay, go on."""
 
-    def __init__(self, endpoint: Any, dht: Any, clock: Any, key_for: Callable[[int], bytes],
-                 model: str, bans: BanList, options: RecoveryOptions = RecoveryOptions()):
+    def __init__(
+        self,
+        endpoint: Any,
+        dht: Any,
+        clock: Any,
+        key_for: Callable[[int], bytes],
+        model: str,
+        bans: BanList,
+        options: RecoveryOptions = RecoveryOptions(),
+    ):
         self.endpoint, self.dht, self.clock = endpoint, dht, clock
         self.key_for, self.model = key_for, model
         self.bans = bans
@@ -187,8 +206,9 @@ class SpanRecovery:
                 failures += 1
                 if not recoverable(error) or failures > self.options.max_attempts:
                     raise
-                chain.sessions[index:index + 1] = await self.replace(
-                    session, error, chain.abandoned)
+                chain.sessions[index : index + 1] = await self.replace(
+                    session, error, chain.abandoned
+                )
                 continue
             index += 1
         return hidden
@@ -199,19 +219,23 @@ class SpanRecovery:
             error = failed[index]
             if not recoverable(error):
                 raise error
-            chain.sessions[index:index + 1] = await self.replace(
-                chain.sessions[index], error, chain.abandoned)
+            chain.sessions[index : index + 1] = await self.replace(
+                chain.sessions[index], error, chain.abandoned
+            )
 
-    async def replace(self, failed: SpanSession, error: BaseException,
-                      abandoned: list[SpanSession]) -> list[SpanSession]:
+    async def replace(
+        self, failed: SpanSession, error: BaseException, abandoned: list[SpanSession]
+    ) -> list[SpanSession]:
         """Open and replay replacement sessions for ``failed``'s span (after banning it)."""
         self._drop(failed, error, abandoned)
         inputs = failed.inputs() if failed.history else None
         deadline = self.clock.seconds() + self.options.route_wait
         for _ in range(self.options.max_attempts):
             route = await self.wait_for_span_route(failed.span, failed.max_length, deadline)
-            sessions = [SpanSession(self.endpoint, hop, failed.max_length, failed.timeout)
-                        for hop in route.hops]
+            sessions = [
+                SpanSession(self.endpoint, hop, failed.max_length, failed.timeout)
+                for hop in route.hops
+            ]
             try:
                 await self._open_all(sessions)
                 if inputs is not None:
@@ -221,14 +245,13 @@ class SpanRecovery:
                 self._drop(hop_failure.session, hop_failure.error, abandoned)
                 continue
             self.replacements += 1
-            log.info("span {span} moved to {route}", span=str(failed.span),
-                     route=route.describe())
+            log.info("span {span} moved to {route}", span=str(failed.span), route=route.describe())
             return sessions
-        raise ClientError(f"span {failed.span}: {self.options.max_attempts} replacements "
-                          f"failed in a row") from error
+        raise ClientError(
+            f"span {failed.span}: {self.options.max_attempts} replacements failed in a row"
+        ) from error
 
-    async def wait_for_span_route(self, span: BlockSpan, max_length: int,
-                                  deadline: float) -> Route:
+    async def wait_for_span_route(self, span: BlockSpan, max_length: int, deadline: float) -> Route:
         """Poll the DHT until ``span`` is covered by workers not banned, or ``RouteNotFound``."""
         while True:
             try:
@@ -241,7 +264,8 @@ class SpanRecovery:
     async def discover(self, span: BlockSpan, max_length: int) -> Route:
         """Records of ``span``'s blocks -> reachable, unbanned workers -> ``span_route``."""
         found = await fetch_block_records(
-            self.dht, lambda i: self.key_for(span.start + i), span.length)
+            self.dht, lambda i: self.key_for(span.start + i), span.length
+        )
         records = {span.start + i: by_worker for i, by_worker in found.items()}
         banned = self.bans.banned()
         workers = {
@@ -250,21 +274,33 @@ class SpanRecovery:
             if node_id not in banned and info.online and info.model == self.model
         }
         rtts = await measure_rtts(self.endpoint, self.clock, workers)
-        return span_route(workers, span, self.model, rtts,
-                          banned=set(workers) - set(rtts), min_cache_tokens=max_length)
+        return span_route(
+            workers,
+            span,
+            self.model,
+            rtts,
+            banned=set(workers) - set(rtts),
+            min_cache_tokens=max_length,
+        )
 
-    def _drop(self, session: SpanSession, error: BaseException,
-              abandoned: list[SpanSession]) -> None:
+    def _drop(
+        self, session: SpanSession, error: BaseException, abandoned: list[SpanSession]
+    ) -> None:
         duration = self.bans.ban(session.hop.node_id)
-        log.warn("worker {worker} failed on span {span} ({error}); banned for {ban:g} s",
-                 worker=session.hop.node_id.hex()[:12], span=str(session.span),
-                 error=str(error) or type(error).__name__, ban=duration)
+        log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
+            "worker {worker} failed on span {span} ({error}); banned for {ban:g} s",
+            worker=session.hop.node_id.hex()[:12],
+            span=str(session.span),
+            error=str(error) or type(error).__name__,
+            ban=duration,
+        )
         session.timeout = min(session.timeout, ABANDONED_CLOSE_TIMEOUT)
         abandoned.append(session)
 
     async def _open_all(self, sessions: list[SpanSession]) -> None:
         results = await DeferredList(
-            [Deferred.fromCoroutine(s.open(self.model)) for s in sessions], consumeErrors=True)
+            [Deferred.fromCoroutine(s.open(self.model)) for s in sessions], consumeErrors=True
+        )
         for session, (ok, result) in zip(sessions, results):
             if not ok:
                 if not recoverable(result.value):

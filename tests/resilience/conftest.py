@@ -13,7 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(1, str(Path(__file__).parent.parent / "mesh"))
 
-from mesh_helpers import write_tiny_checkpoint  # noqa: E402
+from mesh_helpers import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -36,8 +36,7 @@ class LoadResult:
         return ordered[min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))]
 
 
-async def run_load(client: Any, clock: Any, batch: list[list[int]],
-                   new_tokens: int) -> LoadResult:
+async def run_load(client: Any, clock: Any, batch: list[list[int]], new_tokens: int) -> LoadResult:
     """Generate greedily from every prompt of ``batch`` at once; fails if any generation does."""
     result = LoadResult()
     options = GenerationOptions(max_new_tokens=new_tokens)
@@ -54,8 +53,9 @@ async def run_load(client: Any, clock: Any, batch: list[list[int]],
 
     began = clock.seconds()
     running = [client.generate_ids(ids, options, on_token(i)) for i, ids in enumerate(batch)]
-    outcomes = await DeferredList(running, fireOnOneErrback=True, consumeErrors=True
-                                  ).addErrback(lambda failure: failure.value.subFailure)
+    outcomes = await DeferredList(running, fireOnOneErrback=True, consumeErrors=True).addErrback(
+        lambda failure: failure.value.subFailure
+    )
     result.seconds = clock.seconds() - began
     result.tokens = [list(generated.token_ids) for _, generated in outcomes]
     return result

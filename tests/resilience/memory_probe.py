@@ -56,8 +56,9 @@ def direct_route(address: Any, span: BlockSpan, model: str) -> Route:
     return Route((RouteHop(address.node_id, info, span),), 0.0)
 
 
-async def one_session(endpoint: Any, route: Route, model: str, hidden_size: int,
-                      index: int, timeout: float) -> None:
+async def one_session(
+    endpoint: Any, route: Route, model: str, hidden_size: int, index: int, timeout: float
+) -> None:
     """Open, prefill, decode a few steps, close: one session of ``SHAPES[index]``."""
     prompt, max_length = SHAPES[index % len(SHAPES)]
     rng = np.random.default_rng(index)
@@ -71,13 +72,24 @@ async def one_session(endpoint: Any, route: Route, model: str, hidden_size: int,
         await chain.close()
 
 
-async def churn(endpoint: Any, route: Route, model: str, hidden_size: int, first: int,
-                count: int, concurrency: int = 8, timeout: float = 60.0) -> None:
+async def churn(
+    endpoint: Any,
+    route: Route,
+    model: str,
+    hidden_size: int,
+    first: int,
+    count: int,
+    concurrency: int = 8,
+    timeout: float = 60.0,
+) -> None:
     """Sessions ``first .. first + count - 1``, ``concurrency`` at a time; raises on failure."""
     for start in range(first, first + count, concurrency):
         batch = range(start, min(start + concurrency, first + count))
         await DeferredList(
-            [Deferred.fromCoroutine(one_session(endpoint, route, model, hidden_size, i,
-                                                timeout)) for i in batch],
-            fireOnOneErrback=True, consumeErrors=True,
+            [
+                Deferred.fromCoroutine(one_session(endpoint, route, model, hidden_size, i, timeout))
+                for i in batch
+            ],
+            fireOnOneErrback=True,
+            consumeErrors=True,
         ).addErrback(lambda failure: failure.value.subFailure)

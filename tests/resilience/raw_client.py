@@ -32,17 +32,22 @@ class Outcome:
     quiet: bool = False
 
     def answer_to(self, request_id: int) -> Any:
-        return next((h for h in self.headers if isinstance(h, dict) and h.get("id") == request_id),
-                    None)
+        return next(
+            (h for h in self.headers if isinstance(h, dict) and h.get("id") == request_id), None
+        )
 
 
 def tls_context(identity: Identity, folder: Path) -> ssl.SSLContext:
     """A client context presenting ``identity``'s self-signed certificate (TLS 1.3 only)."""
     folder.mkdir(parents=True, exist_ok=True)
     key, cert = folder / "key.pem", folder / "cert.pem"
-    key.write_bytes(identity.private_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))
+    key.write_bytes(
+        identity.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     cert.write_bytes(identity.certificate.public_bytes(serialization.Encoding.PEM))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
@@ -52,14 +57,21 @@ def tls_context(identity: Identity, folder: Path) -> ssl.SSLContext:
     return context
 
 
-def exchange(context: ssl.SSLContext, address: PeerAddress, data: bytes,
-             answer_id: int | None = None, quiet_after: float = 0.3,
-             answer_timeout: float = 15.0) -> Outcome:
+def exchange(
+    context: ssl.SSLContext,
+    address: PeerAddress,
+    data: bytes,
+    answer_id: int | None = None,
+    quiet_after: float = 0.3,
+    answer_timeout: float = 15.0,
+) -> Outcome:
     """Connect, write ``data``, read frames back; see the module docstring."""
-    with socket.create_connection((address.host, address.port), timeout=10) as raw:
-        with context.wrap_socket(raw) as tls:
-            tls.sendall(data)
-            return _read(tls, answer_id, quiet_after if answer_id is None else answer_timeout)
+    with (
+        socket.create_connection((address.host, address.port), timeout=10) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(data)
+        return _read(tls, answer_id, quiet_after if answer_id is None else answer_timeout)
 
 
 def _read(tls: ssl.SSLSocket, answer_id: int | None, timeout: float) -> Outcome:
@@ -68,7 +80,7 @@ def _read(tls: ssl.SSLSocket, answer_id: int | None, timeout: float) -> Outcome:
     while True:
         try:
             chunk = tls.recv(1 << 16)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             outcome.quiet = True
             return outcome
         except (ssl.SSLError, ConnectionError, OSError):
@@ -90,7 +102,7 @@ def _frames(buffer: bytes, outcome: Outcome) -> bytes:
         end = _PREFIX.size + header_length + body_length
         if len(buffer) < end:
             break
-        header = buffer[_PREFIX.size:_PREFIX.size + header_length]
+        header = buffer[_PREFIX.size : _PREFIX.size + header_length]
         outcome.headers.append(cbor2.loads(header))
         buffer = buffer[end:]
     return buffer

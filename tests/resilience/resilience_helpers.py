@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from meshnode.testing.processes import LocalMesh, NodeFailed, NodeProcess
 
@@ -19,8 +20,9 @@ def reactor() -> Any:
     return installed
 
 
-def start_mesh(model: str, spans: list[str], root: Path,
-               extra: list[str] | None = None) -> LocalMesh:
+def start_mesh(
+    model: str, spans: list[str], root: Path, extra: list[str] | None = None
+) -> LocalMesh:
     """A bootstrap node and one worker per span, started in parallel."""
     mesh = LocalMesh(model, root=root)
     try:

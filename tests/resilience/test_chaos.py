@@ -90,8 +90,15 @@ class Chaos:
         chosen = []
         for worker_span, used in hops:
             node = self.serving[worker_span]
-            info = ServerInfo(str(node.address), BlockSpan.parse(worker_span),
-                              WorkerState.ONLINE, 1.0, 1 << 20, "float32", fingerprint)
+            info = ServerInfo(
+                str(node.address),
+                BlockSpan.parse(worker_span),
+                WorkerState.ONLINE,
+                1.0,
+                1 << 20,
+                "float32",
+                fingerprint,
+            )
             chosen.append(RouteHop(node.address.node_id, info, BlockSpan.parse(used)))
         return Route(tuple(chosen), 0.0)
 
@@ -128,8 +135,9 @@ def strike(node, how: signal.Signals) -> None:
     node.process.wait(30)
 
 
-async def generate_with_fault(chaos: Chaos, ids: list[int], hops, victim_hop: int,
-                              step: int, how: signal.Signals):
+async def generate_with_fault(
+    chaos: Chaos, ids: list[int], hops, victim_hop: int, step: int, how: signal.Signals
+):
     """Generate; after token ``step``, strike the worker of hop ``victim_hop``."""
     route = None if hops is None else chaos.route(hops)
     victims = []
@@ -163,7 +171,8 @@ async def test_sigkill_at_random_decode_steps(chaos, tiny_local):
         await chaos.keep_coverage(2, None if hops is None else [h[0] for h in hops])
         victim_hop, step = int(rng.integers(0, 3)), int(rng.integers(0, NEW_TOKENS - 1))
         tokens, (span, node) = await generate_with_fault(
-            chaos, ids, hops, victim_hop, step, signal.SIGKILL)
+            chaos, ids, hops, victim_hop, step, signal.SIGKILL
+        )
         expected = tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS)
         assert tokens == list(expected.token_ids), f"kill point {point} ({span}, step {step})"
         assert chaos.client.bans.strikes(node.address.node_id) == 1
@@ -182,8 +191,7 @@ async def test_clean_stop_sigterm_mid_generation(chaos, tiny_local):
     ids = prompts(1, 128, seed=SEED + 1)[0]
     hops = (("0:3", "0:3"), ("3:6", "3:6"))
     tokens, (span, node) = await generate_with_fault(chaos, ids, hops, 1, 5, signal.SIGTERM)
-    assert tokens == list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS)
-                          .token_ids)
+    assert tokens == list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS).token_ids)
     # twistd shuts down cleanly, then exits by the signal it got
     assert node.process.returncode == -signal.SIGTERM and span == "3:6"
     assert "Server Shut Down" in node.log_tail()
@@ -201,15 +209,13 @@ async def test_frozen_worker_sigstop_mid_generation(chaos, tiny_local):
     hops = (("0:2", "0:2"), ("2:4", "2:4"), ("4:6", "4:6"))
     began = reactor().seconds()
     try:
-        tokens, (span, node) = await generate_with_fault(
-            chaos, ids, hops, 1, 3, signal.SIGSTOP)
+        tokens, (span, node) = await generate_with_fault(chaos, ids, hops, 1, 3, signal.SIGSTOP)
     finally:
         for frozen in chaos.serving.values():
             if frozen.alive() and psutil.Process(frozen.pid).status() == psutil.STATUS_STOPPED:
                 frozen.signal(signal.SIGCONT)
                 frozen.signal(signal.SIGKILL)
-    assert tokens == list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS)
-                          .token_ids)
+    assert tokens == list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS).token_ids)
     assert span == "2:4" and chaos.client.bans.strikes(node.address.node_id) == 1
     assert reactor().seconds() - began < STEP_TIMEOUT + 30  # one timeout, not a hang
     node.process.wait(30)
@@ -227,7 +233,9 @@ async def test_uncovered_blocks_are_named_after_a_bounded_wait(chaos, tiny_local
     for span in ("0:6", "3:6"):  # the other workers of blocks 4 and 5, off the route
         strike(chaos.serving[span], signal.SIGKILL)
 
-    def on_token(token: int, seen=[]) -> None:
+    seen: list[int] = []
+
+    def on_token(token: int) -> None:
         seen.append(token)
         if len(seen) == 4:
             strike(chaos.serving["4:6"], signal.SIGKILL)

@@ -41,8 +41,15 @@ def smollm2_mesh(tmp_path_factory):
 
 
 def hop(node, worker_span: str, used: str, model: str) -> RouteHop:
-    info = ServerInfo(str(node.address), BlockSpan.parse(worker_span), WorkerState.ONLINE,
-                      1.0, 1 << 20, "float32", model)
+    info = ServerInfo(
+        str(node.address),
+        BlockSpan.parse(worker_span),
+        WorkerState.ONLINE,
+        1.0,
+        1 << 20,
+        "float32",
+        model,
+    )
     return RouteHop(node.address.node_id, info, BlockSpan.parse(used))
 
 
@@ -74,8 +81,9 @@ async def test_smollm2_worker_killed_mid_answer(smollm2_mesh):
     assert len(seen) > step, "the kill came after the last decode step"
     assert client.bans.strikes(second.address.node_id) == 1  # (the ban itself lapses in 15 s)
     assert client.bans.strikes(whole.address.node_id) == 0
-    local = LocalModel.load(open_model("smollm2")).generate(QUESTION, chat=True,
-                                                            max_new_tokens=NEW_TOKENS)
+    local = LocalModel.load(open_model("smollm2")).generate(
+        QUESTION, chat=True, max_new_tokens=NEW_TOKENS
+    )
     assert list(result.token_ids) == list(local.token_ids)
     assert "Paris" in client.tokenizer.decode(list(result.token_ids))
     assert not second.alive()

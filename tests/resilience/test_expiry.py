@@ -16,15 +16,15 @@ from twisted.internet.task import Clock
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "dht"))
 
-from dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle  # noqa: E402
+from dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle
 
-from meshnode.client.recovery import span_route  # noqa: E402
-from meshnode.client.routing.discovery import fetch_block_records  # noqa: E402
-from meshnode.client.routing.route import candidates_from_records  # noqa: E402
-from meshnode.dht.network import block_key  # noqa: E402
-from meshnode.errors import RouteNotFound  # noqa: E402
-from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer  # noqa: E402
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState  # noqa: E402
+from meshnode.client.recovery import span_route
+from meshnode.client.routing.discovery import fetch_block_records
+from meshnode.client.routing.route import candidates_from_records
+from meshnode.dht.network import block_key
+from meshnode.errors import RouteNotFound
+from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
 
 MODEL = "fingerprint"
 SPAN = BlockSpan(0, 4)
@@ -63,8 +63,9 @@ def test_a_dead_workers_records_expire_and_routes_avoid_it():
     dead.endpoint.close()
 
     def workers() -> dict:
-        records = settle(clock, Deferred.fromCoroutine(
-            fetch_block_records(client, key_for, SPAN.end)))
+        records = settle(
+            clock, Deferred.fromCoroutine(fetch_block_records(client, key_for, SPAN.end))
+        )
         return candidates_from_records(records)
 
     assert set(workers()) == {live.endpoint.identity.node_id, dead.endpoint.identity.node_id}

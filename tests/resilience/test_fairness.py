@@ -126,8 +126,9 @@ def test_worker_handlers_take_compute_turns_per_client():
 
     ids = (i.to_bytes(16, "big") for i in itertools.count(1))
     table = SessionTable(CacheBudget(1000), Clock(), 60, lambda: next(ids))
-    handlers = InferenceHandlers(WorkerLimits("fp", span, 64, "float32"), table, Compute(),
-                                 queue=FairQueue())
+    handlers = InferenceHandlers(
+        WorkerLimits("fp", span, 64, "float32"), table, Compute(), queue=FairQueue()
+    )
     alice, bob = PeerInfo(b"a" * 32, "h", 1), PeerInfo(b"b" * 32, "h", 2)
 
     def open_session(peer: PeerInfo) -> bytes:

@@ -32,7 +32,7 @@ from meshnode.dht import messages as dht_messages
 from meshnode.identity import Identity
 from meshnode.wire.codec import encode_message
 from meshnode.wire.header import KINDS, MAX_REQUEST_ID, REQUEST
-from meshnode.wire.limits import MAX_BODY_BYTES, MAX_HEADER_BYTES
+from meshnode.wire.limits import MAX_HEADER_BYTES
 from meshnode.worker import messages
 from meshnode.worker.records import BlockSpan
 
@@ -40,14 +40,24 @@ EXAMPLES = 40
 #: memory a warmed-up node may gain over the whole storm (allocator slack, odd cache shapes)
 MAX_GROWTH = 64 * MIB
 HIDDEN = 64
-STORM_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                          database=None, suppress_health_check=list(HealthCheck))
+STORM_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 cbor_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats()
-    | st.text(max_size=16) | st.binary(max_size=48),
-    lambda children: st.lists(children, max_size=4)
-    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=16)
+    | st.binary(max_size=48),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=8,
 )
 
@@ -94,8 +104,10 @@ def mutated_frames(draw: Any, model: str) -> tuple[Any, bytes]:
     header, body = split(draw(st.sampled_from(base_messages(model))), draw(st.integers(1, 999)))
     for _ in range(draw(st.integers(1, 3))):
         header = _mutate(draw, header)
-    body = draw(st.sampled_from([body, body[: len(body) // 2], body + b"\0" * 64, b""])
-                | st.binary(max_size=512))
+    body = draw(
+        st.sampled_from([body, body[: len(body) // 2], body + b"\0" * 64, b""])
+        | st.binary(max_size=512)
+    )
     return header, body
 
 
@@ -114,7 +126,7 @@ def _mutate(draw: Any, value: Any) -> Any:
         return copy
     if isinstance(value, list) and value and draw(st.booleans()):
         index = draw(st.integers(0, len(value) - 1))
-        return value[:index] + [_mutate(draw, value[index])] + value[index + 1:]
+        return value[:index] + [_mutate(draw, value[index])] + value[index + 1 :]
     return draw(cbor_values)
 
 
@@ -124,8 +136,11 @@ def expected_answer_id(header: Any) -> int | None:
     if not isinstance(header, dict):
         return 0
     request_id, kind = header.get("id"), header.get("kind")
-    valid_id = (isinstance(request_id, int) and not isinstance(request_id, bool)
-                and 0 <= request_id <= MAX_REQUEST_ID)
+    valid_id = (
+        isinstance(request_id, int)
+        and not isinstance(request_id, bool)
+        and 0 <= request_id <= MAX_REQUEST_ID
+    )
     if not valid_id or kind not in KINDS:
         return 0
     return request_id if kind == REQUEST else None
@@ -143,8 +158,11 @@ def storm(context: Any, address: Any, model: str, stop: threading.Event) -> int:
         count[0] += 1
 
     @STORM_SETTINGS
-    @given(st.integers(MAX_HEADER_BYTES + 1, 2**32 - 1) | st.just(MAX_HEADER_BYTES + 1),
-           st.integers(0, 2**32 - 1), st.binary(max_size=64))
+    @given(
+        st.integers(MAX_HEADER_BYTES + 1, 2**32 - 1) | st.just(MAX_HEADER_BYTES + 1),
+        st.integers(0, 2**32 - 1),
+        st.binary(max_size=64),
+    )
     def oversized_prefix(header_length: int, body_length: int, tail: bytes) -> None:
         data = header_length.to_bytes(4, "big") + body_length.to_bytes(4, "big") + tail
         outcome = exchange(context, address, data, quiet_after=10.0)
@@ -205,8 +223,10 @@ async def test_storm_of_hostile_input_while_an_honest_client_is_served(hostile_m
     for node in (worker, dht_node):
         assert node.alive(), node.log_tail()
         growth = rss(node.pid) - before[node.name]
-        print(f"\n{node.name}: RSS {before[node.name] / MIB:.1f} -> {rss(node.pid) / MIB:.1f} MiB"
-              f" over {exchanges} hostile exchanges ({honest} honest generations meanwhile)")
+        print(
+            f"\n{node.name}: RSS {before[node.name] / MIB:.1f} -> {rss(node.pid) / MIB:.1f} MiB"
+            f" over {exchanges} hostile exchanges ({honest} honest generations meanwhile)"
+        )
         assert growth <= MAX_GROWTH
 
     for _ in range(200):  # disconnects are processed asynchronously: a bounded poll
@@ -216,6 +236,7 @@ async def test_storm_of_hostile_input_while_an_honest_client_is_served(hostile_m
         await deferLater(reactor(), 0.05, lambda: None)
     else:
         raise AssertionError(f"{info.fields['sessions']} hostile sessions were not freed")
-    result = await with_timeout(client.generate_ids(prompts(1, 128, seed=99)[0],
-                                                    GenerationOptions(max_new_tokens=6)))
+    result = await with_timeout(
+        client.generate_ids(prompts(1, 128, seed=99)[0], GenerationOptions(max_new_tokens=6))
+    )
     assert len(result.token_ids) == 6

@@ -34,14 +34,17 @@ def load_mesh(tiny_checkpoint, tmp_path_factory):
 async def test_thirty_two_concurrent_sessions_are_all_correct(load_mesh, tiny_local):
     """When 32 generations of 20 tokens run at once through three workers, then every one
     equals its local greedy output and all go through the three workers."""
-    mesh, client = load_mesh
+    _, client = load_mesh
     batch = prompts(SESSIONS, 128, seed=41)
     load = await with_timeout(run_load(client, reactor(), batch, NEW_TOKENS), 600)
     for ids, tokens in zip(batch, load.tokens):
-        assert tokens == list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS)
-                              .token_ids)
+        assert tokens == list(
+            tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS).token_ids
+        )
     assert load.total_tokens == SESSIONS * NEW_TOKENS
     assert [hop["span"] for hop in client.last_route.describe()] == [[0, 2], [2, 4], [4, 6]]
-    print(f"\n{SESSIONS} x {NEW_TOKENS} tokens: {load.tokens_per_second:.1f} tokens/s aggregate,"
-          f" p50 {1000 * load.gap_percentile(0.5):.1f} ms, "
-          f"p99 {1000 * load.gap_percentile(0.99):.1f} ms per token")
+    print(
+        f"\n{SESSIONS} x {NEW_TOKENS} tokens: {load.tokens_per_second:.1f} tokens/s aggregate,"
+        f" p50 {1000 * load.gap_percentile(0.5):.1f} ms, "
+        f"p99 {1000 * load.gap_percentile(0.99):.1f} ms per token"
+    )

@@ -43,11 +43,12 @@ def memory_mesh(tiny_checkpoint, tmp_path_factory):
 
 @pytest_twisted.ensureDeferred
 async def test_a_full_budget_refuses_with_a_clear_error_and_the_client_falls_back(
-        memory_mesh, tiny_local):
+    memory_mesh, tiny_local
+):
     """When a session would overrun a worker's cache budget, then the worker refuses it with
     ``no_capacity`` saying how much is free, and a generation routed there moves to the
     other worker and still equals local greedy output."""
-    mesh, small, roomy, client = memory_mesh
+    _, small, _, client = memory_mesh
     model = client.source.fingerprint
     route = direct_route(small.address, SPAN, model)
     holder = SpanSession(client.endpoint, route.hops[0], 40)
@@ -75,18 +76,21 @@ async def test_session_churn_leaves_resident_memory_flat(memory_mesh, tiny_check
     weights + cache budget + a fixed runtime overhead."""
     from meshnode.model.source import open_model
 
-    mesh, small, roomy, client = memory_mesh
+    _, _, roomy, client = memory_mesh
     model, hidden = client.source.fingerprint, client.source.config.hidden_size
     route = direct_route(roomy.address, SPAN, model)
     await with_timeout(churn(client.endpoint, route, model, hidden, 0, WARM_SESSIONS), 300)
     after_warm = rss(roomy.pid)
-    await with_timeout(churn(client.endpoint, route, model, hidden, WARM_SESSIONS,
-                             SESSIONS - WARM_SESSIONS), 600)
+    await with_timeout(
+        churn(client.endpoint, route, model, hidden, WARM_SESSIONS, SESSIONS - WARM_SESSIONS), 600
+    )
     after_all = rss(roomy.pid)
     bounds = footprint(open_model(str(tiny_checkpoint)), SPAN, ROOMY_BUDGET)
-    print(f"\nworker RSS: {after_warm / MIB:.1f} MiB after {WARM_SESSIONS} sessions, "
-          f"{after_all / MIB:.1f} MiB after {SESSIONS}; weights {bounds.weights_bytes / MIB:.2f}"
-          f" MiB, cache budget {bounds.cache_budget_bytes / MIB:.2f} MiB")
+    print(
+        f"\nworker RSS: {after_warm / MIB:.1f} MiB after {WARM_SESSIONS} sessions, "
+        f"{after_all / MIB:.1f} MiB after {SESSIONS}; weights {bounds.weights_bytes / MIB:.2f}"
+        f" MiB, cache budget {bounds.cache_budget_bytes / MIB:.2f} MiB"
+    )
     assert abs(after_all - after_warm) <= 0.05 * after_warm
     assert after_all <= bounds.weights_bytes + bounds.cache_budget_bytes + RUNTIME_OVERHEAD
     info = await with_timeout(client.endpoint.request(roomy.address, messages.build_info()))

@@ -51,8 +51,9 @@ class FakeWorker:
         self.span = span
         ids = (i.to_bytes(16, "big") for i in itertools.count(1))
         self.table = SessionTable(CacheBudget(cache_tokens), Clock(), 60, lambda: next(ids))
-        self.handlers = InferenceHandlers(WorkerLimits(MODEL, span, 64, "float32"),
-                                          self.table, BlockSum()).handlers()
+        self.handlers = InferenceHandlers(
+            WorkerLimits(MODEL, span, 64, "float32"), self.table, BlockSum()
+        ).handlers()
         self.state = "up"  # "up", "dead" (connection refused) or "stalled" (times out)
 
     @property
@@ -60,8 +61,15 @@ class FakeWorker:
         return PeerAddress("127.0.0.1", 1000 + self.node_id[0], self.node_id)
 
     def info(self) -> ServerInfo:
-        return ServerInfo(str(self.address), self.span, WorkerState.ONLINE, 100.0,
-                          self.table.budget.free, "float32", MODEL)
+        return ServerInfo(
+            str(self.address),
+            self.span,
+            WorkerState.ONLINE,
+            100.0,
+            self.table.budget.free,
+            "float32",
+            MODEL,
+        )
 
 
 class FakeMesh:
@@ -69,8 +77,10 @@ class FakeMesh:
 
     def __init__(self, spans: list[str]):
         self.clock = Clock()
-        self.workers = {bytes([i + 1]) * 32: FakeWorker(bytes([i + 1]) * 32, BlockSpan.parse(s))
-                        for i, s in enumerate(spans)}
+        self.workers = {
+            bytes([i + 1]) * 32: FakeWorker(bytes([i + 1]) * 32, BlockSpan.parse(s))
+            for i, s in enumerate(spans)
+        }
 
     def worker(self, span: str) -> FakeWorker:
         return next(w for w in self.workers.values() if w.span == BlockSpan.parse(span))
@@ -87,12 +97,24 @@ class FakeMesh:
 
     def get(self, key):
         block = key[0]
-        return succeed({w.node_id: _Record(w.info().to_record())
-                        for w in self.workers.values() if block in w.span.blocks()})
+        return succeed(
+            {
+                w.node_id: _Record(w.info().to_record())
+                for w in self.workers.values()
+                if block in w.span.blocks()
+            }
+        )
 
     def recovery(self, **options) -> SpanRecovery:
-        return SpanRecovery(self, self, self.clock, lambda b: bytes([b]) * 32, MODEL,
-                            BanList(self.clock), RecoveryOptions(**options))
+        return SpanRecovery(
+            self,
+            self,
+            self.clock,
+            lambda b: bytes([b]) * 32,
+            MODEL,
+            BanList(self.clock),
+            RecoveryOptions(**options),
+        )
 
     def route(self, *spans: str) -> Route:
         hops = []
@@ -208,8 +230,9 @@ def test_no_route_names_the_missing_blocks_after_a_bounded_wait():
     """When the only worker of blocks 3-5 dies and nobody else serves them, then the step
     fails with RouteNotFound naming 3, 4, 5 once the route wait has passed, not before."""
     mesh = FakeMesh(["0:3", "3:6"])
-    chain = InferenceChain(mesh, mesh.route("0:3", "3:6"), MODEL, 32, 5.0,
-                           mesh.recovery(route_wait=20.0))
+    chain = InferenceChain(
+        mesh, mesh.route("0:3", "3:6"), MODEL, 32, 5.0, mesh.recovery(route_wait=20.0)
+    )
     run(mesh.clock, Deferred.fromCoroutine(chain.open()))
     mesh.worker("3:6").state = "dead"
     began = mesh.clock.seconds()
