@@ -4,7 +4,8 @@ Starts a bootstrap node and three workers (a third of the blocks each) as
 separate ``twistd`` processes on 127.0.0.1 (ephemeral ports, a temporary folder
 per node with its data dir, pidfile and logfile), waits until the DHT shows
 every block covered, generates the answer through them (streamed, with the
-route and tokens/s), then stops every process: SIGTERM, then SIGKILL after a
+route and tokens/s, after a silent warm-up pass over the same prompt so that
+compilation is not counted), then stops every process: SIGTERM, then SIGKILL after a
 bound; also on Ctrl-C, SIGTERM or any error.
 """
 
@@ -32,6 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, metavar="SPEC")
     parser.add_argument("--workers", type=int, default=3, help="worker processes (default: 3)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="answer at once, compilation included in the figures",
+    )
     parser.add_argument(
         "--keep-logs",
         action="store_true",
@@ -87,15 +93,15 @@ def _answer(mesh: Any, args: argparse.Namespace) -> int:
     client = background_client(bootstrap, args.model)
     route = call(client.wait_for_route, COVERAGE_TIMEOUT)
     _say("every block covered; route: " + _route_text(route.describe()))
+    options = {"chat": True, "max_new_tokens": args.max_new_tokens}
+    if not args.no_warmup:
+        # Each new shape compiles once (seconds on a small CPU, then cached on disk):
+        # a first pass over the same prompt makes the figures below the steady ones.
+        began = time.monotonic()
+        generate(args.prompt, bootstrap, args.model, **options)
+        _say(f"warm-up pass (compiles this prompt's shapes): {time.monotonic() - began:.1f} s")
     print(f"\n> {args.prompt}\n", flush=True)
-    result = generate(
-        args.prompt,
-        bootstrap,
-        args.model,
-        on_text=_write,
-        chat=True,
-        max_new_tokens=args.max_new_tokens,
-    )
+    result = generate(args.prompt, bootstrap, args.model, on_text=_write, **options)
     print("\n", flush=True)
     _say(
         f"{len(result.token_ids)} tokens, prefill {result.prefill_s:.2f} s, "
