@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 import pytest_twisted
@@ -109,6 +111,22 @@ async def test_both_sides_see_each_others_node_id():
         await within(client.request(server.address, Message("who"), timeout=TIMEOUT))
         assert seen[0].node_id == client.identity.node_id
         assert list(client.connection_stats()) == [server.identity.node_id]
+    finally:
+        await close_all(server, client)
+
+
+@pytest_twisted.ensureDeferred
+async def test_both_ends_send_without_nagle_delay():
+    """When a connection is up, then both sockets have TCP_NODELAY: a multi-segment
+    tensor frame must not wait for a delayed ACK before its last segment goes out."""
+    (server,) = await started({"who": lambda peer, m: Message("who")})
+    client = Endpoint(reactor(), Identity.ephemeral(), {})
+    try:
+        await within(client.request(server.address, Message("who"), timeout=TIMEOUT))
+        for endpoint in (client, server):
+            (protocol,) = endpoint._protocols
+            sock = protocol.transport.transport.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
     finally:
         await close_all(server, client)
 
