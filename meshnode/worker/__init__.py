@@ -7,6 +7,8 @@ Map of the package (no logic here):
 - ``messages``: the ``infer.*`` messages of ``schemas/inference.cddl``, built and parsed.
 - ``budget``: ``CacheBudget``, the cache-token budget (pure).
 - ``sessions``: ``SessionTable``, open sessions and their idle timeouts (pure, injected clock).
+- ``limits``: named bounds: sessions per peer, session age, requests queued per peer.
+- ``fairness``: ``FairQueue``, compute turns round-robin across clients (pure).
 - ``span_choice``: ``choose_span``, the least-served blocks from DHT records (pure).
 - ``compute``: ``SpanCompute``, JAX on one dedicated thread, never on the reactor thread.
 - ``handlers``: ``InferenceHandlers``, the ``infer.*`` handlers over the Endpoint.
