@@ -227,21 +227,23 @@ class SpanRecovery:
         self, failed: SpanSession, error: BaseException, abandoned: list[SpanSession]
     ) -> list[SpanSession]:
         """Open and replay replacement sessions for ``failed``'s span (after banning it)."""
+        timeout = failed.timeout  # before _drop shortens it for the abandoned session's close
         self._drop(failed, error, abandoned)
         inputs = failed.inputs() if failed.history else None
         deadline = self.clock.seconds() + self.options.route_wait
         for _ in range(self.options.max_attempts):
             route = await self.wait_for_span_route(failed.span, failed.max_length, deadline)
             sessions = [
-                SpanSession(self.endpoint, hop, failed.max_length, failed.timeout)
-                for hop in route.hops
+                SpanSession(self.endpoint, hop, failed.max_length, timeout) for hop in route.hops
             ]
             try:
                 await self._open_all(sessions)
                 if inputs is not None:
                     await _replay(sessions, inputs)
             except _HopFailed as hop_failure:
-                abandoned.extend(s for s in sessions if s is not hop_failure.session)
+                for other in sessions:
+                    if other is not hop_failure.session:
+                        _abandon(other, abandoned)
                 self._drop(hop_failure.session, hop_failure.error, abandoned)
                 continue
             self.replacements += 1
@@ -294,8 +296,7 @@ class SpanRecovery:
             error=str(error) or type(error).__name__,
             ban=duration,
         )
-        session.timeout = min(session.timeout, ABANDONED_CLOSE_TIMEOUT)
-        abandoned.append(session)
+        _abandon(session, abandoned)
 
     async def _open_all(self, sessions: list[SpanSession]) -> None:
         results = await DeferredList(
@@ -306,6 +307,12 @@ class SpanRecovery:
                 if not recoverable(result.value):
                     result.raiseException()
                 raise _HopFailed(session, result.value)
+
+
+def _abandon(session: SpanSession, abandoned: list[SpanSession]) -> None:
+    """Leave ``session`` to be closed with the chain, quickly: its worker may be gone."""
+    session.timeout = min(session.timeout, ABANDONED_CLOSE_TIMEOUT)
+    abandoned.append(session)
 
 
 async def _replay(sessions: list[SpanSession], inputs: np.ndarray) -> None:

@@ -210,6 +210,7 @@ def test_replay_onto_a_replacement_gives_the_same_outputs(failure):
     steps(chain, mesh.clock, 8, kill)
     assert recovery.bans.is_banned(victim.node_id)
     assert [str(s.span) for s in chain.sessions] == ["0:2", "2:3", "3:4", "4:6"]
+    assert [s.timeout for s in chain.sessions] == [5.0] * 4  # the step timeout, kept
     assert chain.position == 3 + 7
     replacement = mesh.worker("0:3").table.get(CLIENT.node_id, chain.sessions[1].session_id)
     assert replacement.cache == list(range(10))  # the replay rebuilt every position
