@@ -95,7 +95,11 @@ class InferenceChain:
         failures = [result for ok, result in results if not ok]
         if failures and self.recovery is not None:
             failed = {i: result.value for i, (ok, result) in enumerate(results) if not ok}
-            await self.recovery.reopen(self, failed)
+            try:
+                await self.recovery.reopen(self, failed)
+            except BaseException:
+                await self.close()
+                raise
             return
         if failures:
             await self.close()

@@ -274,3 +274,17 @@ def test_replacement_failing_during_replay_is_banned_too():
     assert recovery.bans.banned() == {first, mesh.worker("0:6").node_id}
     assert [str(s.span) for s in chain.sessions] == ["0:3", "3:6"]
     assert chain.sessions[1].hop.node_id != first and recovery.replacements == 1
+
+
+def test_a_chain_that_cannot_open_closes_what_it_opened():
+    """When a hop refuses its session and nobody else serves its span, then opening fails
+    with RouteNotFound after the route wait, and the other hops' sessions are closed."""
+    mesh = FakeMesh(["0:3", "3:6"])
+    mesh.worker("3:6").table.budget.reserve(1000)
+    chain = InferenceChain(
+        mesh, mesh.route("0:3", "3:6"), MODEL, 32, 5.0, mesh.recovery(route_wait=2.0)
+    )
+    with pytest.raises(RouteNotFound) as caught:
+        run(mesh.clock, Deferred.fromCoroutine(chain.open()))
+    assert caught.value.missing == (3, 4, 5)
+    assert mesh.worker("0:3").table.budget.used == 0
