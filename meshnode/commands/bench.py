@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from meshnode.commands.demo import split_spans
-from meshnode.commands.worker import DEFAULT_MODEL
+from meshnode.commands.options import DEFAULT_MODEL
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 

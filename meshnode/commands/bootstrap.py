@@ -15,16 +15,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from meshnode.commands.options import add_bootstrap_option
 from meshnode.dht.service import DHTService, DHTServiceOptions, build_dht_service
-from meshnode.errors import MeshError
-from meshnode.identity import PeerAddress
-
-
-def _peer_address(text: str) -> PeerAddress:
-    try:
-        return PeerAddress.parse(text)
-    except MeshError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,14 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="D",
         help="keep the node key here, so the node id survives restarts (default: a new id)",
     )
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        type=_peer_address,
-        metavar="H:P[#ID]",
-        help="another DHT node to join (repeatable)",
-    )
+    add_bootstrap_option(parser, "another DHT node to join (repeatable); #ID pins its node id")
 
 
 def make_service(args: argparse.Namespace, reactor: Any) -> DHTService:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from meshnode.commands.worker import DEFAULT_MODEL
+from meshnode.commands.options import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "What is the capital of France?"
 #: seconds to wait for the DHT to show every block covered

@@ -13,18 +13,13 @@ import argparse
 import json
 import sys
 
+from meshnode.commands.options import add_bootstrap_option, add_model_option
 from meshnode.errors import ModelError
-
-DEFAULT_MODEL = "smollm2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true", help="run every block in this process")
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="checkpoint folder, .gguf file, or 'smollm2' (default)",
-    )
+    add_model_option(parser, "checkpoint folder, .gguf file, or 'smollm2'")
     parser.add_argument("--prompt", default=None, help="the prompt text")
     parser.add_argument(
         "--prompt-ids",
@@ -39,13 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = no top-p filter")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        metavar="HOST:PORT[#ID]",
-        help="a DHT node to join (repeatable; mesh mode)",
-    )
+    add_bootstrap_option(parser, "a DHT node to join (repeatable; mesh mode); #ID pins its node id")
 
 
 def run(args: argparse.Namespace) -> int:

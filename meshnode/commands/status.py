@@ -12,25 +12,13 @@ import json
 from typing import Any
 
 from meshnode.client.routing.route import candidates_from_records
-from meshnode.commands.worker import DEFAULT_MODEL, peer_address
+from meshnode.commands.options import add_bootstrap_option, add_model_option
 from meshnode.errors import ClientError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        type=peer_address,
-        metavar="H:P[#ID]",
-        help="a DHT node to join (repeatable)",
-    )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="SPEC",
-        help=f"the model whose blocks to show (default: {DEFAULT_MODEL})",
-    )
+    add_bootstrap_option(parser)
+    add_model_option(parser, "the model whose blocks to show")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meshnode.commands.options import add_bootstrap_option, add_model_option, parsed_by
 from meshnode.errors import MeshError
-from meshnode.identity import PeerAddress
 from meshnode.worker.records import BlockSpan
 from meshnode.worker.service import (
     DEFAULT_CACHE_TOKENS,
@@ -22,40 +22,12 @@ from meshnode.worker.service import (
 )
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT
 
-DEFAULT_MODEL = "smollm2"
-
-
-def peer_address(text: str) -> PeerAddress:
-    """argparse type for ``H:P[#id]``."""
-    try:
-        return PeerAddress.parse(text)
-    except MeshError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
-
-
-def block_span(text: str) -> BlockSpan:
-    """argparse type for ``A:B``."""
-    try:
-        return BlockSpan.parse(text)
-    except MeshError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from exc
+block_span = parsed_by(BlockSpan.parse)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--bootstrap",
-        action="append",
-        default=[],
-        type=peer_address,
-        metavar="H:P[#ID]",
-        help="a DHT node to join (repeatable)",
-    )
-    parser.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        metavar="SPEC",
-        help=f"model to serve (default: {DEFAULT_MODEL})",
-    )
+    add_bootstrap_option(parser)
+    add_model_option(parser, "model to serve")
     span = parser.add_mutually_exclusive_group()
     span.add_argument("--blocks", type=block_span, metavar="A:B", help="serve blocks A to B-1")
     span.add_argument(

@@ -1,0 +1,50 @@
+"""Options shared by several subcommands: argparse types and the common flags."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TypeVar
+
+from meshnode.errors import MeshError
+from meshnode.identity import PeerAddress
+
+#: the model every command uses unless told otherwise (``meshnode.model.source`` knows it)
+DEFAULT_MODEL = "smollm2"
+
+T = TypeVar("T")
+
+
+def parsed_by(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse ``type`` from a parser that raises MeshError on bad text."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except MeshError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    convert.__name__ = getattr(parse, "__qualname__", "value")
+    return convert
+
+
+peer_address = parsed_by(PeerAddress.parse)
+
+
+def add_bootstrap_option(parser: argparse.ArgumentParser, help: str = "") -> None:
+    """``--bootstrap H:P[#ID]``, repeatable, parsed into PeerAddress values."""
+    parser.add_argument(
+        "--bootstrap",
+        action="append",
+        default=[],
+        type=peer_address,
+        metavar="H:P[#ID]",
+        help=help or "a DHT node to join (repeatable); #ID pins its node id",
+    )
+
+
+def add_model_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--model SPEC``: smollm2, a .gguf file or a checkpoint folder."""
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, metavar="SPEC", help=f"{help} (default: {DEFAULT_MODEL})"
+    )
