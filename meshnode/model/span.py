@@ -1,9 +1,12 @@
 """The span runner: blocks [start, end) over a fixed-size, donated KV cache.
 
-A span's layer parameters are stacked on a leading axis and run with
-``lax.scan``, so one compiled step serves the whole span, its compile time does
-not grow with the span, and a decode step dispatches ~a dozen arrays instead of
-nine per layer. Shapes stay static: the cache is allocated once at its max
+A span's layer parameters arrive stacked on a leading axis. On accelerators
+they run with ``lax.scan``: one compiled step serves the whole span and its
+compile time does not grow with the span. On CPU, scan's per-layer weight
+slices are copies (decode ran 2x slower), so the layers are unrolled over one
+device array per layer instead. The runner keeps only the device copy of the
+weights, and ``sub_runner`` serves any part of the span from that same copy.
+Shapes stay static: the cache is allocated once at its max
 length rounded up to a bucket; prefill lengths are padded to a bucket (the pad
 positions are written past the real ones and never attended to before being
 overwritten); attention reads only a bucketed prefix of the cache.
@@ -101,32 +104,47 @@ class SpanRunner:
         compute_dtype: Any = jnp.float32,
         scan: bool | None = None,
     ) -> None:
-        self.config = config
-        self.params = params
-        self.compute_dtype = jnp.dtype(compute_dtype)
-        self.scan = jax.default_backend() != "cpu" if scan is None else scan
-        self._windows = tuple(config.layer_windows[params.start : params.end])
-        if self.scan:
-            self._layers: Any = {name: jnp.asarray(a) for name, a in params.layers.items()}
+        scan = jax.default_backend() != "cpu" if scan is None else scan
+        if scan:
+            layers: Any = {name: jnp.asarray(a) for name, a in params.layers.items()}
         else:
-            self._layers = [
+            layers = [
                 {name: jnp.asarray(a[i]) for name, a in params.layers.items()}
                 for i in range(params.num_layers)
             ]
+        self._setup(config, params.start, params.end, compute_dtype, scan, layers)
 
-    @property
-    def start(self) -> int:
-        return self.params.start
+    def _setup(
+        self, config: ModelConfig, start: int, end: int, compute_dtype: Any, scan: bool, layers: Any
+    ) -> None:
+        self.config = config
+        self.start, self.end = start, end
+        self.num_layers = end - start
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        self.scan = scan
+        self._windows = tuple(config.layer_windows[start:end])
+        self._layers = layers  # device arrays: stacked (scan) or one dict per layer
 
-    @property
-    def end(self) -> int:
-        return self.params.end
+    def sub_runner(self, start: int, end: int) -> SpanRunner:
+        """Blocks [start, end) of this span, sharing this runner's device weights."""
+        if not self.start <= start < end <= self.end:
+            raise ShapeMismatch(
+                f"blocks {start}:{end} are not inside this runner's {self.start}:{self.end}"
+            )
+        i, j = start - self.start, end - self.start
+        if self.scan:
+            layers: Any = {name: a[i:j] for name, a in self._layers.items()}
+        else:
+            layers = self._layers[i:j]
+        runner = object.__new__(SpanRunner)
+        runner._setup(self.config, start, end, self.compute_dtype, self.scan, layers)
+        return runner
 
     def new_cache(self, max_length: int, batch: int = 1) -> KVCache:
         """A zeroed cache for sequences up to max_length positions, rounded to a bucket."""
         c = self.config
         shape = (
-            self.params.num_layers,
+            self.num_layers,
             batch,
             cache_length(max_length),
             c.num_kv_heads,
@@ -139,7 +157,7 @@ class SpanRunner:
         c = self.config
         positions = cache_length(max_length)
         per_position = 2 * c.num_kv_heads * c.head_dim * self.compute_dtype.itemsize
-        return self.params.num_layers * batch * positions * per_position
+        return self.num_layers * batch * positions * per_position
 
     def forward(
         self, hidden: Any, start_position: int, cache: KVCache

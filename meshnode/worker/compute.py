@@ -10,7 +10,6 @@ first use from slices of the stacked parameters and kept.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -57,7 +56,6 @@ class SpanCompute:
         self.span = span
         self.compute_dtype = compute_dtype
         self.hidden_size: int = source.config.hidden_size
-        self._params: Any = None
         self._runners: dict[BlockSpan, Any] = {}
 
     def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
@@ -83,20 +81,14 @@ class SpanCompute:
     def _load(self) -> None:
         from meshnode.model.span import SpanRunner
 
-        self._params = self._source.load_span_params(
-            self.span.start, self.span.end, self.compute_dtype
-        )
-        self._runners[self.span] = SpanRunner(self._source.config, self._params, self.compute_dtype)
+        # The host copy of the weights is dropped once the runner holds them on the device.
+        params = self._source.load_span_params(self.span.start, self.span.end, self.compute_dtype)
+        self._runners[self.span] = SpanRunner(self._source.config, params, self.compute_dtype)
 
     def _runner(self, span: BlockSpan) -> Any:
         runner = self._runners.get(span)
         if runner is None:
-            from meshnode.model.span import SpanRunner
-
-            params = slice_span_params(
-                self._params, span.start - self.span.start, span.end - self.span.start
-            )
-            runner = SpanRunner(self._source.config, params, self.compute_dtype)
+            runner = self._runners[self.span].sub_runner(span.start, span.end)
             self._runners[span] = runner
         return runner
 
@@ -127,13 +119,3 @@ class SpanCompute:
             token = np.asarray(out)
         elapsed = time.perf_counter() - began
         return (WARMUP_DECODE_STEPS - 1) / max(elapsed, 1e-9)
-
-
-def slice_span_params(params: Any, start: int, end: int) -> Any:
-    """Layers ``[start, end)`` (relative to the span) of stacked ``SpanParams``."""
-    return dataclasses.replace(
-        params,
-        start=params.start + start,
-        end=params.start + end,
-        layers={name: array[start:end] for name, array in params.layers.items()},
-    )

@@ -15,7 +15,7 @@ from model_helpers import reference_greedy, reference_logits, relative_error
 
 from meshnode.model.generate import LocalModel
 from meshnode.model.source import open_model, smollm2_path
-from meshnode.model.span import SpanParams, SpanRunner
+from meshnode.model.span import SpanRunner
 
 pytestmark = pytest.mark.slow
 
@@ -116,28 +116,21 @@ def test_capital_of_france(local):
     assert result.stop_reason == "eos"
 
 
-def _slice(local, start, end):
-    """Blocks [start, end) cut from the loaded full span (reading the GGUF again is slow)."""
-    layers = {name: array[start:end] for name, array in local.runner.params.layers.items()}
-    return SpanParams(start=start, end=end, layers=layers)
-
-
 def test_three_spans_equal_one_span(source, local):
     """When blocks 0-9, 10-19 and 20-29 run one after another, then they equal blocks 0-29."""
-    config = source.config
     ids = source.tokenizer().encode_chat(CHAT)
     embedded = np.asarray(local.head.embed([ids]))  # [1, T, H]
     whole, _ = local.runner.forward(embedded, 0, local.runner.new_cache(len(ids) + 1))
     hidden = embedded
     for start in (0, 10, 20):
-        runner = SpanRunner(config, _slice(local, start, start + 10))
+        runner = local.runner.sub_runner(start, start + 10)  # shares the loaded weights
         hidden, _ = runner.forward(np.asarray(hidden), 0, runner.new_cache(len(ids) + 1))
     assert relative_error(np.asarray(hidden), np.asarray(whole)) <= 1e-5
 
 
 def test_scan_layout_equals_unrolled_layout(source, local):
     """When a span runs with lax.scan over stacked weights, then it equals the unrolled run."""
-    params = _slice(local, 20, 30)
+    params = source.load_span_params(20, 30)
     embedded = np.random.default_rng(0).normal(size=(1, 24, source.config.hidden_size))
     outputs = []
     for scan in (False, True):
