@@ -12,21 +12,15 @@ reactor itself) and ``twistd meshnode bootstrap`` (``meshnode/tap.py``, through
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
-from meshnode.commands.options import add_bootstrap_option
+from meshnode.commands.options import add_bootstrap_option, add_listen_options
 from meshnode.dht.service import DHTService, DHTServiceOptions, build_dht_service
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="D",
-        help="keep the node key here, so the node id survives restarts (default: a new id)",
+    add_listen_options(
+        parser, "keep the node key here, so the node id survives restarts (default: a new id)"
     )
     add_bootstrap_option(parser, "another DHT node to join (repeatable); #ID pins its node id")
 

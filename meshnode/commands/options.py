@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from meshnode.errors import MeshError
@@ -48,3 +49,10 @@ def add_model_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument(
         "--model", default=DEFAULT_MODEL, metavar="SPEC", help=f"{help} (default: {DEFAULT_MODEL})"
     )
+
+
+def add_listen_options(parser: argparse.ArgumentParser, data_dir_help: str) -> None:
+    """``--host``, ``--port`` and ``--data-dir`` of a node that listens."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
+    parser.add_argument("--data-dir", type=Path, metavar="D", help=data_dir_help)

@@ -11,7 +11,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from meshnode.commands.options import add_bootstrap_option, add_model_option, parsed_by
+from meshnode.commands.options import (
+    add_bootstrap_option,
+    add_listen_options,
+    add_model_option,
+    parsed_by,
+)
 from meshnode.errors import MeshError
 from meshnode.worker.records import BlockSpan
 from meshnode.worker.service import (
@@ -36,14 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="serve the N blocks least served in the mesh now (default: all)",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
-    parser.add_argument(
-        "--data-dir",
-        type=Path,
-        metavar="D",
-        help="node key and state (default: a new temporary folder)",
-    )
+    add_listen_options(parser, "node key and state (default: a new temporary folder)")
     _add_session_limits(parser)
 
 
