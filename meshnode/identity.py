@@ -40,7 +40,7 @@ KEY_FILE_MODE = 0o600
 CERT_VALIDITY = datetime.timedelta(days=3650)
 # Certificates are checked by node id, never by date; a fixed not-before in the
 # past keeps a peer with a skewed clock from rejecting us at the handshake.
-CERT_NOT_BEFORE = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+CERT_NOT_BEFORE = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
 
 
 def _spki_der(public_key: Ed25519PublicKey) -> bytes:

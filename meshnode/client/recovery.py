@@ -289,7 +289,7 @@ class SpanRecovery:
         self, session: SpanSession, error: BaseException, abandoned: list[SpanSession]
     ) -> None:
         duration = self.bans.ban(session.hop.node_id)
-        log.warn(  # noqa: G010 (twisted.logger.Logger has warn, not warning)
+        log.warn(
             "worker {worker} failed on span {span} ({error}); banned for {ban:g} s",
             worker=session.hop.node_id.hex()[:12],
             span=str(session.span),

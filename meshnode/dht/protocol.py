@@ -164,7 +164,7 @@ class DHTProtocol:
                 validate_record(record, now, self.storage.max_ttl, self.storage.max_value_bytes)
             except InvalidRecord as exc:
                 # twisted.logger.Logger spells it warn
-                log.warn("dropping a record from {peer}: {why}", peer=contact, why=exc)  # noqa: G010
+                log.warn("dropping a record from {peer}: {why}", peer=contact, why=exc)
                 continue
             records.append(record)
         return QueryAnswer(messages.contacts_field(fields), records)

@@ -75,7 +75,7 @@ class DHTService(Service):
                 size = await self.node.bootstrap(options.bootstrap)
                 self.log.info("joined the DHT: {size} contacts", size=size)
             except DHTError as exc:
-                self.log.warn("running alone for now: {error}", error=exc)  # noqa: G010
+                self.log.warn("running alone for now: {error}", error=exc)
         return address
 
     def _failed_start(self, failure: Failure) -> None:

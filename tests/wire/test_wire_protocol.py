@@ -253,7 +253,7 @@ def test_paused_transport_queues_views_and_resume_flushes():
     queued = connection.protocol.queued_bytes
     assert queued > tensor.nbytes
     connection.protocol.resumeProducing()
-    (header, frame), = connection.sent_frames()
+    (_header, frame), = connection.sent_frames()
     np.testing.assert_array_equal(frame.body[:tensor.nbytes].view(np.float32), tensor)
     assert connection.protocol.stats.bytes_sent == queued
 
