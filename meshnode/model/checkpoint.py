@@ -66,5 +66,5 @@ def _tensor_files(folder: Path) -> dict[str, str]:
     single = folder / SINGLE_FILE
     if single.is_file():
         with safe_open(str(single), framework="numpy") as handle:
-            return {name: SINGLE_FILE for name in handle.keys()}  # a safe_open handle is not iterable
+            return {name: SINGLE_FILE for name in handle.keys()}  # noqa: SIM118  # a safe_open handle is not iterable
     raise MissingWeights(f"{folder}: neither {SINGLE_FILE} nor {INDEX_FILE}")
