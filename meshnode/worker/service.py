@@ -129,8 +129,10 @@ class WorkerService(Service):
 
     def _serve(self, source: Any, compute: SpanCompute) -> None:
         options = self.options
+        from meshnode.model.span import cache_length
+
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
-                                  options.idle_timeout)
+                                  options.idle_timeout, cache_positions=cache_length)
         dtype = str(compute.compute_dtype)
         # a session can never be longer than the positions the model was trained for
         max_length = min(options.max_length, source.config.max_position_embeddings)

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshnode.errors import BadRequest, LengthLimit, SessionLimit, UnknownSession
+from meshnode.errors import BadRequest, LengthLimit, NoCapacity, SessionLimit, UnknownSession
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.limits import MAX_SESSION_AGE, MAX_SESSIONS_PER_PEER
 from meshnode.worker.records import SESSION_ID_BYTES, BlockSpan
@@ -45,6 +45,8 @@ class Session:
     closed: bool = False
     steps: int = field(default=0)
     opened: float = 0.0
+    #: cache tokens held in the budget: max_length rounded up as the cache is allocated
+    reserved: int = 0
 
     def check_step(self, span: BlockSpan, start: int, length: int) -> None:
         """Raise unless a step of ``length`` new positions at ``start`` fits this session."""
@@ -74,8 +76,11 @@ class SessionTable:
         new_id: Callable[[], bytes] = lambda: os.urandom(SESSION_ID_BYTES),
         max_per_owner: int = MAX_SESSIONS_PER_PEER,
         max_age: float = MAX_SESSION_AGE,
+        cache_positions: Callable[[int], int] = lambda max_length: max_length,
     ):
         self.budget = budget
+        # what a cache for max_length positions really allocates (the model rounds up)
+        self._cache_positions = cache_positions
         self._clock = clock
         self.idle_timeout = idle_timeout
         self._new_id = new_id
@@ -89,16 +94,23 @@ class SessionTable:
         return len(self._sessions)
 
     def open(self, owner: bytes, span: BlockSpan, max_length: int) -> Session:
-        """Reserve ``max_length`` cache tokens and register a session (``NoCapacity`` if full,
-        ``SessionLimit`` if ``owner`` holds ``max_per_owner`` sessions already)."""
+        """Reserve the cache tokens of ``max_length`` positions and register a session
+        (``NoCapacity`` if full, ``SessionLimit`` if ``owner`` holds ``max_per_owner``
+        sessions already)."""
         if self._owned.get(owner, 0) >= self.max_per_owner:
             raise SessionLimit(f"at most {self.max_per_owner} open sessions per client")
-        self.budget.reserve(max_length)
+        reserved = self._cache_positions(max_length)
+        try:
+            self.budget.reserve(reserved)
+        except NoCapacity as exc:
+            if reserved == max_length:
+                raise
+            raise NoCapacity(f"{exc} (max_length {max_length} takes {reserved})") from None
         session_id = self._new_id()
         while session_id in self._sessions:
             session_id = self._new_id()
         now = self._clock.seconds()
-        session = Session(session_id, owner, span, max_length, now, opened=now)
+        session = Session(session_id, owner, span, max_length, now, opened=now, reserved=reserved)
         self._sessions[session_id] = session
         self._owned[owner] = self._owned.get(owner, 0) + 1
         return session
@@ -164,7 +176,7 @@ class SessionTable:
     def _free(self, session: Session) -> None:
         if self._sessions.pop(session.session_id, None) is not None:
             session.cache = None
-            self.budget.release(session.max_length)
+            self.budget.release(session.reserved)
             self._owned[session.owner] -= 1
             if not self._owned[session.owner]:
                 del self._owned[session.owner]

@@ -33,6 +33,19 @@ def test_budget_reserve_and_release():
     assert budget.free == 100
 
 
+def test_a_rounded_up_cache_is_what_the_budget_holds():
+    """When the cache of max_length positions is allocated rounded up to a bucket, then the
+    budget holds the rounded size, refuses what no longer fits and frees it all on close."""
+    clock = Clock()
+    table = SessionTable(CacheBudget(96), clock, 60.0, cache_positions=lambda n: 64)
+    session = table.open(ALICE, SPAN, 40)
+    assert (session.max_length, session.reserved, table.budget.free) == (40, 64, 32)
+    with pytest.raises(NoCapacity, match="64 cache tokens asked, 32 of 96 free"):
+        table.open(BOB, SPAN, 20)
+    table.close(ALICE, session.session_id)
+    assert table.budget.free == 96
+
+
 def test_open_reserves_and_close_frees():
     """When a session opens, then its max length is reserved until it closes."""
     table, _ = make_table(1000)

@@ -1,7 +1,7 @@
 """Memory bounds of a real worker process: the cache budget, session churn, RSS at rest.
 
 Two worker processes of a tiny checkpoint serve all six blocks: ``small`` with a
-cache budget of 48 tokens, ``roomy`` with the default budget.
+cache budget of 64 tokens, ``roomy`` with the default budget.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from meshnode.errors import RemoteError
 from meshnode.worker import messages
 from meshnode.worker.records import BlockSpan
 
-SMALL_BUDGET = 48
+SMALL_BUDGET = 64
 ROOMY_BUDGET = 16384
 SPAN = BlockSpan(0, 6)
 SESSIONS = 500
@@ -58,7 +58,7 @@ async def test_a_full_budget_refuses_with_a_clear_error_and_the_client_falls_bac
         with pytest.raises(RemoteError) as caught:
             await with_timeout(refused.open(model))
         assert caught.value.code == "no_capacity"
-        assert "40 cache tokens asked, 8 of 48 free" in caught.value.message
+        assert "64 cache tokens asked, 0 of 64 free" in caught.value.message
         ids = prompts(1, 128, seed=77)[0]
         options = GenerationOptions(max_new_tokens=8)
         result = await with_timeout(client.generate_ids(ids, options, route=route))
