@@ -10,11 +10,12 @@ from typing import Any
 
 import numpy as np
 import psutil
+from resilience_helpers import pinned_hop
 from twisted.internet.defer import Deferred, DeferredList
 
 from meshnode.client.chain import InferenceChain
-from meshnode.client.routing.route import Route, RouteHop
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.client.routing.route import Route
+from meshnode.worker.records import BlockSpan
 
 MIB = 1024 * 1024
 #: (prompt positions, session max length) cycled through by ``churn``: every shape a
@@ -52,8 +53,7 @@ def footprint(source: Any, span: BlockSpan, cache_tokens: int) -> Footprint:
 
 def direct_route(address: Any, span: BlockSpan, model: str) -> Route:
     """A one-hop route to the worker at ``address`` over ``span``."""
-    info = ServerInfo(str(address), span, WorkerState.ONLINE, 1.0, 1 << 20, "float32", model)
-    return Route((RouteHop(address.node_id, info, span),), 0.0)
+    return Route((pinned_hop(address, span, span, model),), 0.0)
 
 
 async def one_session(

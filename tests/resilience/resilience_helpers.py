@@ -6,7 +6,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from meshnode.client.routing.route import RouteHop
 from meshnode.testing.processes import LocalMesh, NodeFailed, NodeProcess
+from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
 
 #: seconds any awaited Deferred of a resilience test may take before the test fails
 DEFERRED_TIMEOUT = 120.0
@@ -81,3 +83,10 @@ def make_client(mesh: LocalMesh, model: str, step_timeout: float, route_wait: fl
     client.recovery_options = RecoveryOptions(route_wait=route_wait)
     pytest_twisted.blockon(client.start().addTimeout(DEFERRED_TIMEOUT, reactor()))
     return client
+
+
+def pinned_hop(address: Any, worker_span: BlockSpan, used: BlockSpan, model: str) -> RouteHop:
+    """A route hop through the worker at ``address`` (serving ``worker_span``) over ``used``,
+    chosen by the test instead of the router."""
+    info = ServerInfo(str(address), worker_span, WorkerState.ONLINE, 1.0, 1 << 20, "float32", model)
+    return RouteHop(address.node_id, info, used)

@@ -20,13 +20,21 @@ import psutil
 import pytest
 import pytest_twisted
 from mesh_helpers import prompts
-from resilience_helpers import is_ready, make_client, poll, reactor, start_mesh, with_timeout
+from resilience_helpers import (
+    is_ready,
+    make_client,
+    pinned_hop,
+    poll,
+    reactor,
+    start_mesh,
+    with_timeout,
+)
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.recovery import RecoveryOptions
-from meshnode.client.routing.route import Route, RouteHop
+from meshnode.client.routing.route import Route
 from meshnode.errors import RouteNotFound
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.worker.records import BlockSpan
 
 SPANS = ("0:6", "0:3", "3:6", "0:2", "2:4", "4:6")
 LAYERS = 6
@@ -89,17 +97,12 @@ class Chaos:
         fingerprint = self.client.source.fingerprint
         chosen = []
         for worker_span, used in hops:
-            node = self.serving[worker_span]
-            info = ServerInfo(
-                str(node.address),
-                BlockSpan.parse(worker_span),
-                WorkerState.ONLINE,
-                1.0,
-                1 << 20,
-                "float32",
-                fingerprint,
+            address = self.serving[worker_span].address
+            chosen.append(
+                pinned_hop(
+                    address, BlockSpan.parse(worker_span), BlockSpan.parse(used), fingerprint
+                )
             )
-            chosen.append(RouteHop(node.address.node_id, info, BlockSpan.parse(used)))
         return Route(tuple(chosen), 0.0)
 
 

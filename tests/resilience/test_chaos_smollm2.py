@@ -14,12 +14,12 @@ import signal
 import numpy as np
 import pytest
 import pytest_twisted
-from resilience_helpers import make_client, start_mesh, with_timeout
+from resilience_helpers import make_client, pinned_hop, start_mesh, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.routing.route import Route, RouteHop
 from meshnode.model.decoding import prompt_token_ids
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.worker.records import BlockSpan
 
 SPANS = ("0:15", "15:30", "0:30")
 QUESTION = "What is the capital of France?"
@@ -41,16 +41,7 @@ def smollm2_mesh(tmp_path_factory):
 
 
 def hop(node, worker_span: str, used: str, model: str) -> RouteHop:
-    info = ServerInfo(
-        str(node.address),
-        BlockSpan.parse(worker_span),
-        WorkerState.ONLINE,
-        1.0,
-        1 << 20,
-        "float32",
-        model,
-    )
-    return RouteHop(node.address.node_id, info, BlockSpan.parse(used))
+    return pinned_hop(node.address, BlockSpan.parse(worker_span), BlockSpan.parse(used), model)
 
 
 @pytest_twisted.ensureDeferred
