@@ -21,6 +21,7 @@ from gguf.quants import dequantize
 
 from meshnode.errors import ConfigError, MissingWeights, ModelError, UnknownArchitecture
 from meshnode.model.config import ModelConfig, RopeConfig
+from meshnode.model.quant import QuantizedMatrix, from_gguf
 
 #: GGUF general.architecture -> engine family
 _FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -103,15 +104,35 @@ class GGUFFile:
         return target is not None and target in self._tensors
 
     def read(self, name: str) -> np.ndarray:
+        target = self._target(name)
+        return self._unpermute(target, read_tensor(self._tensors[target]))
+
+    def read_quantized(self, name: str) -> QuantizedMatrix | None:
+        """A 2-D tensor still in its blocks (see meshnode/model/quant.py), or None when its
+        type has no such form (the caller then reads it dequantized)."""
+        target = self._target(name)
+        tensor = self._tensors[target]
+        if len(tensor.shape) != 2:
+            return None
+        rows = int(tensor.shape[1])
+        matrix = from_gguf(GGMLQuantizationType(tensor.tensor_type), np.asarray(tensor.data), rows)
+        if matrix is None:
+            return None
+        return matrix.map(lambda a: self._unpermute(target, a))
+
+    def _target(self, name: str) -> str:
         target = gguf_name(name)
         if target is None or target not in self._tensors:
             raise MissingWeights(f"{self.path}: no tensor for {name!r}")
-        array = read_tensor(self._tensors[target])
+        return target
+
+    def _unpermute(self, target: str, rows: np.ndarray) -> np.ndarray:
+        """Undo llama.cpp's q/k row order on anything laid out by rows (values or blocks)."""
         if self.architecture in _PERMUTED and (".attn_q." in target or ".attn_k." in target):
             config = self.config
             heads = config.num_heads if ".attn_q." in target else config.num_kv_heads
-            array = reverse_permute(array, heads)
-        return array
+            return reverse_permute(rows, heads)
+        return rows
 
 
 def read_tensor(tensor: Any) -> np.ndarray:

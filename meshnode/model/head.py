@@ -3,6 +3,7 @@
 ``ClientHead.embed`` turns token ids into the hidden states the first block
 takes; ``ClientHead.logits`` turns the last block's output into float32 logits
 of the last position. A tied model has no ``lm_head`` and reuses the embedding.
+The embedding and head may be ``QuantizedMatrix`` [V, H] (meshnode/model/quant.py).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import numpy as np
 from meshnode.errors import ShapeMismatch
 from meshnode.model.config import ModelConfig
 from meshnode.model.layers import rms_norm
+from meshnode.model.quant import is_quantized, linear, take_rows
 
 
 @dataclasses.dataclass(frozen=True)
 class ClientParams:
-    """embed [V, H], final_norm [H], lm_head [H, V] or None when tied to embed."""
+    """embed [V, H], final_norm [H], lm_head [H, V] (or a QuantizedMatrix [V, H]) or None
+    when tied to embed."""
 
     embed: Any
     final_norm: Any
@@ -37,12 +40,9 @@ class ClientHead:
     ) -> None:
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self._params = {
-            "embed": jnp.asarray(params.embed),
-            "final_norm": jnp.asarray(params.final_norm),
-        }
+        self._params = jax.device_put({"embed": params.embed, "final_norm": params.final_norm})
         if params.lm_head is not None:
-            self._params["lm_head"] = jnp.asarray(params.lm_head)
+            self._params["lm_head"] = jax.device_put(params.lm_head)
 
     def embed(self, token_ids: Any) -> jax.Array:
         """token ids [B, T] (ints) -> hidden [B, T, H] in the compute dtype."""
@@ -79,12 +79,15 @@ class ClientHead:
 
 @functools.partial(jax.jit, static_argnames=("compute_dtype",))
 def _embed(embed: jax.Array, ids: jax.Array, *, compute_dtype: str) -> jax.Array:
-    return jnp.take(embed, ids, axis=0).astype(compute_dtype)  # [B, T, H]
+    return take_rows(embed, ids).astype(compute_dtype)  # [B, T, H]
 
 
 def _project(params: dict, hidden: jax.Array, eps: float, compute_dtype: str) -> jax.Array:
     dtype = jnp.dtype(compute_dtype)
     x = rms_norm(hidden.astype(dtype), params["final_norm"], eps)  # [..., H]
+    head = params.get("lm_head", params["embed"])
+    if is_quantized(head):  # [V, H]
+        return linear(x.astype(jnp.float32), head)  # [..., V]
     if "lm_head" in params:
         return jnp.einsum(
             "...h,hv->...v", x, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32

@@ -16,7 +16,9 @@ w_down         [F, H]              SwiGLU down projection
 =============  ==================  ==========================================
 
 with Q = heads * head_dim and KV = kv_heads * head_dim. Fusing q/k/v and gate/up
-halves the number of matmuls a decode step dispatches. Norm statistics, the
+halves the number of matmuls a decode step dispatches. A projection may instead
+be a ``QuantizedMatrix`` in [out, in] orientation (meshnode/model/quant.py):
+every projection goes through ``quant.linear``, which takes either form. Norm statistics, the
 softmax and the residual stream's rotary math run in float32 whatever the
 compute dtype.
 """
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from meshnode.model.config import ModelConfig
+from meshnode.model.quant import linear
 from meshnode.model.rope import apply_rope
 
 #: additive mask value; finite so fully masked (padding) rows stay NaN-free
@@ -72,7 +75,7 @@ def attention(
     kv_length = mask.shape[-1]
     layer_index, start = cache_index
 
-    qkv = x @ layer["wqkv"]  # [B, T, Q + 2KV]
+    qkv = linear(x, layer["wqkv"])  # [B, T, Q + 2KV]
     if "bqkv" in layer:
         qkv = qkv + layer["bqkv"]
     q, k, v = jnp.split(qkv, [config.q_size, config.q_size + config.kv_size], axis=-1)
@@ -96,7 +99,7 @@ def attention(
     scores = jnp.where(mask[None, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)  # [B, K, G, T, A]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(x.dtype))  # [B, T, K, G, D]
-    out = out.reshape(batch, length, heads * dim) @ layer["wo"]  # [B, T, H]
+    out = linear(out.reshape(batch, length, heads * dim), layer["wo"])  # [B, T, H]
     if "bo" in layer:
         out = out + layer["bo"]
     return out, (k_cache, v_cache)
@@ -104,9 +107,9 @@ def attention(
 
 def mlp(layer: dict, x: jnp.ndarray) -> jnp.ndarray:
     """SwiGLU: x [B, T, H] -> [B, T, H]."""
-    gate_up = x @ layer["w_gate_up"]  # [B, T, 2F]
+    gate_up = linear(x, layer["w_gate_up"])  # [B, T, 2F]
     gate, up = jnp.split(gate_up, 2, axis=-1)  # [B, T, F] each
-    return (jax.nn.silu(gate) * up) @ layer["w_down"]  # [B, T, H]
+    return linear(jax.nn.silu(gate) * up, layer["w_down"])  # [B, T, H]
 
 
 def decoder_block(

@@ -21,10 +21,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from meshnode import native
 from meshnode.errors import ConfigError
 from meshnode.model import weights
 from meshnode.model.checkpoint import SafetensorsReader
 from meshnode.model.config import ModelConfig, load_hf_config
+from meshnode.model.dtypes import storage_dtype
 from meshnode.model.gguf_file import GGUFFile
 from meshnode.model.head import ClientParams
 from meshnode.model.span import SpanParams
@@ -62,14 +66,33 @@ class ModelSource:
             self._tokenizer = self._tokenizer_factory()
         return self._tokenizer
 
-    def load_client_params(self, dtype: Any = "float32") -> ClientParams:
-        return weights.client_params(self.config, self._reader, dtype)
+    def load_client_params(
+        self, dtype: Any = "float32", quantized: bool | None = None
+    ) -> ClientParams:
+        """Embedding, norm and head; ``quantized`` as for load_span_params."""
+        return weights.client_params(
+            self.config, self._reader, dtype, keep_quantized(quantized, dtype)
+        )
 
-    def load_span_params(self, start: int, end: int, dtype: Any = "float32") -> SpanParams:
-        return weights.span_params(self.config, self._reader, start, end, dtype)
+    def load_span_params(
+        self, start: int, end: int, dtype: Any = "float32", quantized: bool | None = None
+    ) -> SpanParams:
+        """Blocks [start, end). ``quantized``: keep quantized weights (GGUF Q4_0, Q4_1,
+        Q8_0) in their blocks; None (the default) does so where the native kernels
+        run (see meshnode/native) and the dtype is float32."""
+        return weights.span_params(
+            self.config, self._reader, start, end, dtype, keep_quantized(quantized, dtype)
+        )
 
     def __repr__(self) -> str:
         return f"ModelSource({self.name!r}, {self.config.family}, {self.config.num_layers} blocks)"
+
+
+def keep_quantized(quantized: bool | None, dtype: Any) -> bool:
+    """Whether to load quantized weights as QuantizedMatrix (see load_span_params)."""
+    if quantized is not None:
+        return quantized
+    return storage_dtype(dtype) == np.float32 and native.load()
 
 
 def open_model(spec: str | Path = DEFAULT_MODEL) -> ModelSource:

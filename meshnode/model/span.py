@@ -31,6 +31,7 @@ from jax import lax
 from meshnode.errors import CacheOverflow, ShapeMismatch
 from meshnode.model.config import ModelConfig
 from meshnode.model.layers import attention_mask, decoder_block
+from meshnode.model.quant import is_quantized
 from meshnode.model.rope import inverse_frequencies, rope_tables
 
 #: prefill lengths are padded up to the next of these (then to multiples of the last)
@@ -106,10 +107,10 @@ class SpanRunner:
     ) -> None:
         scan = jax.default_backend() != "cpu" if scan is None else scan
         if scan:
-            layers: Any = {name: jnp.asarray(a) for name, a in params.layers.items()}
+            layers: Any = jax.device_put(params.layers)
         else:
             layers = [
-                {name: jnp.asarray(a[i]) for name, a in params.layers.items()}
+                jax.device_put({name: a[i] for name, a in params.layers.items()})
                 for i in range(params.num_layers)
             ]
         self._setup(config, params.start, params.end, compute_dtype, scan, layers)
@@ -221,7 +222,8 @@ def _prologue(hidden, start, config: ModelConfig, compute_dtype: str):
 
 
 def _cast(layer: dict, compute_dtype: str) -> dict:
-    return {name: p.astype(compute_dtype) for name, p in layer.items()}
+    """Float weights in the compute dtype; quantized ones stay as they are."""
+    return {name: p if is_quantized(p) else p.astype(compute_dtype) for name, p in layer.items()}
 
 
 @functools.partial(

@@ -6,6 +6,12 @@ numpy array in HF layout ([out, in] for projections). This module renames,
 checks each tensor's shape against the config, transposes to [in, out], fuses
 q/k/v and gate/up, casts to the storage dtype, and stacks a span's layers on a
 leading axis. Only the tensors of the requested blocks are read.
+
+With ``quantized=True``, a reader that can hand over a projection still in its
+quantization blocks (``read_quantized``: GGUF's Q4_0, Q4_1, Q8_0) gives a
+``QuantizedMatrix`` [out, in] instead (meshnode/model/quant.py); a fused weight
+whose parts do not share one form, or a layer stack whose layers do not, falls
+back to float32 for that weight.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from meshnode.errors import MissingWeights, ModelError, ShapeMismatch
 from meshnode.model.config import ModelConfig
 from meshnode.model.dtypes import storage_dtype
 from meshnode.model.head import ClientParams
+from meshnode.model.quant import QuantizedMatrix, concat_rows, is_quantized, stack
 from meshnode.model.span import SpanParams
 
 
@@ -27,6 +34,12 @@ class TensorReader(Protocol):
     def has(self, name: str) -> bool: ...
 
     def read(self, name: str) -> np.ndarray: ...
+
+
+class QuantizedReader(TensorReader, Protocol):
+    """A reader that can also hand over a matrix still in its quantization blocks."""
+
+    def read_quantized(self, name: str) -> QuantizedMatrix | None: ...
 
 
 def layer_prefix(index: int) -> str:
@@ -42,34 +55,64 @@ def _fetch(reader: TensorReader, name: str, shape: tuple[int, ...]) -> np.ndarra
     return array
 
 
-def layer_tensors(config: ModelConfig, reader: TensorReader, index: int) -> dict[str, np.ndarray]:
-    """One layer's parameters (see meshnode/model/layers.py), float32, fused, [in, out]."""
+def _fetch_quantized(
+    reader: TensorReader, name: str, shape: tuple[int, int]
+) -> QuantizedMatrix | None:
+    read_quantized = getattr(reader, "read_quantized", None)
+    if read_quantized is None:
+        return None
+    if not reader.has(name):
+        raise MissingWeights(f"checkpoint lacks tensor {name!r}")
+    matrix = read_quantized(name)
+    if matrix is not None and matrix.shape != shape:
+        raise ShapeMismatch(f"tensor {name!r} has shape {matrix.shape}, expected {shape}")
+    return matrix
+
+
+def _projection(
+    reader: TensorReader, parts: list[tuple[str, int, int]], quantized: bool
+) -> np.ndarray | QuantizedMatrix:
+    """Projections (name, out, in) fused along out: float32 [in, sum(out)], or a
+    QuantizedMatrix [sum(out), in] when asked for and every part has that form."""
+    if quantized:
+        blocks = [_fetch_quantized(reader, name, (o, i)) for name, o, i in parts]
+        if all(b is not None for b in blocks):
+            fused = concat_rows(blocks)
+            if fused is not None:
+                return fused
+    return np.concatenate(
+        [_fetch(reader, name, (o, i)).astype(np.float32).T for name, o, i in parts], axis=1
+    )
+
+
+def layer_tensors(
+    config: ModelConfig, reader: TensorReader, index: int, quantized: bool = False
+) -> dict[str, np.ndarray | QuantizedMatrix]:
+    """One layer's parameters (see meshnode/model/layers.py), fused; float32 [in, out]
+    or, with ``quantized``, QuantizedMatrix [out, in] where the reader has them."""
     c, p = config, layer_prefix(index)
     h, q, kv, f = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
     attn, mlp = p + "self_attn.", p + "mlp."
 
-    def weight(name: str, out_dim: int, in_dim: int) -> np.ndarray:
-        return _fetch(reader, name, (out_dim, in_dim)).astype(np.float32).T  # [in, out]
-
     def vector(name: str, size: int) -> np.ndarray:
         return _fetch(reader, name, (size,)).astype(np.float32)
 
+    def projection(*parts: tuple[str, int, int]) -> np.ndarray | QuantizedMatrix:
+        return _projection(reader, list(parts), quantized)
+
     params = {
         "attn_norm": vector(p + "input_layernorm.weight", h),
-        "wqkv": np.concatenate(
-            [
-                weight(attn + "q_proj.weight", q, h),
-                weight(attn + "k_proj.weight", kv, h),
-                weight(attn + "v_proj.weight", kv, h),
-            ],
-            axis=1,
+        "wqkv": projection(
+            (attn + "q_proj.weight", q, h),
+            (attn + "k_proj.weight", kv, h),
+            (attn + "v_proj.weight", kv, h),
         ),  # [H, Q + 2KV]
-        "wo": weight(attn + "o_proj.weight", h, q),  # [Q, H]
+        "wo": projection((attn + "o_proj.weight", h, q)),  # [Q, H]
         "mlp_norm": vector(p + "post_attention_layernorm.weight", h),
-        "w_gate_up": np.concatenate(
-            [weight(mlp + "gate_proj.weight", f, h), weight(mlp + "up_proj.weight", f, h)], axis=1
+        "w_gate_up": projection(
+            (mlp + "gate_proj.weight", f, h), (mlp + "up_proj.weight", f, h)
         ),  # [H, 2F]
-        "w_down": weight(mlp + "down_proj.weight", h, f),  # [F, H]
+        "w_down": projection((mlp + "down_proj.weight", h, f)),  # [F, H]
     }
     if c.qkv_bias:
         params["bqkv"] = np.concatenate(
@@ -85,30 +128,63 @@ def layer_tensors(config: ModelConfig, reader: TensorReader, index: int) -> dict
 
 
 def span_params(
-    config: ModelConfig, reader: TensorReader, start: int, end: int, dtype: Any
+    config: ModelConfig,
+    reader: TensorReader,
+    start: int,
+    end: int,
+    dtype: Any,
+    quantized: bool = False,
 ) -> SpanParams:
-    """Blocks [start, end) stacked on a leading axis, in the storage dtype."""
+    """Blocks [start, end) stacked on a leading axis: float weights in the storage dtype,
+    and (with ``quantized``) QuantizedMatrix weights where every layer has one."""
     if not 0 <= start < end <= config.num_layers:
         raise ModelError(f"span [{start}, {end}) is outside the model's {config.num_layers} blocks")
     target = storage_dtype(dtype)
-    stacked: dict[str, np.ndarray] = {}
+    count = end - start
+    floats: dict[str, np.ndarray] = {}
+    blocks: dict[str, list[QuantizedMatrix]] = {}
+
+    def put_float(name: str, offset: int, array: np.ndarray) -> None:
+        if name not in floats:
+            floats[name] = np.empty((count, *array.shape), dtype=target)
+        floats[name][offset] = array.astype(target)
+
     for offset, index in enumerate(range(start, end)):
-        for name, array in layer_tensors(config, reader, index).items():
-            if name not in stacked:
-                stacked[name] = np.empty((end - start, *array.shape), dtype=target)
-            stacked[name][offset] = array.astype(target)
-    return SpanParams(start=start, end=end, layers=stacked)
+        for name, value in layer_tensors(config, reader, index, quantized).items():
+            if is_quantized(value) and name not in floats:
+                blocks.setdefault(name, []).append(value)
+                continue
+            for earlier, matrix in enumerate(blocks.pop(name, [])):  # mixed forms: all float
+                put_float(name, earlier, matrix.dequantize().T)
+            put_float(name, offset, value.dequantize().T if is_quantized(value) else value)
+    layers: dict[str, Any] = dict(floats)
+    for name, matrices in blocks.items():
+        stacked = stack(matrices)
+        if stacked is None:  # the layers' forms differ
+            layers[name] = np.stack([m.dequantize().T for m in matrices]).astype(target)
+        else:
+            layers[name] = stacked
+    return SpanParams(start=start, end=end, layers=layers)
 
 
-def client_params(config: ModelConfig, reader: TensorReader, dtype: Any) -> ClientParams:
-    """Embedding, final norm and (untied models) LM head, in the storage dtype."""
+def client_params(
+    config: ModelConfig, reader: TensorReader, dtype: Any, quantized: bool = False
+) -> ClientParams:
+    """Embedding, final norm and (untied models) LM head, in the storage dtype; with
+    ``quantized``, the embedding and head stay QuantizedMatrix [V, H] where they can."""
     target = storage_dtype(dtype)
     h, v = config.hidden_size, config.vocab_size
-    embed = _fetch(reader, "model.embed_tokens.weight", (v, h)).astype(target)  # [V, H]
+    embed: Any = (
+        _fetch_quantized(reader, "model.embed_tokens.weight", (v, h)) if quantized else None
+    )
+    if embed is None:
+        embed = _fetch(reader, "model.embed_tokens.weight", (v, h)).astype(target)  # [V, H]
     norm = _fetch(reader, "model.norm.weight", (h,)).astype(target)  # [H]
-    lm_head = None
+    lm_head: Any = None
     if not config.tie_word_embeddings:
-        lm_head = np.ascontiguousarray(
-            _fetch(reader, "lm_head.weight", (v, h)).astype(target).T
-        )  # [H, V]
+        lm_head = _fetch_quantized(reader, "lm_head.weight", (v, h)) if quantized else None
+        if lm_head is None:  # else a QuantizedMatrix [V, H]
+            lm_head = np.ascontiguousarray(
+                _fetch(reader, "lm_head.weight", (v, h)).astype(target).T
+            )  # [H, V]
     return ClientParams(embed=embed, final_norm=norm, lm_head=lm_head)

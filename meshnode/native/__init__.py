@@ -1,0 +1,124 @@
+"""Native CPU kernels, built on first use and registered as XLA FFI targets.
+
+``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
+its header for the weight layout). ``load()`` compiles it once per machine
+with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
+jaxlib ships, ``-march=native``, into a cache folder keyed by the source, the
+flags and the jaxlib version (``$MESHNODE_NATIVE_CACHE``, else
+``~/.cache/meshnode/native``); later processes only load the library.
+Concurrent builds are safe: each writes its own file and renames it into place.
+
+Without a compiler, on a non-CPU backend, or with ``MESHNODE_NATIVE=0``,
+``load()`` returns False and says why in ``unavailable_reason()``; the model
+then dequantizes weights at load time and runs them as float arrays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jaxlib
+
+MATMUL_TARGET = "meshnode_qmatmul"
+DEQUANT_TARGET = "meshnode_qdequant"
+
+_SOURCE = Path(__file__).with_name("qmatmul.cc")
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+_log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def load() -> bool:
+    """Build (once) and register the kernels; True when they can be used here."""
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _register(_build())
+                _state["ok"], _state["reason"] = True, ""
+            except _Unavailable as exc:
+                _state["ok"], _state["reason"] = False, str(exc)
+                _log.info("native kernels unavailable: %s", exc)
+        return bool(_state["ok"])
+
+
+def unavailable_reason() -> str:
+    """Why load() returned False ('' when it did not, or was not called)."""
+    return str(_state.get("reason", ""))
+
+
+class _Unavailable(Exception):
+    pass
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("MESHNODE_NATIVE_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meshnode" / "native"
+
+
+def _build() -> Path:
+    if os.environ.get("MESHNODE_NATIVE", "1") == "0":
+        raise _Unavailable("MESHNODE_NATIVE=0")
+    if jax.default_backend() != "cpu":
+        raise _Unavailable(f"the JAX backend is {jax.default_backend()}, not cpu")
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise _Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
+    source = _SOURCE.read_bytes()
+    include = jax.ffi.include_dir()
+    last_error = ""
+    for arch in (("-march=native",), ()):
+        flags = (*_FLAGS, *arch)
+        key = hashlib.sha256(
+            b"\0".join(
+                [
+                    source,
+                    " ".join(flags).encode(),
+                    jaxlib.__version__.encode(),
+                    compiler.encode(),
+                    platform.machine().encode(),
+                ]
+            )
+        ).hexdigest()[:24]
+        library = cache_dir() / f"meshnode_kernels-{key}.so"
+        if library.exists():
+            return library
+        library.parent.mkdir(parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        os.close(fd)
+        command = [compiler, *flags, f"-I{include}", str(_SOURCE), "-o", scratch]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0:
+            os.replace(scratch, library)
+            _log.info("built native kernels: %s", library)
+            return library
+        os.unlink(scratch)
+        last_error = (result.stderr or result.stdout).strip()[-400:]
+    raise _Unavailable(f"compiling {_SOURCE.name} failed: {last_error}")
+
+
+def _register(library: Path) -> None:
+    try:
+        handle = ctypes.cdll.LoadLibrary(str(library))
+        for target, symbol in (
+            (MATMUL_TARGET, "MeshnodeQMatmul"),
+            (DEQUANT_TARGET, "MeshnodeQDequant"),
+        ):
+            jax.ffi.register_ffi_target(
+                target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu"
+            )
+    except (OSError, AttributeError) as exc:
+        raise _Unavailable(f"loading {library}: {exc}") from exc

@@ -1,0 +1,282 @@
+// Block-quantized weights for XLA:CPU: matmul and dequantize as XLA FFI handlers.
+//
+// A weight matrix W [out, in] is stored row-major in blocks of 32 inputs:
+//
+//   W[o, 32*b + j] = scale[o, b] * code(o, b, j) + offset[o, b]
+//
+// codes, bits = 4: uint8 [out, in / 2]; block b of row o is 16 bytes whose low
+//                  nibbles are codes j = 0..15 and high nibbles j = 16..31
+//                  (ggml's Q4_0 / Q4_1 layout).
+// codes, bits = 8: int8 [out, in]; code j is byte j (ggml's Q8_0 layout).
+// scale, offset:   float32 [out, in / 32].
+//
+// MeshnodeQMatmul: y[n, o] = sum_i x[n, i] * W[o, i] without forming W, which
+// reads 4-8x fewer bytes than a float32 matvec; a decode step is bound by them.
+// MeshnodeQDequant: W as float32 [out, in], for long inputs (prefill), where a
+// float32 matmul by XLA wins. Its first operand, the input the weight will
+// multiply, is not read: depending on it keeps XLA from hoisting every layer's
+// dequantization to the start of the program, where all would be live at once.
+//
+// Rows are split into chunks that the calling thread and XLA's intra-op
+// thread pool take from a shared counter; the caller waits only for chunks
+// already taken, so it never depends on a pool thread being free.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MESHNODE_AVX2 1
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// Codes of one block as 32 floats.
+template <int Bits>
+inline void unpack_block(const uint8_t* codes, float* out) {
+  if (Bits == 4) {
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(codes[j] & 0x0F);
+      out[j + 16] = static_cast<float>(codes[j] >> 4);
+    }
+  } else {
+    const int8_t* signed_codes = reinterpret_cast<const int8_t*>(codes);
+    for (int j = 0; j < kBlock; ++j) out[j] = static_cast<float>(signed_codes[j]);
+  }
+}
+
+struct Weights {
+  const uint8_t* codes;
+  const float* scale;
+  const float* offset;
+  int64_t out, in, blocks, row_bytes;
+};
+
+#ifdef MESHNODE_AVX2
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int Bits>
+inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
+  if (Bits == 4) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i low = _mm_and_si128(raw, mask);
+    const __m128i high = _mm_and_si128(_mm_srli_epi16(raw, 4), mask);
+    c[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(low));
+    c[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(low, 8)));
+    c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
+    c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
+  } else {
+    for (int k = 0; k < 4; ++k) {
+      const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
+      c[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+    }
+  }
+}
+#endif
+
+// y[n, o] for rows [first, last): x [tokens, in], x_sums [tokens, blocks].
+template <int Bits>
+void matmul_rows(const Weights& w, const float* x, const float* x_sums, int64_t tokens, float* y,
+                 int64_t first, int64_t last) {
+  const int64_t block_bytes = Bits * kBlock / 8;
+  for (int64_t o = first; o < last; ++o) {
+    const uint8_t* row = w.codes + o * w.row_bytes;
+    const float* scale = w.scale + o * w.blocks;
+    const float* offset = w.offset + o * w.blocks;
+    for (int64_t n = 0; n < tokens; ++n) {
+      const float* xn = x + n * w.in;
+      const float* sums = x_sums + n * w.blocks;
+      float total = 0.f;
+#ifdef MESHNODE_AVX2
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        __m256 c[4];
+        unpack_block_avx2<Bits>(row + b * block_bytes, c);
+        const float* xb = xn + b * kBlock;
+        __m256 dot = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
+        dot = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), dot);
+        dot = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), dot);
+        dot = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), dot);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(scale[b]), dot, acc);
+        total += offset[b] * sums[b];
+      }
+      total += horizontal_sum(acc);
+#else
+      float codes[kBlock];
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        unpack_block<Bits>(row + b * block_bytes, codes);
+        const float* xb = xn + b * kBlock;
+        float dot = 0.f;
+        for (int j = 0; j < kBlock; ++j) dot += codes[j] * xb[j];
+        total += scale[b] * dot + offset[b] * sums[b];
+      }
+#endif
+      y[n * w.out + o] = total;
+    }
+  }
+}
+
+template <int Bits>
+void dequantize_rows(const Weights& w, float* out, int64_t first, int64_t last) {
+  const int64_t block_bytes = Bits * kBlock / 8;
+  for (int64_t o = first; o < last; ++o) {
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      const uint8_t* codes = w.codes + o * w.row_bytes + b * block_bytes;
+      const float scale = w.scale[o * w.blocks + b], offset = w.offset[o * w.blocks + b];
+      float* dst = out + o * w.in + b * kBlock;
+#ifdef MESHNODE_AVX2
+      __m256 c[4];
+      unpack_block_avx2<Bits>(codes, c);
+      const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
+      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(dst + 8 * k, _mm256_fmadd_ps(c[k], s, m));
+#else
+      float values[kBlock];
+      unpack_block<Bits>(codes, values);
+      for (int j = 0; j < kBlock; ++j) dst[j] = scale * values[j] + offset;
+#endif
+    }
+  }
+}
+
+// Runs body(first, last) over [0, rows) in chunks, on this thread and the pool.
+void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t min_chunk,
+                   std::function<void(int64_t, int64_t)> body) {
+  struct Shared {
+    std::function<void(int64_t, int64_t)> body;
+    int64_t rows, chunk, chunks;
+    std::atomic<int64_t> next{0}, finished{0};
+    void work() {
+      for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
+        body(i * chunk, std::min(rows, (i + 1) * chunk));
+        finished.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  auto shared = std::make_shared<Shared>();
+  shared->body = std::move(body);
+  shared->rows = rows;
+  shared->chunk = std::max(min_chunk, (rows + 4 * threads - 1) / (4 * threads));
+  shared->chunks = (rows + shared->chunk - 1) / shared->chunk;
+  for (int64_t t = 1; t < std::min(threads + 1, shared->chunks); ++t) {
+    pool.Schedule([shared] { shared->work(); });
+  }
+  shared->work();
+  while (shared->finished.load(std::memory_order_acquire) < shared->chunks) {
+    std::this_thread::yield();
+  }
+}
+
+ffi::Error check_weights(const ffi::AnyBuffer& codes, const ffi::Buffer<ffi::F32>& scale,
+                         const ffi::Buffer<ffi::F32>& offset, int32_t bits, Weights* w) {
+  if (bits != 4 && bits != 8) {
+    return ffi::Error::InvalidArgument("bits must be 4 or 8, got " + std::to_string(bits));
+  }
+  const auto expected = bits == 4 ? ffi::DataType::U8 : ffi::DataType::S8;
+  if (codes.element_type() != expected) {
+    return ffi::Error::InvalidArgument("codes have the wrong element type for these bits");
+  }
+  auto cd = codes.dimensions(), sd = scale.dimensions(), od = offset.dimensions();
+  if (cd.size() != 2 || sd.size() != 2 || od.size() != 2) {
+    return ffi::Error::InvalidArgument("codes, scale and offset must be matrices");
+  }
+  w->out = cd[0];
+  w->row_bytes = cd[1];
+  w->in = cd[1] * 8 / bits;
+  w->blocks = w->in / kBlock;
+  if (w->in % kBlock != 0 || sd[0] != w->out || sd[1] != w->blocks || od[0] != w->out ||
+      od[1] != w->blocks) {
+    return ffi::Error::InvalidArgument("scale and offset do not match the codes' blocks");
+  }
+  w->codes = static_cast<const uint8_t*>(codes.untyped_data());
+  w->scale = scale.typed_data();
+  w->offset = offset.typed_data();
+  return ffi::Error::Success();
+}
+
+ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer codes,
+                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
+                   ffi::ResultBuffer<ffi::F32> y, int32_t bits) {
+  Weights w;
+  if (ffi::Error error = check_weights(codes, scale, offset, bits, &w); error.failure()) {
+    return error;
+  }
+  auto xd = x.dimensions();
+  if (xd.size() != 2 || xd[1] != w.in) {
+    return ffi::Error::InvalidArgument("x must be [tokens, in] with the weights' in");
+  }
+  const int64_t tokens = xd[0];
+  std::unique_ptr<float[]> sums(new float[tokens * w.blocks]);
+  for (int64_t i = 0; i < tokens * w.blocks; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < kBlock; ++j) s += x.typed_data()[i * kBlock + j];
+    sums[i] = s;
+  }
+  const float* xs = x.typed_data();
+  const float* ss = sums.get();
+  float* out = y->typed_data();
+  parallel_rows(pool, w.out, 16, [&, xs, ss, out, tokens](int64_t first, int64_t last) {
+    if (bits == 4) {
+      matmul_rows<4>(w, xs, ss, tokens, out, first, last);
+    } else {
+      matmul_rows<8>(w, xs, ss, tokens, out, first, last);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error QDequant(ffi::ThreadPool pool, ffi::AnyBuffer /*after*/, ffi::AnyBuffer codes, ffi::Buffer<ffi::F32> scale,
+                    ffi::Buffer<ffi::F32> offset, ffi::ResultBuffer<ffi::F32> out, int32_t bits) {
+  Weights w;
+  if (ffi::Error error = check_weights(codes, scale, offset, bits, &w); error.failure()) {
+    return error;
+  }
+  float* dst = out->typed_data();
+  parallel_rows(pool, w.out, 16, [&, dst](int64_t first, int64_t last) {
+    if (bits == 4) {
+      dequantize_rows<4>(w, dst, first, last);
+    } else {
+      dequantize_rows<8>(w, dst, first, last);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeQMatmul, QMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [tokens, in]
+                                  .Arg<ffi::AnyBuffer>()         // codes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale [out, in / 32]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset [out, in / 32]
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y [tokens, out]
+                                  .Attr<int32_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeQDequant, QDequant,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()         // after: not read
+                                  .Arg<ffi::AnyBuffer>()         // codes
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // offset
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // W [out, in]
+                                  .Attr<int32_t>("bits"));

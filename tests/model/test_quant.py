@@ -1,0 +1,204 @@
+"""Quantized weights: exact GGUF blocks, the native kernels, and the loader's choice of form.
+
+A QuantizedMatrix must stand for exactly the values gguf's dequantizer gives;
+``linear`` over one must equal a float32 matmul by the dequantized matrix,
+through the fused kernel (short inputs), the dequantize-then-matmul path (long
+inputs) and the in-graph fallback alike.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from model_helpers import build_reference, write_llama_gguf
+
+from meshnode import native
+from meshnode.model import quant, weights
+from meshnode.model.gguf_file import GGUFFile
+from meshnode.model.quant import QuantizedMatrix, from_gguf, linear, take_rows
+from meshnode.model.source import open_model
+
+QTYPES = [
+    gguf.GGMLQuantizationType.Q8_0,
+    gguf.GGMLQuantizationType.Q4_0,
+    gguf.GGMLQuantizationType.Q4_1,
+]
+
+needs_native = pytest.mark.skipif(
+    not native.load(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
+)
+
+
+def _quantized(qtype, rows: int, width: int, seed: int = 0) -> tuple[QuantizedMatrix, np.ndarray]:
+    """A random [rows, width] matrix quantized by gguf, and gguf's own dequantization."""
+    values = np.random.default_rng(seed).standard_normal((rows, width)).astype(np.float32)
+    raw = gguf.quants.quantize(values, qtype)
+    matrix = from_gguf(qtype, raw, rows)
+    assert matrix is not None
+    return matrix, gguf.quants.dequantize(raw, qtype).reshape(rows, width).astype(np.float32)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_gguf_blocks_keep_their_exact_values(qtype):
+    """When a GGUF tensor is kept in its blocks, then dequantizing them gives gguf's values."""
+    matrix, expected = _quantized(qtype, rows=7, width=96)
+    assert matrix.shape == (7, 96)
+    assert matrix.bits == (8 if qtype == gguf.GGMLQuantizationType.Q8_0 else 4)
+    np.testing.assert_allclose(matrix.dequantize(), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_types_without_a_block_form_are_left_to_the_dequantizer():
+    """When a tensor is Q6_K (or float), then from_gguf declines it."""
+    values = np.zeros((2, 256), dtype=np.float32)
+    raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.F16)
+    assert from_gguf(gguf.GGMLQuantizationType.F16, raw, 2) is None
+    assert from_gguf(gguf.GGMLQuantizationType.Q6_K, np.zeros((2, 210), np.uint8), 2) is None
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("tokens", [1, 3, 17])
+def test_native_linear_equals_a_float_matmul(qtype, tokens):
+    """When x [B, T, in] meets a quantized weight, then linear equals x @ W.T in float32,
+    through the fused kernel (T <= 4) and dequantize-then-matmul (longer)."""
+    matrix, dense = _quantized(qtype, rows=37, width=160, seed=tokens)
+    x = np.random.default_rng(1).standard_normal((2, tokens, 160)).astype(np.float32)
+    got = np.asarray(jax.jit(linear)(x, matrix))
+    expected = x @ dense.T
+    assert got.shape == (2, tokens, 37)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_in_graph_dequantization_equals_numpy(qtype):
+    """When the native kernels are not used, then the graph's dequantization equals numpy's."""
+    matrix, dense = _quantized(qtype, rows=5, width=64)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(matrix)), dense, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
+def test_embedding_rows_come_out_dequantized(qtype):
+    """When token ids index a quantized embedding, then each row is the dequantized row."""
+    matrix, dense = _quantized(qtype, rows=11, width=64)
+    ids = np.array([[3, 0, 10, 3]], dtype=np.int32)
+    np.testing.assert_allclose(np.asarray(take_rows(matrix, ids)), dense[ids], rtol=1e-6, atol=1e-7)
+
+
+@needs_native
+def test_kernel_rejects_blocks_that_do_not_match():
+    """When scale has the wrong number of blocks, then the kernel fails with a clear error."""
+    matrix, _ = _quantized(gguf.GGMLQuantizationType.Q4_1, rows=4, width=64)
+    broken = QuantizedMatrix(matrix.codes, matrix.scale[:, :1], matrix.offset[:, :1], 4)
+    x = np.ones((1, 1, 64), np.float32)
+    with pytest.raises(Exception, match="scale and offset do not match"):
+        np.asarray(jax.jit(linear)(x, broken))
+
+
+# --- the loader ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return build_reference("llama")
+
+
+@needs_native
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantized_and_float_loads_compute_the_same(tiny_llama, tmp_path, qtype):
+    """When a GGUF's blocks are kept quantized, then the span's output equals the float load's."""
+    path = tmp_path / f"tiny-{qtype}.gguf"
+    write_llama_gguf(tiny_llama, path, qtype)
+    source = open_model(path)
+    kept = source.load_span_params(0, source.config.num_layers, quantized=True)
+    floats = source.load_span_params(0, source.config.num_layers, quantized=False)
+    assert all(
+        isinstance(kept.layers[n], QuantizedMatrix) for n in ("wqkv", "wo", "w_gate_up", "w_down")
+    )
+    assert kept.nbytes < floats.nbytes / 2
+    assert not isinstance(source.load_client_params(quantized=False).embed, QuantizedMatrix)
+    assert isinstance(source.load_client_params(quantized=True).embed, QuantizedMatrix)
+
+    from meshnode.model.span import SpanRunner
+
+    hidden = np.random.default_rng(0).standard_normal((1, 20, source.config.hidden_size))
+    outputs = []
+    for params in (kept, floats):
+        runner = SpanRunner(source.config, params)
+        cache = runner.new_cache(24)
+        prefill, cache = runner.forward(hidden[:, :19].astype(np.float32), 0, cache)
+        step, _ = runner.forward(hidden[:, 19:].astype(np.float32), 19, cache)
+        outputs.append(np.concatenate([np.asarray(prefill), np.asarray(step)], axis=1))
+    np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
+
+
+class _MixedReader:
+    """A GGUF file whose layer 1 down projection has no block form, and whose layer 0
+    gate projection is 8-bit while its up projection is 4-bit."""
+
+    def __init__(self, file: GGUFFile) -> None:
+        self._file = file
+
+    def has(self, name: str) -> bool:
+        return self._file.has(name)
+
+    def read(self, name: str) -> np.ndarray:
+        return self._file.read(name)
+
+    def read_quantized(self, name: str) -> QuantizedMatrix | None:
+        if name == "model.layers.1.mlp.down_proj.weight":
+            return None
+        matrix = self._file.read_quantized(name)
+        if name == "model.layers.0.mlp.gate_proj.weight":
+            dense = self._file.read(name)
+            raw = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
+            return from_gguf(gguf.GGMLQuantizationType.Q8_0, raw, dense.shape[0])
+        return matrix
+
+
+def test_weights_without_one_form_fall_back_to_float(tiny_llama, tmp_path):
+    """When a layer's weight has no block form, or a fused weight's parts differ in bits,
+    then that weight is loaded as float32 [in, out] for every layer, and the rest stay quantized."""
+    path = tmp_path / "tiny-Q4_1.gguf"
+    write_llama_gguf(tiny_llama, path, "Q4_1")
+    file = GGUFFile(path)
+    params = weights.span_params(
+        file.config, _MixedReader(file), 0, file.config.num_layers, "float32", quantized=True
+    )
+    c = file.config
+    assert isinstance(params.layers["wqkv"], QuantizedMatrix)
+    assert isinstance(params.layers["w_down"], np.ndarray)
+    assert params.layers["w_down"].shape == (c.num_layers, c.intermediate_size, c.hidden_size)
+    np.testing.assert_allclose(
+        params.layers["w_down"][0], file.read("model.layers.0.mlp.down_proj.weight").T, rtol=1e-6
+    )
+    assert isinstance(params.layers["w_gate_up"], np.ndarray)  # layer 0's parts differ in bits
+
+
+def test_native_kernels_can_be_switched_off():
+    """When MESHNODE_NATIVE=0, then the kernels are not loaded and weights load as float."""
+    code = (
+        "from meshnode import native; from meshnode.model.source import keep_quantized;"
+        "print(native.load(), native.unavailable_reason(), keep_quantized(None, 'float32'))"
+    )
+    env = dict(os.environ, MESHNODE_NATIVE="0", JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "MESHNODE_NATIVE=0", "False"]
+
+
+@needs_native
+def test_default_load_keeps_blocks_only_for_float32():
+    """When the dtype is float32 and the kernels run, then the default keeps blocks; bfloat16 does not."""
+    from meshnode.model.source import keep_quantized
+
+    assert keep_quantized(None, "float32") is True
+    assert keep_quantized(None, jnp.bfloat16) is False
+    assert keep_quantized(False, "float32") is False
