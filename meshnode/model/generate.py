@@ -56,11 +56,15 @@ class LocalModel:
         self.runner = runner
 
     @classmethod
-    def load(cls, source: ModelSource, compute_dtype: Any = None) -> LocalModel:
+    def load(
+        cls, source: ModelSource, compute_dtype: Any = None, quantized: bool | None = None
+    ) -> LocalModel:
+        """``quantized``: keep block-quantized weights so (see ModelSource.load_span_params)."""
         dtype = default_compute_dtype() if compute_dtype is None else compute_dtype
         config = source.config
-        head = ClientHead(config, source.load_client_params(dtype), dtype)
-        runner = SpanRunner(config, source.load_span_params(0, config.num_layers, dtype), dtype)
+        head = ClientHead(config, source.load_client_params(dtype, quantized), dtype)
+        span = source.load_span_params(0, config.num_layers, dtype, quantized)
+        runner = SpanRunner(config, span, dtype)
         return cls(source, head, runner)
 
     def generate(
