@@ -11,7 +11,8 @@ RSS of the worker process):
   prompt lengths so that every compiled shape is met early);
 - at rest at the end;
 
-next to the hosted weights (float32 stacked parameters of the span), the cache
+next to the hosted weights (the span's parameters as loaded: quantized blocks where
+the native kernels run, else float32), the cache
 budget in bytes (tokens x blocks x K,V x kv heads x head dim x 4) and the
 runtime overhead (RSS at rest minus weights).
 
@@ -104,7 +105,7 @@ def print_report(report: dict, as_json: bool) -> None:
         f"worker of {report['model']} blocks {report['span']}, "
         f"cache budget {report['cache_tokens']} tokens"
     )
-    print(f"  hosted weights (float32)     {report['weights_mib']:9.1f} MiB")
+    print(f"  hosted weights               {report['weights_mib']:9.1f} MiB")
     print(f"  cache budget                 {report['cache_budget_mib']:9.1f} MiB")
     print(f"  RSS at start (at rest)       {report['rss_at_start_mib']:9.1f} MiB")
     print(
