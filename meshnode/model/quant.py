@@ -6,9 +6,12 @@ blocks of 32 inputs::
     W[o, 32*b + j] = scale[o, b] * code(o, b, j) + offset[o, b]
 
 with 4-bit codes (0..15, two per byte: ggml's Q4_0/Q4_1 layout) or 8-bit
-signed codes (ggml's Q8_0). GGUF's Q4_0, Q4_1 and Q8_0 tensors map onto it
-exactly (``from_gguf``); other types are dequantized to float arrays at load
-time, as are all weights when the native kernels are unavailable.
+signed codes. GGUF's Q4_0, Q4_1, Q4_K (4 bits), Q5_0, Q5_1, Q5_K and Q8_0
+(8 bits) tensors map onto it exactly (``from_gguf``): the K-quants' 32-value
+sub-blocks become blocks whose scale and offset are the super-block scales
+times the sub-block ones. Other types (Q6_K, Q2_K, Q3_K, float) are
+dequantized to float arrays at load time, as are all weights when the native
+kernels are unavailable.
 
 ``linear(x, w)`` is the one matmul the model code calls: a float weight is
 [in, out] and goes to XLA; a quantized one goes to the native kernel
@@ -98,29 +101,106 @@ _F16 = np.dtype("<f2")
 def from_gguf(qtype: GGMLQuantizationType, raw: np.ndarray, rows: int) -> QuantizedMatrix | None:
     """A GGUF tensor's raw blocks (uint8 [rows, row bytes]) as a QuantizedMatrix, exactly;
     None for types that do not map onto one (the caller dequantizes those)."""
-    layout = _GGUF_LAYOUTS.get(qtype)
-    if layout is None:
+    decode = _GGUF_DECODERS.get(qtype)
+    if decode is None:
         return None
-    block_bytes, bits = layout
+    block_bytes, bits, decoder = decode
     data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1, block_bytes)
-    scale = data[..., 0:2].copy().view(_F16)[..., 0].astype(np.float32)  # [rows, blocks]
-    if qtype == GGMLQuantizationType.Q8_0:
-        codes = data[..., 2:].copy().view(np.int8).reshape(rows, -1)
-        offset = np.zeros_like(scale)
-    elif qtype == GGMLQuantizationType.Q4_0:
-        codes = data[..., 2:].reshape(rows, -1).copy()
-        offset = -8.0 * scale
-    else:  # Q4_1
-        offset = data[..., 2:4].copy().view(_F16)[..., 0].astype(np.float32)
-        codes = data[..., 4:].reshape(rows, -1).copy()
-    return QuantizedMatrix(codes, scale, offset, bits)
+    codes, scale, offset = decoder(data)  # codes [rows, blocks of 32, 32]
+    scale, offset = scale.reshape(rows, -1), offset.reshape(rows, -1)
+    codes = codes.reshape(rows, -1, BLOCK)
+    if bits == 4:
+        packed = codes[..., :16] | (codes[..., 16:] << 4)  # ggml's nibble order
+        return QuantizedMatrix(packed.astype(np.uint8).reshape(rows, -1), scale, offset, 4)
+    return QuantizedMatrix(codes.astype(np.int8).reshape(rows, -1), scale, offset, 8)
 
 
-#: GGUF type -> (bytes per 32-value block, code bits)
-_GGUF_LAYOUTS = {
-    GGMLQuantizationType.Q8_0: (34, 8),
-    GGMLQuantizationType.Q4_0: (18, 4),
-    GGMLQuantizationType.Q4_1: (20, 4),
+def _f16(data: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte ``at`` of every block, as float32 [rows, blocks]."""
+    return data[..., at : at + 2].copy().view(_F16)[..., 0].astype(np.float32)
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """16 bytes per block -> codes 0..15 [..., 32]: low nibbles first (ggml's order)."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
+
+
+def _high_bits(qh: np.ndarray) -> np.ndarray:
+    """Q5_0/Q5_1's 4 bytes of fifth bits -> [..., 32] values 0 or 16 (bit j for element j)."""
+    bits = np.unpackbits(qh, axis=-1, bitorder="little")  # [..., 32]
+    return bits.astype(np.int16) << 4
+
+
+def _q8_0(data):  # d, qs[32] int8: w = d * q
+    scale = _f16(data, 0)
+    return data[..., 2:].view(np.int8).astype(np.int16), scale, np.zeros_like(scale)
+
+
+def _q4_0(data):  # d, qs[16]: w = d * (q - 8)
+    scale = _f16(data, 0)
+    return _nibbles(data[..., 2:]), scale, -8.0 * scale
+
+
+def _q4_1(data):  # d, m, qs[16]: w = d * q + m
+    return _nibbles(data[..., 4:]), _f16(data, 0), _f16(data, 2)
+
+
+def _q5_0(data):  # d, qh[4], qs[16]: w = d * (q - 16), q 5 bits
+    scale = _f16(data, 0)
+    codes = (_nibbles(data[..., 6:]) | _high_bits(data[..., 2:6])) - 16
+    return codes, scale, np.zeros_like(scale)
+
+
+def _q5_1(data):  # d, m, qh[4], qs[16]: w = d * q + m
+    codes = _nibbles(data[..., 8:]) | _high_bits(data[..., 4:8])
+    return codes, _f16(data, 0), _f16(data, 2)
+
+
+def _k_scales(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 bytes of Q4_K/Q5_K 6-bit sub-block scales and mins -> two [..., 8] arrays
+    (ggml's get_scale_min_k4)."""
+    q = packed.astype(np.int32)
+    low_sc, low_m = q[..., 0:4] & 63, q[..., 4:8] & 63
+    high_sc = (q[..., 8:12] & 0x0F) | ((q[..., 0:4] >> 6) << 4)
+    high_m = (q[..., 8:12] >> 4) | ((q[..., 4:8] >> 6) << 4)
+    return (
+        np.concatenate([low_sc, high_sc], axis=-1).astype(np.float32),
+        np.concatenate([low_m, high_m], axis=-1).astype(np.float32),
+    )
+
+
+def _k_sub_blocks(d, dmin, packed_scales, quants):
+    """quants [rows, supers, 8, 32] -> per sub-block scale d * sc and offset -dmin * m."""
+    sc, m = _k_scales(packed_scales)  # [rows, supers, 8]
+    scale = d[..., None] * sc
+    offset = -(dmin[..., None] * m)
+    return quants, scale, offset
+
+
+def _q4_k(data):  # d, dmin, scales[12], qs[128]; chunks of 64: low nibbles, then high
+    qs = data[..., 16:].reshape(*data.shape[:-1], 4, 32)  # [rows, supers, chunk, 32]
+    quants = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(*data.shape[:-1], 8, 32)
+    return _k_sub_blocks(_f16(data, 0), _f16(data, 2), data[..., 4:16], quants)
+
+
+def _q5_k(data):  # d, dmin, scales[12], qh[32], qs[128]; fifth bit of chunk c, half h: bit 2c+h
+    qs = data[..., 48:].reshape(*data.shape[:-1], 4, 32)
+    low = np.stack([qs & 0x0F, qs >> 4], axis=-2).reshape(*data.shape[:-1], 8, 32)
+    qh = data[..., 16:48]  # [rows, supers, 32]
+    fifth = (qh[..., None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1  # [.., 8, 32]
+    quants = low.astype(np.int16) | (fifth.astype(np.int16) << 4)
+    return _k_sub_blocks(_f16(data, 0), _f16(data, 2), data[..., 4:16], quants)
+
+
+#: GGUF type -> (bytes per block, code bits, decoder to (codes, scale, offset))
+_GGUF_DECODERS = {
+    GGMLQuantizationType.Q8_0: (34, 8, _q8_0),
+    GGMLQuantizationType.Q4_0: (18, 4, _q4_0),
+    GGMLQuantizationType.Q4_1: (20, 4, _q4_1),
+    GGMLQuantizationType.Q5_0: (22, 8, _q5_0),
+    GGMLQuantizationType.Q5_1: (24, 8, _q5_1),
+    GGMLQuantizationType.Q4_K: (144, 4, _q4_k),
+    GGMLQuantizationType.Q5_K: (176, 8, _q5_k),
 }
 
 

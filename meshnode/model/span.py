@@ -1,10 +1,11 @@
 """The span runner: blocks [start, end) over a fixed-size, donated KV cache.
 
-A span's layer parameters arrive stacked on a leading axis. On accelerators
-they run with ``lax.scan``: one compiled step serves the whole span and its
-compile time does not grow with the span. On CPU, scan's per-layer weight
-slices are copies (decode ran 2x slower), so the layers are unrolled over one
-device array per layer instead. The runner keeps only the device copy of the
+A span's parameters arrive as one dict per layer. On accelerators they are
+stacked on a leading axis and run with ``lax.scan``: one compiled step serves
+the whole span and its compile time does not grow with the span. On CPU,
+scan's per-layer weight slices are copies (decode ran 2x slower), so the layers
+are unrolled over each layer's own device arrays instead (and layers may differ
+in form: some weights quantized, some not). The runner keeps only the device copy of the
 weights, and ``sub_runner`` serves any part of the span from that same copy.
 Shapes stay static: the cache is allocated once at its max
 length rounded up to a bucket; prefill lengths are padded to a bucket (the pad
@@ -29,6 +30,7 @@ import numpy as np
 from jax import lax
 
 from meshnode.errors import CacheOverflow, ShapeMismatch
+from meshnode.model import quant
 from meshnode.model.config import ModelConfig
 from meshnode.model.layers import attention_mask, decoder_block
 from meshnode.model.quant import is_quantized
@@ -60,11 +62,11 @@ def cache_length(max_length: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SpanParams:
-    """Blocks [start, end): each layer parameter stacked on a leading [end - start] axis."""
+    """Blocks [start, end): one parameter dict per block (see meshnode/model/layers.py)."""
 
     start: int
     end: int
-    layers: dict[str, Any]
+    layers: tuple[dict[str, Any], ...]
 
     @property
     def num_layers(self) -> int:
@@ -72,7 +74,22 @@ class SpanParams:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in self.layers.values())
+        return sum(int(a.nbytes) for layer in self.layers for a in layer.values())
+
+    def stacked(self) -> dict[str, Any]:
+        """Each parameter on a leading [num_layers] axis, as lax.scan takes them; a weight
+        whose blocks differ in form (quantized or not, bits) is stacked as float."""
+        stacked: dict[str, Any] = {}
+        for name in self.layers[0]:
+            values = [layer[name] for layer in self.layers]
+            if all(is_quantized(v) for v in values):
+                stacked[name] = quant.stack(values)
+            if stacked.get(name) is None:
+                dtype = next((v.dtype for v in values if not is_quantized(v)), np.float32)
+                stacked[name] = np.stack(
+                    [v.dequantize().T.astype(dtype) if is_quantized(v) else v for v in values]
+                )
+        return stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,12 +124,9 @@ class SpanRunner:
     ) -> None:
         scan = jax.default_backend() != "cpu" if scan is None else scan
         if scan:
-            layers: Any = jax.device_put(params.layers)
+            layers: Any = jax.device_put(params.stacked())
         else:
-            layers = [
-                jax.device_put({name: a[i] for name, a in params.layers.items()})
-                for i in range(params.num_layers)
-            ]
+            layers = [jax.device_put(layer) for layer in params.layers]
         self._setup(config, params.start, params.end, compute_dtype, scan, layers)
 
     def _setup(

@@ -4,14 +4,14 @@ Both weight formats are read through a ``TensorReader``: a lookup by Hugging
 Face tensor name (``model.layers.3.self_attn.q_proj.weight``) that returns a
 numpy array in HF layout ([out, in] for projections). This module renames,
 checks each tensor's shape against the config, transposes to [in, out], fuses
-q/k/v and gate/up, casts to the storage dtype, and stacks a span's layers on a
-leading axis. Only the tensors of the requested blocks are read.
+q/k/v and gate/up and casts to the storage dtype, block by block. Only the
+tensors of the requested blocks are read.
 
 With ``quantized=True``, a reader that can hand over a projection still in its
-quantization blocks (``read_quantized``: GGUF's Q4_0, Q4_1, Q8_0) gives a
-``QuantizedMatrix`` [out, in] instead (meshnode/model/quant.py); a fused weight
-whose parts do not share one form, or a layer stack whose layers do not, falls
-back to float32 for that weight.
+quantization blocks (``read_quantized``: GGUF's Q4_0, Q4_1, Q4_K, Q5_*, Q8_0)
+gives a ``QuantizedMatrix`` [out, in] instead (meshnode/model/quant.py); a
+fused weight whose parts do not share one form (say Q4_K q/k and a Q6_K v)
+is float32 [in, out] in that layer.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from meshnode.errors import MissingWeights, ModelError, ShapeMismatch
 from meshnode.model.config import ModelConfig
 from meshnode.model.dtypes import storage_dtype
 from meshnode.model.head import ClientParams
-from meshnode.model.quant import QuantizedMatrix, concat_rows, is_quantized, stack
+from meshnode.model.quant import QuantizedMatrix, concat_rows, is_quantized
 from meshnode.model.span import SpanParams
 
 
@@ -135,35 +135,19 @@ def span_params(
     dtype: Any,
     quantized: bool = False,
 ) -> SpanParams:
-    """Blocks [start, end) stacked on a leading axis: float weights in the storage dtype,
-    and (with ``quantized``) QuantizedMatrix weights where every layer has one."""
+    """Blocks [start, end), one parameter dict per block: float weights in the storage
+    dtype and, with ``quantized``, QuantizedMatrix weights where the reader has them
+    (blocks may differ: a Q4_K_M file mixes Q4_K and Q6_K layers)."""
     if not 0 <= start < end <= config.num_layers:
         raise ModelError(f"span [{start}, {end}) is outside the model's {config.num_layers} blocks")
     target = storage_dtype(dtype)
-    count = end - start
-    floats: dict[str, np.ndarray] = {}
-    blocks: dict[str, list[QuantizedMatrix]] = {}
-
-    def put_float(name: str, offset: int, array: np.ndarray) -> None:
-        if name not in floats:
-            floats[name] = np.empty((count, *array.shape), dtype=target)
-        floats[name][offset] = array.astype(target)
-
-    for offset, index in enumerate(range(start, end)):
-        for name, value in layer_tensors(config, reader, index, quantized).items():
-            if is_quantized(value) and name not in floats:
-                blocks.setdefault(name, []).append(value)
-                continue
-            for earlier, matrix in enumerate(blocks.pop(name, [])):  # mixed forms: all float
-                put_float(name, earlier, matrix.dequantize().T)
-            put_float(name, offset, value.dequantize().T if is_quantized(value) else value)
-    layers: dict[str, Any] = dict(floats)
-    for name, matrices in blocks.items():
-        stacked = stack(matrices)
-        if stacked is None:  # the layers' forms differ
-            layers[name] = np.stack([m.dequantize().T for m in matrices]).astype(target)
-        else:
-            layers[name] = stacked
+    layers = tuple(
+        {
+            name: value if is_quantized(value) else value.astype(target)
+            for name, value in layer_tensors(config, reader, index, quantized).items()
+        }
+        for index in range(start, end)
+    )
     return SpanParams(start=start, end=end, layers=layers)
 
 

@@ -54,6 +54,38 @@ def test_gguf_blocks_keep_their_exact_values(qtype):
     np.testing.assert_allclose(matrix.dequantize(), expected, rtol=1e-6, atol=1e-7)
 
 
+#: block bytes and the byte offsets of float16 fields, per GGUF type with a block form
+RAW_LAYOUTS = {
+    "Q8_0": (34, (0,)),
+    "Q4_0": (18, (0,)),
+    "Q4_1": (20, (0, 2)),
+    "Q5_0": (22, (0,)),
+    "Q5_1": (24, (0, 2)),
+    "Q4_K": (144, (0, 2)),
+    "Q5_K": (176, (0, 2)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW_LAYOUTS))
+def test_every_block_form_reads_raw_blocks_as_gguf_does(name):
+    """When a tensor's blocks hold random bits (valid float16 scales), then the block form
+    dequantizes to exactly what gguf's reference dequantizer gives, for every mapped type."""
+    qtype = gguf.GGMLQuantizationType[name]
+    block_bytes, halves = RAW_LAYOUTS[name]
+    per_block = 256 if name.endswith("_K") else 32
+    rows, width = 3, 512
+    rng = np.random.default_rng(7)
+    raw = rng.integers(0, 256, (rows, width // per_block, block_bytes), dtype=np.uint8)
+    for at in halves:
+        values = rng.uniform(-0.05, 0.05, (rows, width // per_block)).astype(np.float16)
+        raw[..., at : at + 2] = values[..., None].view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    matrix = from_gguf(qtype, raw, rows)
+    assert matrix is not None and matrix.shape == (rows, width)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(rows, width)
+    np.testing.assert_allclose(matrix.dequantize(), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_types_without_a_block_form_are_left_to_the_dequantizer():
     """When a tensor is Q6_K (or float), then from_gguf declines it."""
     values = np.zeros((2, 256), dtype=np.float32)
@@ -118,9 +150,10 @@ def test_quantized_and_float_loads_compute_the_same(tiny_llama, tmp_path, qtype)
     source = open_model(path)
     kept = source.load_span_params(0, source.config.num_layers, quantized=True)
     floats = source.load_span_params(0, source.config.num_layers, quantized=False)
-    assert all(
-        isinstance(kept.layers[n], QuantizedMatrix) for n in ("wqkv", "wo", "w_gate_up", "w_down")
-    )
+    for layer in kept.layers:
+        assert all(
+            isinstance(layer[n], QuantizedMatrix) for n in ("wqkv", "wo", "w_gate_up", "w_down")
+        )
     assert kept.nbytes < floats.nbytes / 2
     assert not isinstance(source.load_client_params(quantized=False).embed, QuantizedMatrix)
     assert isinstance(source.load_client_params(quantized=True).embed, QuantizedMatrix)
@@ -139,8 +172,8 @@ def test_quantized_and_float_loads_compute_the_same(tiny_llama, tmp_path, qtype)
 
 
 class _MixedReader:
-    """A GGUF file whose layer 1 down projection has no block form, and whose layer 0
-    gate projection is 8-bit while its up projection is 4-bit."""
+    """A GGUF file whose layer 1 down projection has no block form (as Q6_K layers of a
+    Q4_K_M file), and whose layer 0 gate projection is 8-bit while its up projection is 4-bit."""
 
     def __init__(self, file: GGUFFile) -> None:
         self._file = file
@@ -154,31 +187,44 @@ class _MixedReader:
     def read_quantized(self, name: str) -> QuantizedMatrix | None:
         if name == "model.layers.1.mlp.down_proj.weight":
             return None
-        matrix = self._file.read_quantized(name)
         if name == "model.layers.0.mlp.gate_proj.weight":
             dense = self._file.read(name)
             raw = gguf.quants.quantize(dense, gguf.GGMLQuantizationType.Q8_0)
             return from_gguf(gguf.GGMLQuantizationType.Q8_0, raw, dense.shape[0])
-        return matrix
+        return self._file.read_quantized(name)
 
 
-def test_weights_without_one_form_fall_back_to_float(tiny_llama, tmp_path):
-    """When a layer's weight has no block form, or a fused weight's parts differ in bits,
-    then that weight is loaded as float32 [in, out] for every layer, and the rest stay quantized."""
+def test_blocks_may_differ_in_form(tiny_llama, tmp_path):
+    """When one layer's weight has no block form, or a fused weight's parts differ in bits,
+    then that layer's weight is float32 [in, out], the others stay quantized, and the span
+    computes what the all-float load does, unrolled and stacked for scan alike."""
     path = tmp_path / "tiny-Q4_1.gguf"
     write_llama_gguf(tiny_llama, path, "Q4_1")
     file = GGUFFile(path)
-    params = weights.span_params(
-        file.config, _MixedReader(file), 0, file.config.num_layers, "float32", quantized=True
-    )
     c = file.config
-    assert isinstance(params.layers["wqkv"], QuantizedMatrix)
-    assert isinstance(params.layers["w_down"], np.ndarray)
-    assert params.layers["w_down"].shape == (c.num_layers, c.intermediate_size, c.hidden_size)
+    params = weights.span_params(c, _MixedReader(file), 0, c.num_layers, "float32", quantized=True)
+    assert isinstance(params.layers[0]["wqkv"], QuantizedMatrix)
+    assert isinstance(params.layers[0]["w_down"], QuantizedMatrix)
+    assert isinstance(params.layers[1]["w_down"], np.ndarray)
+    assert params.layers[1]["w_down"].shape == (c.intermediate_size, c.hidden_size)
     np.testing.assert_allclose(
-        params.layers["w_down"][0], file.read("model.layers.0.mlp.down_proj.weight").T, rtol=1e-6
+        params.layers[1]["w_down"], file.read("model.layers.1.mlp.down_proj.weight").T, rtol=1e-6
     )
-    assert isinstance(params.layers["w_gate_up"], np.ndarray)  # layer 0's parts differ in bits
+    assert isinstance(params.layers[0]["w_gate_up"], np.ndarray)  # its parts differ in bits
+    assert isinstance(params.layers[1]["w_gate_up"], QuantizedMatrix)
+    stacked = params.stacked()
+    assert stacked["w_down"].shape == (c.num_layers, c.intermediate_size, c.hidden_size)
+    assert isinstance(stacked["wqkv"], QuantizedMatrix)
+
+    from meshnode.model.span import SpanRunner
+
+    floats = open_model(path).load_span_params(0, c.num_layers, quantized=False)
+    hidden = np.random.default_rng(3).standard_normal((1, 5, c.hidden_size)).astype(np.float32)
+    reference, _ = SpanRunner(c, floats).forward(hidden, 0, SpanRunner(c, floats).new_cache(8))
+    for scan in (False, True):
+        runner = SpanRunner(c, params, scan=scan)
+        out, _ = runner.forward(hidden, 0, runner.new_cache(8))
+        np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-4, atol=1e-4)
 
 
 def test_native_kernels_can_be_switched_off():
