@@ -4,8 +4,9 @@
 its header for the weight layout). ``load()`` compiles it once per machine
 with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
 jaxlib ships, ``-march=native``, into a cache folder keyed by the source, the
-flags and the jaxlib version (``$MESHNODE_NATIVE_CACHE``, else
-``~/.cache/meshnode/native``); later processes only load the library.
+flags, the jaxlib version, the compiler and the CPU's model and flags
+(``$MESHNODE_NATIVE_CACHE``, else ``~/.cache/meshnode/native``, else a folder
+in the temp dir); later processes only load the library.
 Concurrent builds are safe: each writes its own file and renames it into place.
 
 Without a compiler, on a non-CPU backend, or with ``MESHNODE_NATIVE=0``,
@@ -69,6 +70,30 @@ def cache_dir() -> Path:
     return Path(base) / "meshnode" / "native"
 
 
+def _cpu_signature() -> bytes:
+    """What -march=native depends on: the CPU's model and flags (a shared home folder
+    may serve machines with other CPUs)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            lines = [line for line in info if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines))).encode()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}".encode()
+
+
+def _writable_cache() -> Path:
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return folder
+    except OSError:
+        pass
+    folder = Path(tempfile.gettempdir()) / f"meshnode-native-{os.getuid()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def _build() -> Path:
     if os.environ.get("MESHNODE_NATIVE", "1") == "0":
         raise _Unavailable("MESHNODE_NATIVE=0")
@@ -79,30 +104,30 @@ def _build() -> Path:
         raise _Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
     source = _SOURCE.read_bytes()
     include = jax.ffi.include_dir()
+    try:
+        folder = _writable_cache()
+    except OSError as exc:
+        raise _Unavailable(f"no writable cache folder: {exc}") from exc
     last_error = ""
     for arch in (("-march=native",), ()):
         flags = (*_FLAGS, *arch)
-        key = hashlib.sha256(
-            b"\0".join(
-                [
-                    source,
-                    " ".join(flags).encode(),
-                    jaxlib.__version__.encode(),
-                    compiler.encode(),
-                    platform.machine().encode(),
-                ]
-            )
-        ).hexdigest()[:24]
-        library = cache_dir() / f"meshnode_kernels-{key}.so"
+        parts = [source, " ".join(flags).encode(), jaxlib.__version__.encode(), compiler.encode()]
+        key = hashlib.sha256(b"\0".join([*parts, _cpu_signature()])).hexdigest()[:24]
+        library = folder / f"meshnode_kernels-{key}.so"
         if library.exists():
             return library
-        library.parent.mkdir(parents=True, exist_ok=True)
-        fd, scratch = tempfile.mkstemp(suffix=".so", dir=library.parent)
+        fd, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         command = [compiler, *flags, f"-I{include}", str(_SOURCE), "-o", scratch]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        try:
+            result = subprocess.run(
+                command, check=False, capture_output=True, text=True, timeout=600
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            os.unlink(scratch)
+            raise _Unavailable(f"running {compiler}: {exc}") from exc
         if result.returncode == 0:
-            os.replace(scratch, library)
+            os.replace(scratch, library)  # atomic: concurrent builds each rename a whole file
             _log.info("built native kernels: %s", library)
             return library
         os.unlink(scratch)

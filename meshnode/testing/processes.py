@@ -232,11 +232,15 @@ def compile_cache_dir() -> str:
 
 
 def enable_compile_cache() -> None:
-    """Use the shared compilation cache in this process too (the demo's and tests' client)."""
+    """Use the shared compilation cache in this process too (the demo's and tests' client),
+    and build the native kernels here once, before the workers would each build them."""
     import jax
+
+    from meshnode import native
 
     jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
+    native.load()
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:

@@ -227,17 +227,38 @@ def test_blocks_may_differ_in_form(tiny_llama, tmp_path):
         np.testing.assert_allclose(np.asarray(out), np.asarray(reference), rtol=1e-4, atol=1e-4)
 
 
-def test_native_kernels_can_be_switched_off():
-    """When MESHNODE_NATIVE=0, then the kernels are not loaded and weights load as float."""
+def _native_state(tmp_path, **env: str) -> list[str]:
     code = (
         "from meshnode import native; from meshnode.model.source import keep_quantized;"
-        "print(native.load(), native.unavailable_reason(), keep_quantized(None, 'float32'))"
+        "print(native.load(), keep_quantized(None, 'float32'), '|', native.unavailable_reason())"
     )
-    env = dict(os.environ, MESHNODE_NATIVE="0", JAX_PLATFORMS="cpu")
+    environ = dict(os.environ, JAX_PLATFORMS="cpu", MESHNODE_NATIVE_CACHE=str(tmp_path), **env)
     out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
     ).stdout
-    assert out.split() == ["False", "MESHNODE_NATIVE=0", "False"]
+    flags, _, reason = out.partition("|")
+    return [*flags.split(), reason.strip()]
+
+
+def test_native_kernels_can_be_switched_off(tmp_path):
+    """When MESHNODE_NATIVE=0, then the kernels are not loaded and weights load as float."""
+    assert _native_state(tmp_path, MESHNODE_NATIVE="0") == ["False", "False", "MESHNODE_NATIVE=0"]
+
+
+def test_without_a_compiler_weights_load_as_float(tmp_path):
+    """When no C++ compiler is found (and nothing is cached), then the reason says so and
+    weights load as float."""
+    loaded, kept, reason = _native_state(tmp_path / "empty", CXX="no-such-compiler-here")
+    assert (loaded, kept) == ("False", "False")
+    assert "no C++ compiler (no-such-compiler-here)" in reason
+
+
+@needs_native
+def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path):
+    """When the cache folder cannot be created, then the kernels are built in the temp folder."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert _native_state(blocker / "sub")[:2] == ["True", "True"]
 
 
 @needs_native
