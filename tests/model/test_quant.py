@@ -269,3 +269,41 @@ def test_default_load_keeps_blocks_only_for_float32():
     assert keep_quantized(None, "float32") is True
     assert keep_quantized(None, jnp.bfloat16) is False
     assert keep_quantized(False, "float32") is False
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_quantized_embedding_and_head_equal_their_float_forms(tied):
+    """When the embedding (and an untied head) are quantized, then embed and logits equal
+    those of the same values in float (the head through the fused kernel or in-graph)."""
+    from meshnode.model.config import ModelConfig
+    from meshnode.model.head import ClientHead, ClientParams
+
+    vocab, hidden = 96, 64
+    embed, embed_dense = _quantized(gguf.GGMLQuantizationType.Q8_0, vocab, hidden, seed=1)
+    head, head_dense = _quantized(gguf.GGMLQuantizationType.Q4_1, vocab, hidden, seed=2)
+    norm = np.linspace(0.5, 1.5, hidden).astype(np.float32)
+    config = ModelConfig(
+        family="llama",
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_layers=1,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        vocab_size=vocab,
+        tie_word_embeddings=tied,
+    )
+    quantized = ClientHead(config, ClientParams(embed, norm, None if tied else head))
+    dense = ClientHead(
+        config,
+        ClientParams(embed_dense, norm, None if tied else np.ascontiguousarray(head_dense.T)),
+    )
+    ids = np.array([[1, 50, 95]], dtype=np.int32)
+    np.testing.assert_allclose(
+        np.asarray(quantized.embed(ids)), np.asarray(dense.embed(ids)), rtol=1e-6, atol=1e-7
+    )
+    hidden_states = np.random.default_rng(4).standard_normal((1, 3, hidden)).astype(np.float32)
+    for method in ("logits", "all_logits"):  # 1 row: fused kernel; 3 rows: dequantized
+        got = np.asarray(getattr(quantized, method)(hidden_states))
+        expected = np.asarray(getattr(dense, method)(hidden_states))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
