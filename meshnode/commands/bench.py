@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from meshnode.model.compile_cache import enable_compile_cache
     from meshnode.model.source import open_model
-    from meshnode.testing.processes import LocalMesh, enable_compile_cache
+    from meshnode.testing.processes import LocalMesh
 
     enable_compile_cache()
     source = open_model(args.model)

@@ -54,7 +54,8 @@ def split_spans(num_layers: int, workers: int) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshnode.testing.processes import LocalMesh, enable_compile_cache
+    from meshnode.model.compile_cache import enable_compile_cache
+    from meshnode.testing.processes import LocalMesh
 
     enable_compile_cache()
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise ModelError("give --prompt TEXT or --prompt-ids 1,2,3")
+    from meshnode.model.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
     if not args.local:
         from meshnode.client.commandline import run_generate
 

@@ -88,6 +88,9 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
 
 
 def make_service(args: argparse.Namespace, reactor: Any) -> WorkerService:
+    from meshnode.model.compile_cache import enable_compile_cache
+
+    enable_compile_cache()
     return WorkerService(options_from_args(args), reactor)
 
 

@@ -31,7 +31,9 @@ BlocksForward = Callable[[Any, int], Any]
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """New tokens only; prefill_s = prompt in to first token out; decode rate over the rest."""
+    """New tokens only; prefill_s = prompt in to first token out; decode_tok_s = the rate
+    of the decode steps after the first, whose time includes compiling (or loading from
+    the compilation cache) the one-token program; with a single decode step, that step's."""
 
     token_ids: tuple[int, ...]
     text: str
@@ -95,6 +97,7 @@ def generate_tokens(
     position = len(prompt_ids)
     stop_reason = "length"
     decode_began = clock()
+    steady_began = None  # after the first decode step, which compiles (or loads) its program
     while True:
         if on_token is not None:
             on_token(token)
@@ -107,14 +110,21 @@ def generate_tokens(
         token = sampler(np.asarray(head.logits(hidden))[0])
         generated.append(token)
         position += 1
-    decode_s = clock() - decode_began
-    steps = len(generated) - 1
+        if steady_began is None:
+            steady_began = clock()
     return TokenLoopResult(
         token_ids=tuple(generated),
         prefill_s=prefill_s,
-        decode_tok_s=steps / decode_s if steps and decode_s > 0 else 0.0,
+        decode_tok_s=_decode_rate(len(generated) - 1, decode_began, steady_began, clock()),
         stop_reason=stop_reason,
     )
+
+
+def _decode_rate(steps: int, began: float, steady_began: float | None, ended: float) -> float:
+    """Tokens per second over the decode steps after the first; the first alone if only one."""
+    if steps >= 2 and steady_began is not None and ended > steady_began:
+        return (steps - 1) / (ended - steady_began)
+    return steps / (ended - began) if steps and ended > began else 0.0
 
 
 class TextStream:

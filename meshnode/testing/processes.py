@@ -25,6 +25,7 @@ from typing import Self
 import meshnode
 from meshnode.errors import MeshError
 from meshnode.identity import PeerAddress
+from meshnode.model.compile_cache import MIN_CACHED_COMPILE_SECONDS, compile_cache_dir
 
 ADDRESS_PATTERN = re.compile(r"(?<![\w.])((?:\d{1,3}\.){3}\d{1,3}:\d+#[0-9a-f]{64})")
 #: seconds a node may take to start (a worker loads and compiles its blocks)
@@ -32,8 +33,6 @@ START_TIMEOUT = 180.0
 #: seconds between SIGTERM and SIGKILL
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
-#: compilations shorter than this are not worth a cache entry
-MIN_CACHED_COMPILE_SECONDS = 0.1
 
 
 class NodeFailed(MeshError):
@@ -218,29 +217,6 @@ class LocalMesh:
         node = NodeProcess(name, folder, process, args=args)
         self.nodes.append(node)
         return node
-
-
-def compile_cache_dir() -> str:
-    """JAX's persistent compilation cache shared by local nodes (``$JAX_COMPILATION_CACHE_DIR``).
-
-    Workers of equal span lengths compile the same programs: with the cache, only
-    the first process of a machine pays for each (seconds per shape on a small CPU).
-    """
-    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        Path(tempfile.gettempdir()) / f"meshnode-jax-cache-{os.getuid()}"
-    )
-
-
-def enable_compile_cache() -> None:
-    """Use the shared compilation cache in this process too (the demo's and tests' client),
-    and build the native kernels here once, before the workers would each build them."""
-    import jax
-
-    from meshnode import native
-
-    jax.config.update("jax_compilation_cache_dir", compile_cache_dir())
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_CACHED_COMPILE_SECONDS)
-    native.load()
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:

@@ -48,7 +48,7 @@ def _has_bootstrap_command() -> bool:
 @pytest.fixture(scope="session", autouse=True)
 def _compile_cache():
     """The client side shares the workers' persistent compilation cache."""
-    from meshnode.testing.processes import enable_compile_cache
+    from meshnode.model.compile_cache import enable_compile_cache
 
     enable_compile_cache()
 
