@@ -25,10 +25,13 @@ compute dtype.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from meshnode import native
 from meshnode.model.config import ModelConfig
 from meshnode.model.quant import linear
 from meshnode.model.rope import apply_rope
@@ -62,12 +65,16 @@ def attention(
     mask: jnp.ndarray,
     cache: tuple[jnp.ndarray, jnp.ndarray],
     cache_index: tuple,
+    window: Any = 0,
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
     """Self-attention of x [B, T, H] over the cache after writing x's keys and values.
 
     ``cache`` is the span's (k, v), each [L, B, S, K, D]; ``cache_index`` is
-    (layer, start) where this layer's new positions go. Returns the attention
-    output [B, T, H] (before the residual add) and the updated cache.
+    (layer, start) where this layer's new positions go; ``mask`` [T, A] is
+    causal and within ``window`` (0: none) over the first A cache positions.
+    Returns the attention output [B, T, H] (before the residual add) and the
+    updated cache. One float32 position (a decode step) goes to the native
+    kernel where it runs, which reads the cache in place.
     """
     batch, length, _ = x.shape
     heads, kv_heads, dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -87,6 +94,12 @@ def attention(
     at = (layer_index, 0, start, 0, 0)
     k_cache = lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
     v_cache = lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+    if length == 1 and q.dtype == k_cache.dtype == jnp.float32 and native.load():
+        out = decode_attention(q[:, 0], k_cache, v_cache, layer_index, start, window)
+        out = linear(out.reshape(batch, length, heads * dim), layer["wo"])  # [B, 1, H]
+        if "bo" in layer:
+            out = out + layer["bo"]
+        return out, (k_cache, v_cache)
     window = (1, batch, kv_length, kv_heads, dim)
     keys = lax.dynamic_slice(k_cache, (layer_index, 0, 0, 0, 0), window)[0]  # [B, A, K, D]
     values = lax.dynamic_slice(v_cache, (layer_index, 0, 0, 0, 0), window)[0]  # [B, A, K, D]
@@ -105,6 +118,22 @@ def attention(
     return out, (k_cache, v_cache)
 
 
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer_index: Any,
+    position: Any,
+    window: Any,
+) -> jax.Array:
+    """q [B, N, D] of one position over layer ``layer_index`` of the float32 caches
+    [L, B, S, K, D], positions [position - window + 1 (window > 0), position]: the
+    native kernel (meshnode/native/attention.cc). Returns [B, N, D]."""
+    scalar = lambda value: jnp.asarray(value, dtype=jnp.int32).reshape(())
+    call = jax.ffi.ffi_call(native.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_cache, v_cache, scalar(layer_index), scalar(position), scalar(window))
+
+
 def mlp(layer: dict, x: jnp.ndarray) -> jnp.ndarray:
     """SwiGLU: x [B, T, H] -> [B, T, H]."""
     gate_up = linear(x, layer["w_gate_up"])  # [B, T, 2F]
@@ -120,11 +149,19 @@ def decoder_block(
     mask: jnp.ndarray,
     cache: tuple[jnp.ndarray, jnp.ndarray],
     cache_index: tuple,
+    window: Any = 0,
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
     """One pre-norm decoder layer: x [B, T, H] -> [B, T, H], cache updated."""
     eps = config.rms_norm_eps
     attended, cache = attention(
-        config, layer, rms_norm(x, layer["attn_norm"], eps), rope, mask, cache, cache_index
+        config,
+        layer,
+        rms_norm(x, layer["attn_norm"], eps),
+        rope,
+        mask,
+        cache,
+        cache_index,
+        window,
     )
     x = x + attended  # [B, T, H]
     x = x + mlp(layer, rms_norm(x, layer["mlp_norm"], eps))  # [B, T, H]

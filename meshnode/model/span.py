@@ -263,7 +263,7 @@ def _unrolled_step(
     for index, (layer, window) in enumerate(zip(layers, windows)):
         mask = attention_mask(positions, kv_length, window)  # [T, A]
         x, cache = decoder_block(
-            config, _cast(layer, compute_dtype), x, rope, mask, cache, (index, start)
+            config, _cast(layer, compute_dtype), x, rope, mask, cache, (index, start), window
         )
     return x, *cache
 
@@ -294,7 +294,14 @@ def _scan_step(
         layer, index, window = xs
         mask = attention_mask(positions, kv_length, window)  # [T, A]
         x, (k_cache, v_cache) = decoder_block(
-            config, _cast(layer, compute_dtype), x, rope, mask, (k_cache, v_cache), (index, start)
+            config,
+            _cast(layer, compute_dtype),
+            x,
+            rope,
+            mask,
+            (k_cache, v_cache),
+            (index, start),
+            window,
         )
         return (x, k_cache, v_cache), None
 

@@ -1,7 +1,8 @@
 """Native CPU kernels, built on first use and registered as XLA FFI targets.
 
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
-its header for the weight layout). ``load()`` compiles it once per machine
+its header for the weight layout), ``attention.cc`` the attention of one new
+position over a KV cache. ``load()`` compiles them into one library once per machine
 with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
 jaxlib ships, ``-march=native``, into a cache folder keyed by the source, the
 flags, the jaxlib version, the compiler and the CPU's model and flags
@@ -32,8 +33,14 @@ import jaxlib
 
 MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
+ATTENTION_TARGET = "meshnode_decode_attention"
 
-_SOURCE = Path(__file__).with_name("qmatmul.cc")
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
+_SYMBOLS = {
+    MATMUL_TARGET: "MeshnodeQMatmul",
+    DEQUANT_TARGET: "MeshnodeQDequant",
+    ATTENTION_TARGET: "MeshnodeDecodeAttention",
+}
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -102,7 +109,7 @@ def _build() -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise _Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in _SOURCES)
     include = jax.ffi.include_dir()
     try:
         folder = _writable_cache()
@@ -118,7 +125,7 @@ def _build() -> Path:
             return library
         fd, scratch = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
-        command = [compiler, *flags, f"-I{include}", str(_SOURCE), "-o", scratch]
+        command = [compiler, *flags, f"-I{include}", *map(str, _SOURCES), "-o", scratch]
         try:
             result = subprocess.run(
                 command, check=False, capture_output=True, text=True, timeout=600
@@ -132,16 +139,13 @@ def _build() -> Path:
             return library
         os.unlink(scratch)
         last_error = (result.stderr or result.stdout).strip()[-400:]
-    raise _Unavailable(f"compiling {_SOURCE.name} failed: {last_error}")
+    raise _Unavailable(f"compiling the native kernels failed: {last_error}")
 
 
 def _register(library: Path) -> None:
     try:
         handle = ctypes.cdll.LoadLibrary(str(library))
-        for target, symbol in (
-            (MATMUL_TARGET, "MeshnodeQMatmul"),
-            (DEQUANT_TARGET, "MeshnodeQDequant"),
-        ):
+        for target, symbol in _SYMBOLS.items():
             jax.ffi.register_ffi_target(
                 target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu"
             )
