@@ -4,7 +4,9 @@
 its header for the weight layout), ``attention.cc`` the attention of one new
 position over a KV cache. ``load()`` compiles them into one library once per machine
 with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
-jaxlib ships, ``-march=native``, into a cache folder keyed by the source, the
+jaxlib ships, ``-march=native`` (or ``-march=$MESHNODE_NATIVE_MARCH``, e.g.
+``x86-64-v3`` for a library that runs on any AVX2 machine; without ``-march``
+if the compiler refuses it), into a cache folder keyed by the source, the
 flags, the jaxlib version, the compiler and the CPU's model and flags
 (``$MESHNODE_NATIVE_CACHE``, else ``~/.cache/meshnode/native``, else a folder
 in the temp dir); later processes only load the library.
@@ -116,7 +118,8 @@ def _build() -> Path:
     except OSError as exc:
         raise _Unavailable(f"no writable cache folder: {exc}") from exc
     last_error = ""
-    for arch in (("-march=native",), ()):
+    march = os.environ.get("MESHNODE_NATIVE_MARCH", "native")
+    for arch in ((f"-march={march}",), ()):
         flags = (*_FLAGS, *arch)
         parts = [source, " ".join(flags).encode(), jaxlib.__version__.encode(), compiler.encode()]
         key = hashlib.sha256(b"\0".join([*parts, _cpu_signature()])).hexdigest()[:24]

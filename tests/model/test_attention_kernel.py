@@ -1,10 +1,16 @@
 """The native decode attention: one new position over a layer of the KV cache.
 
 The span's parity tests (against transformers, sliding windows included) run it
-inside whole decode steps; these check it alone against a numpy reference.
+inside whole decode steps; these check it alone against a numpy reference, and
+check the kernels built without AVX-512 (the AVX2 and portable paths).
 """
 
 from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -57,3 +63,53 @@ def test_native_decode_attention_rejects_a_position_outside_the_cache():
     cache = np.zeros((1, 1, 16, 1, 16), np.float32)
     with pytest.raises(Exception, match="outside the cache"):
         np.asarray(decode_attention(np.zeros((1, 2, 16), np.float32), cache, cache, 0, 16, 0))
+
+
+_VECTOR_PATHS_SCRIPT = """
+import gguf, jax, numpy as np
+from meshnode import native
+from meshnode.model.layers import decode_attention
+from meshnode.model.quant import from_gguf, linear
+assert native.load(), native.unavailable_reason()
+rng = np.random.default_rng(0)
+worst = 0.0
+for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
+    values = rng.standard_normal((19, 96)).astype(np.float32)
+    raw = gguf.quants.quantize(values, qtype)
+    dense = gguf.quants.dequantize(raw, qtype).reshape(19, 96)
+    x = rng.standard_normal((1, 1, 96)).astype(np.float32)
+    got = np.asarray(jax.jit(linear)(x, from_gguf(qtype, raw, 19)))
+    worst = max(worst, float(np.abs(got - x @ dense.T).max() / np.abs(x @ dense.T).max()))
+cache = rng.standard_normal((2, 1, 40, 2, 16)).astype(np.float32)
+values = rng.standard_normal((2, 1, 40, 2, 16)).astype(np.float32)
+q = rng.standard_normal((1, 4, 16)).astype(np.float32)
+got = np.asarray(decode_attention(q, cache, values, 1, 33, 0))
+for n in range(4):
+    scores = cache[1, 0, :34, n // 2] @ q[0, n] / 4.0
+    weights = np.exp(scores - scores.max())
+    expected = (weights / weights.sum()) @ values[1, 0, :34, n // 2]
+    worst = max(worst, float(np.abs(got[0, n] - expected).max()))
+print(worst)
+"""
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction sets")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
+def test_kernels_built_without_avx512_compute_the_same(tmp_path, march):
+    """When the kernels are built for AVX2 (x86-64-v3) or plain x86-64, then the fused matmul
+    and the attention still equal their references: every vector path is exercised."""
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        MESHNODE_NATIVE_MARCH=march,
+        MESHNODE_NATIVE_CACHE=str(tmp_path),
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", _VECTOR_PATHS_SCRIPT],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) < 1e-5
