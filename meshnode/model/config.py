@@ -40,6 +40,9 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    #: per channel pair, divisors of the inverse frequencies (GGUF's ``rope_freqs``
+    #: tensor, in which llama.cpp's converter bakes Llama 3 scaling); () = none
+    freq_factors: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ pairs; reading undoes it exactly as transformers' ``LlamaTensorProcessor`` does
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,10 @@ class GGUFFile:
 
     def has_key(self, key: str) -> bool:
         return key in self._reader.fields
+
+    def tensor(self, gguf_name: str) -> Any:
+        """A tensor by its GGUF name (``rope_freqs.weight``), as gguf's ReaderTensor."""
+        return self._tensors[gguf_name]
 
     def tensor_types(self) -> dict[str, str]:
         """GGUF tensor name -> quantization type name (F32, Q4_1, ...)."""
@@ -174,6 +179,8 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         )
     elif scaling not in ("none", ""):
         raise ConfigError(f"{file.path}: rope scaling {scaling!r} is not supported")
+    if "rope_freqs.weight" in file.tensor_types():
+        rope = dataclasses.replace(rope, freq_factors=_rope_freqs(file, key))
     eos = file.value("tokenizer.ggml.eos_token_id")
     qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in file.tensor_types()
     return ModelConfig(
@@ -193,6 +200,18 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         bos_token_id=_maybe_int(file.value("tokenizer.ggml.bos_token_id")),
         eos_token_ids=() if eos is None else (int(eos),),
     )
+
+
+def _rope_freqs(file: GGUFFile, key: Any) -> tuple[float, ...]:
+    """The per-pair frequency divisors of ``rope_freqs.weight`` (llama.cpp's Llama 3 scaling)."""
+    heads = int(key("attention.head_count"))
+    head_dim = int(key("attention.key_length", int(key("embedding_length")) // heads))
+    factors = read_tensor(file.tensor("rope_freqs.weight")).reshape(-1)
+    if factors.shape != (head_dim // 2,):
+        raise ConfigError(
+            f"{file.path}: rope_freqs.weight has {factors.size} values, expected {head_dim // 2}"
+        )
+    return tuple(float(f) for f in factors)
 
 
 def _maybe_int(value: Any) -> int | None:

@@ -1,7 +1,8 @@
 """Rotary position embeddings: inverse frequencies per rope type, and their application.
 
 The frequencies are computed once on the host in float32 the way transformers
-computes them (``default``, ``linear`` and Llama 3's ``llama3`` smoothing);
+computes them (``default``, ``linear`` and Llama 3's ``llama3`` smoothing),
+or as llama.cpp does from a GGUF's per-pair ``rope_freqs`` divisors;
 ``apply_rope`` uses the half-rotation layout of Hugging Face checkpoints
 (GGUF q/k weights are un-permuted into that layout when loaded).
 """
@@ -21,6 +22,8 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     rope, dim = config.rope, config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.power(np.float32(rope.theta), exponents)).astype(np.float32)  # [D/2]
+    if rope.freq_factors:
+        inv_freq = (inv_freq / np.asarray(rope.freq_factors, dtype=np.float32)).astype(np.float32)
     if rope.rope_type == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.rope_type == "llama3":

@@ -186,8 +186,36 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
         else:
             writer.add_tensor(target, stored.astype(np.float32))
             expected[name] = values
+    factors = llama3_rope_factors(config)
+    if factors is not None:  # as llama.cpp's converter bakes Llama 3 rope scaling in
+        writer.add_tensor("rope_freqs.weight", factors)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+def llama3_rope_factors(config) -> np.ndarray | None:
+    """llama.cpp's ``rope_freqs`` tensor for a Llama 3 rope scaling, as its converter
+    computes it (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors); else None."""
+    import math
+
+    rope = config.rope_parameters
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            factors.append(1.0)
+        elif wavelen > old / low:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(factors, dtype=np.float32)

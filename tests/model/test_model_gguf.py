@@ -42,6 +42,18 @@ def test_f32_gguf_runs_like_the_safetensors_checkpoint(tiny_llama, tmp_path):
     assert relative_error(_hidden_logits(from_gguf, ids), _hidden_logits(from_folder, ids)) < 1e-6
 
 
+def test_llama3_rope_frequencies_come_from_the_rope_freqs_tensor(tmp_path):
+    """When a Llama 3-scaled model is converted as llama.cpp does (the scaling baked into a
+    rope_freqs tensor, no scaling metadata), then its logits equal the HF folder's."""
+    model = build_reference("llama3_rope")
+    write_llama_gguf(model, tmp_path / "tiny.gguf", "F32")
+    folder = write_checkpoint(model, tmp_path / "hf")
+    from_gguf, from_folder = open_model(tmp_path / "tiny.gguf"), open_model(folder)
+    assert len(from_gguf.config.rope.freq_factors) == from_gguf.config.head_dim // 2
+    ids = list(range(5, 45))  # past original_max_position_embeddings (16)
+    assert relative_error(_hidden_logits(from_gguf, ids), _hidden_logits(from_folder, ids)) < 1e-5
+
+
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_quantized_weights_load_as_dequantized(tiny_llama, tmp_path, qtype):
     """When 2-D weights are stored as qtype, then the loader reads exactly their dequantized values."""
