@@ -4,7 +4,9 @@ A Hugging Face folder's ``tokenizer.json`` loads with the ``tokenizers``
 library as is. A GGUF file's byte-level BPE (``tokenizer.ggml.model`` =
 ``gpt2``) is rebuilt from its tokens, merges and token types, the way
 transformers' GGUF integration does, with the pre-tokenizer chosen by
-``tokenizer.ggml.pre`` as llama.cpp chooses it. Chat templates are rendered
+``tokenizer.ggml.pre`` as llama.cpp chooses it; a SentencePiece BPE
+(``llama``: Llama 2, Mistral, TinyLlama files) from its tokens, scores and
+token types, its merges derived from the scores as transformers derives them. Chat templates are rendered
 with jinja2 in the same sandboxed environment and with the same variables as
 transformers' ``apply_chat_template``.
 """
@@ -182,16 +184,23 @@ def _read_json(path: Path) -> dict:
 def tokenizer_from_gguf(metadata: Any) -> Tokenizer:
     """Build the tokenizer a GGUF file describes; ``metadata.value(key)`` reads its keys."""
     model = metadata.value("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise TokenizerError(
-            f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')"
-        )
     tokens = list(metadata.value("tokenizer.ggml.tokens") or [])
-    merges = list(metadata.value("tokenizer.ggml.merges") or [])
     types = list(metadata.value("tokenizer.ggml.token_type") or [])
-    if not tokens or not merges:
-        raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or merges")
-    backend = _byte_level_bpe(tokens, merges, types, metadata.value("tokenizer.ggml.pre"))
+    if model == "gpt2":
+        merges = list(metadata.value("tokenizer.ggml.merges") or [])
+        if not tokens or not merges:
+            raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or merges")
+        backend = _byte_level_bpe(tokens, merges, types, metadata.value("tokenizer.ggml.pre"))
+    elif model == "llama":
+        scores = list(metadata.value("tokenizer.ggml.scores") or [])
+        if not tokens or len(scores) != len(tokens):
+            raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or their scores")
+        backend = _sentencepiece_bpe(tokens, scores, types)
+    else:
+        raise TokenizerError(
+            f"GGUF tokenizer model {model!r} is not supported "
+            "('gpt2': byte-level BPE, 'llama': SentencePiece BPE)"
+        )
     special = {}
     for name, key in (
         ("bos_token", "bos"),
@@ -202,7 +211,9 @@ def tokenizer_from_gguf(metadata: Any) -> Tokenizer:
         index = metadata.value(f"tokenizer.ggml.{key}_token_id")
         if index is not None and 0 <= int(index) < len(tokens):
             special[name] = tokens[int(index)]
-    if metadata.value("tokenizer.ggml.add_bos_token", False) and "bos_token" in special:
+    # SentencePiece models start with BOS unless the file says otherwise (as llama.cpp does)
+    add_bos = metadata.value("tokenizer.ggml.add_bos_token", model == "llama")
+    if add_bos and "bos_token" in special:
         bos = special["bos_token"]
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]
@@ -265,6 +276,65 @@ def _byte_level_bpe(tokens: list[str], merges: list[str], types: list[int], pre:
     ]
     backend.add_tokens(user)
     return backend
+
+
+def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int]) -> Backend:
+    """SentencePiece BPE as transformers' GGUF integration rebuilds it (LlamaTokenizer):
+    merges derived from the vocabulary and ordered by score, byte fallback for text
+    outside it, and "▁" for spaces, prepended to the first word."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = Backend(
+        BPE(
+            vocab=vocab,
+            merges=_merges_from_scores(vocab, tokens, scores),
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first", split=False
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1),
+        ]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, k in zip(tokens, types)
+            if k == _CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types)
+            if k == _USER_DEFINED
+        ]
+    )
+    return backend
+
+
+def _merges_from_scores(
+    vocab: dict[str, int], tokens: list[str], scores: list[float]
+) -> list[tuple[str, str]]:
+    """The merges a SentencePiece vocabulary implies: every split of a piece into two pieces
+    of the vocabulary, best piece score first, then longer left and right parts first
+    (transformers' ``generate_merges``)."""
+    merges = []
+    for piece, score in dict(zip(tokens, scores)).items():
+        local = [
+            (piece[:k], piece[k:], score)
+            for k in range(1, len(piece))
+            if piece[:k] in vocab and piece[k:] in vocab
+        ]
+        merges.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
 
 
 def _pre_tokenizer(pre: Any) -> Any:
