@@ -18,6 +18,9 @@ CONNECT_TIMEOUT = 10.0
 # asked us to pause: bounds what a slow reader makes us hold beyond the tensors.
 SEND_SLICE_BYTES = 1024 * 1024
 MAX_INFLIGHT_HANDLERS = 256
+# Bytes queued for a peer that does not read them, past which we stop reading
+# its requests: answers to a peer that never reads cannot pile up without bound.
+MAX_QUEUED_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -31,3 +34,4 @@ class WireLimits:
     connect_timeout: float = CONNECT_TIMEOUT
     send_slice_bytes: int = SEND_SLICE_BYTES
     max_inflight_handlers: int = MAX_INFLIGHT_HANDLERS
+    max_queued_bytes: int = MAX_QUEUED_BYTES

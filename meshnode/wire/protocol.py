@@ -14,7 +14,8 @@ pool bookkeeping). Per connection it owns:
 - flow control: it registers itself as the transport's push producer; while
   the transport is paused, outgoing frames wait in a queue of memoryviews
   over the callers' tensors (no copy), and at most ``send_slice_bytes`` are
-  handed to TLS per turn; while too many handler calls are in flight it
+  handed to TLS per turn; while too many handler calls are in flight, or
+  more than ``max_queued_bytes`` wait for a peer that does not read them, it
   stops reading from the peer;
 - error frames: a handler's ``MeshError`` goes out with its code, anything
   else as ``internal`` (and is logged); framing violations (oversized
@@ -94,6 +95,7 @@ class MeshProtocol(Protocol):
         self._pending: dict[int, tuple[Deferred[Message], IDelayedCall]] = {}
         self._handling: set[Deferred[Any]] = set()
         self._queue: deque[memoryview | bytes] = deque()
+        self._queued = 0  # bytes in _queue
         self._paused = False
         self._reading_paused = False
         self._refusing = False
@@ -222,10 +224,13 @@ class MeshProtocol(Protocol):
     def _send(self, parts: list[memoryview | bytes]) -> None:
         if not self.connected or self._closing:
             return
+        size = sum(len(part) for part in parts)
         self.stats.frames_sent += 1
-        self.stats.bytes_sent += sum(len(part) for part in parts)
+        self.stats.bytes_sent += size
         self._queue.extend(parts)
+        self._queued += size
         self._pump()
+        self._throttle_reading()
 
     def _pump(self) -> None:
         slice_bytes = self.limits.send_slice_bytes
@@ -241,6 +246,7 @@ class MeshProtocol(Protocol):
                     part = view[:room]
                 batch.append(part)
                 size += len(part)
+            self._queued -= size
             self.transport.writeSequence(batch)
         self._finish_close()
 
@@ -250,15 +256,17 @@ class MeshProtocol(Protocol):
     def resumeProducing(self) -> None:
         self._paused = False
         self._pump()
+        self._throttle_reading()
 
     def stopProducing(self) -> None:
         self._paused = True
         self._queue.clear()
+        self._queued = 0
 
     @property
     def queued_bytes(self) -> int:
         """Bytes waiting for the transport (views over callers' tensors, not copies)."""
-        return sum(len(part) for part in self._queue)
+        return self._queued
 
     # -- receiving -----------------------------------------------------------
 
@@ -379,7 +387,10 @@ class MeshProtocol(Protocol):
             log.failure("answering {peer}", result, peer=self.peer)
 
     def _throttle_reading(self) -> None:
-        busy = len(self._handling) >= self.limits.max_inflight_handlers
+        busy = (
+            len(self._handling) >= self.limits.max_inflight_handlers
+            or self._queued > self.limits.max_queued_bytes
+        )
         if busy and not self._reading_paused and self.connected:
             self._reading_paused = True
             self.transport.pauseProducing()

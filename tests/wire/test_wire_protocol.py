@@ -258,6 +258,31 @@ def test_paused_transport_queues_views_and_resume_flushes():
     assert connection.protocol.stats.bytes_sent == queued
 
 
+def test_a_peer_that_does_not_read_its_answers_stops_being_read():
+    """When answers to a peer that does not read them pass max_queued_bytes, then we stop
+    reading its requests; when it reads again (the transport resumes us), reading resumes
+    and every answer goes out."""
+    tensor = np.ones(4096, np.float32)  # 16 KiB per answer
+    connection = MemoryConnection(
+        {"big": lambda peer, message: Message("big", {}, (tensor,))},
+        WireLimits(max_queued_bytes=40_000),
+    )
+    connection.protocol.pauseProducing()  # the transport is full: the peer is not reading
+    answer(connection, request_header("big", 1))
+    answer(connection, request_header("big", 2))
+    assert connection.transport.producerState == "producing"
+    answer(connection, request_header("big", 3))
+    assert connection.transport.producerState == "paused"
+    assert 40_000 < connection.protocol.queued_bytes < 3 * 17_000
+    connection.protocol.resumeProducing()
+    assert connection.transport.producerState == "producing"
+    assert connection.protocol.queued_bytes == 0
+    frames = connection.sent_frames()
+    assert [header["id"] for header, _ in frames] == [1, 2, 3]
+    for _, frame in frames:
+        np.testing.assert_array_equal(frame.body[: tensor.nbytes].view(np.float32), tensor)
+
+
 def test_pause_mid_frame_stops_after_one_slice():
     """When the transport asks to pause during a write, then no more slices are written."""
     connection = MemoryConnection(limits=WireLimits(send_slice_bytes=4096))
