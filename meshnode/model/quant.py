@@ -1,17 +1,18 @@
 """Block-quantized weight matrices, kept quantized in memory and multiplied natively.
 
-A ``QuantizedMatrix`` is a weight W [out, in] (Hugging Face orientation) in
-blocks of 32 inputs::
+A ``QuantizedMatrix`` is a weight W [out, in] (Hugging Face orientation) whose
+inputs share a scale and an offset in groups of G = 32 (or 16)::
 
-    W[o, 32*b + j] = scale[o, b] * code(o, b, j) + offset[o, b]
+    W[o, i] = scale[o, i // G] * code(o, i) + offset[o, i // G]
 
 with 4-bit codes (0..15, two per byte: ggml's Q4_0/Q4_1 layout) or 8-bit
-signed codes. GGUF's Q4_0, Q4_1, Q4_K (4 bits), Q5_0, Q5_1, Q5_K and Q8_0
-(8 bits) tensors map onto it exactly (``from_gguf``): the K-quants' 32-value
-sub-blocks become blocks whose scale and offset are the super-block scales
-times the sub-block ones. Other types (Q6_K, Q2_K, Q3_K, float) are
-dequantized to float arrays at load time, as are all weights when the native
-kernels are unavailable.
+signed codes; 8-bit codes may also take a scale per 16 inputs. GGUF's Q4_0,
+Q4_1, Q4_K (4 bits), Q5_0, Q5_1, Q5_K, Q6_K (16-input groups) and Q8_0 (8
+bits) tensors map onto it exactly (``from_gguf``): the K-quants' sub-blocks
+become groups whose scale and offset are the super-block scales times the
+sub-block ones. Other types (Q2_K, Q3_K, float) are dequantized to float
+arrays at load time, as are all weights when the native kernels are
+unavailable.
 
 ``linear(x, w)`` is the one matmul the model code calls: a float weight is
 [in, out] and goes to XLA; a quantized one goes to the native kernel
@@ -56,8 +57,13 @@ class QuantizedMatrix:
 
     @property
     def shape(self) -> tuple[int, ...]:
-        *lead, out, blocks = self.scale.shape
-        return (*lead, out, blocks * BLOCK)
+        *lead, out, width = self.codes.shape
+        return (*lead, out, width * 8 // self.bits)
+
+    @property
+    def group(self) -> int:
+        """Inputs per scale: 32, or 16 (8-bit codes of Q6_K)."""
+        return self.shape[-1] // self.scale.shape[-1]
 
     @property
     def nbytes(self) -> int:
@@ -89,7 +95,8 @@ def _unpack(codes: Any, bits: int, xp: Any) -> Any:
 
 def _apply_scales(codes: Any, scale: Any, offset: Any, xp: Any) -> Any:
     *lead, out, width = codes.shape
-    blocks = codes.reshape(*lead, out, width // BLOCK, BLOCK)
+    groups = scale.shape[-1]
+    blocks = codes.reshape(*lead, out, groups, width // groups)
     return (blocks * scale[..., None] + offset[..., None]).reshape(*lead, out, width)
 
 
@@ -106,7 +113,7 @@ def from_gguf(qtype: GGMLQuantizationType, raw: np.ndarray, rows: int) -> Quanti
         return None
     block_bytes, bits, decoder = decode
     data = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, -1, block_bytes)
-    codes, scale, offset = decoder(data)  # codes [rows, blocks of 32, 32]
+    codes, scale, offset = decoder(data)  # codes [rows, chunks of 32, 32] (or [rows, ..., 256])
     scale, offset = scale.reshape(rows, -1), offset.reshape(rows, -1)
     codes = codes.reshape(rows, -1, BLOCK)
     if bits == 4:
@@ -192,6 +199,23 @@ def _q5_k(data):  # d, dmin, scales[12], qh[32], qs[128]; fifth bit of chunk c, 
     return _k_sub_blocks(_f16(data, 0), _f16(data, 2), data[..., 4:16], quants)
 
 
+def _q6_k(data):  # ql[128], qh[64], scales[16] int8, d; 16-value groups: w = d * sc * (q - 32)
+    ql, qh = data[..., :128], data[..., 128:192]
+    halves = []
+    for half in range(2):
+        low, high = ql[..., 64 * half : 64 * half + 64], qh[..., 32 * half : 32 * half + 32]
+        parts = [
+            (low[..., :32] & 0x0F) | (((high >> 0) & 3) << 4),
+            (low[..., 32:] & 0x0F) | (((high >> 2) & 3) << 4),
+            (low[..., :32] >> 4) | (((high >> 4) & 3) << 4),
+            (low[..., 32:] >> 4) | (((high >> 6) & 3) << 4),
+        ]
+        halves.append(np.concatenate(parts, axis=-1))  # [rows, supers, 128]
+    codes = np.concatenate(halves, axis=-1).astype(np.int16) - 32  # [rows, supers, 256]
+    scale = _f16(data, 208)[..., None] * data[..., 192:208].view(np.int8).astype(np.float32)
+    return codes, scale, np.zeros_like(scale)  # scale [rows, supers, 16]
+
+
 #: GGUF type -> (bytes per block, code bits, decoder to (codes, scale, offset))
 _GGUF_DECODERS = {
     GGMLQuantizationType.Q8_0: (34, 8, _q8_0),
@@ -201,22 +225,34 @@ _GGUF_DECODERS = {
     GGMLQuantizationType.Q5_1: (24, 8, _q5_1),
     GGMLQuantizationType.Q4_K: (144, 4, _q4_k),
     GGMLQuantizationType.Q5_K: (176, 8, _q5_k),
+    GGMLQuantizationType.Q6_K: (210, 8, _q6_k),
 }
 
 
-def concat_rows(parts: Sequence[QuantizedMatrix]) -> QuantizedMatrix | None:
-    """Matrices stacked along out (fused q/k/v, gate/up); None if their bits differ."""
-    if len({p.bits for p in parts}) != 1:
-        return None
+def concat_rows(parts: Sequence[QuantizedMatrix]) -> QuantizedMatrix:
+    """Matrices stacked along out (fused q/k/v, gate/up). Parts of different forms (a
+    Q4_K q beside a Q6_K v) are first brought to the widest one, exactly: 4-bit codes
+    become 8-bit ones, and 32-input groups two 16-input groups of the same scale."""
+    bits, group = max(p.bits for p in parts), min(p.group for p in parts)
+    parts = [_widen(p, bits, group) for p in parts]
     return QuantizedMatrix(
-        *(np.concatenate([getattr(p, f) for p in parts], axis=-2) for f in _FIELDS),
-        parts[0].bits,
+        *(np.concatenate([getattr(p, f) for p in parts], axis=-2) for f in _FIELDS), bits
     )
 
 
+def _widen(matrix: QuantizedMatrix, bits: int, group: int) -> QuantizedMatrix:
+    codes, scale, offset = (np.asarray(getattr(matrix, f)) for f in _FIELDS)
+    if matrix.bits != bits:  # 4 -> 8: codes 0..15 fit int8
+        codes = _unpack(codes, matrix.bits, np).astype(np.int8)
+    if matrix.group != group:  # 32 -> 16: each scale twice
+        repeat = matrix.group // group
+        scale, offset = np.repeat(scale, repeat, axis=-1), np.repeat(offset, repeat, axis=-1)
+    return QuantizedMatrix(codes, scale, offset, bits)
+
+
 def stack(layers: Sequence[QuantizedMatrix]) -> QuantizedMatrix | None:
-    """Per-layer matrices on a new leading axis; None if their bits or shapes differ."""
-    if len({(m.bits, m.shape) for m in layers}) != 1:
+    """Per-layer matrices on a new leading axis; None if their forms or shapes differ."""
+    if len({(m.bits, m.group, m.shape) for m in layers}) != 1:
         return None
     return QuantizedMatrix(
         *(np.stack([getattr(m, f) for m in layers]) for f in _FIELDS), layers[0].bits

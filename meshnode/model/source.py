@@ -77,7 +77,7 @@ class ModelSource:
     def load_span_params(
         self, start: int, end: int, dtype: Any = "float32", quantized: bool | None = None
     ) -> SpanParams:
-        """Blocks [start, end). ``quantized``: keep quantized weights (GGUF Q4_*, Q5_*,
+        """Blocks [start, end). ``quantized``: keep quantized weights (GGUF Q4_*, Q5_*, Q6_K,
         Q8_0) in their blocks; None (the default) does so where the native kernels
         run (see meshnode/native) and the dtype is float32."""
         return weights.span_params(

@@ -8,10 +8,11 @@ q/k/v and gate/up and casts to the storage dtype, block by block. Only the
 tensors of the requested blocks are read.
 
 With ``quantized=True``, a reader that can hand over a projection still in its
-quantization blocks (``read_quantized``: GGUF's Q4_0, Q4_1, Q4_K, Q5_*, Q8_0)
-gives a ``QuantizedMatrix`` [out, in] instead (meshnode/model/quant.py); a
-fused weight whose parts do not share one form (say Q4_K q/k and a Q6_K v)
-is float32 [in, out] in that layer.
+quantization blocks (``read_quantized``: GGUF's Q4_*, Q5_*, Q6_K, Q8_0) gives a
+``QuantizedMatrix`` [out, in] instead (meshnode/model/quant.py); a fused weight
+whose parts differ in form (Q4_K q/k and a Q6_K v) takes the widest of them,
+exactly, and one with a part that has no block form (Q3_K) is float32 [in, out]
+in that layer.
 """
 
 from __future__ import annotations
@@ -73,13 +74,11 @@ def _projection(
     reader: TensorReader, parts: list[tuple[str, int, int]], quantized: bool
 ) -> np.ndarray | QuantizedMatrix:
     """Projections (name, out, in) fused along out: float32 [in, sum(out)], or a
-    QuantizedMatrix [sum(out), in] when asked for and every part has that form."""
+    QuantizedMatrix [sum(out), in] when asked for and every part has a block form."""
     if quantized:
         blocks = [_fetch_quantized(reader, name, (o, i)) for name, o, i in parts]
         if all(b is not None for b in blocks):
-            fused = concat_rows(blocks)
-            if fused is not None:
-                return fused
+            return concat_rows(blocks)
     return np.concatenate(
         [_fetch(reader, name, (o, i)).astype(np.float32).T for name, o, i in parts], axis=1
     )

@@ -1,14 +1,16 @@
 // Block-quantized weights for XLA:CPU: matmul and dequantize as XLA FFI handlers.
 //
-// A weight matrix W [out, in] is stored row-major in blocks of 32 inputs:
+// A weight matrix W [out, in] is stored row-major, its codes in chunks of 32
+// inputs and its scales in groups of G = 32 or 16 inputs:
 //
-//   W[o, 32*b + j] = scale[o, b] * code(o, b, j) + offset[o, b]
+//   W[o, i] = scale[o, i / G] * code(o, i) + offset[o, i / G]
 //
-// codes, bits = 4: uint8 [out, in / 2]; block b of row o is 16 bytes whose low
-//                  nibbles are codes j = 0..15 and high nibbles j = 16..31
-//                  (ggml's Q4_0 / Q4_1 layout).
-// codes, bits = 8: int8 [out, in]; code j is byte j (ggml's Q8_0 layout).
-// scale, offset:   float32 [out, in / 32].
+// codes, bits = 4: uint8 [out, in / 2]; chunk b of row o is 16 bytes whose low
+//                  nibbles are codes 32b + 0..15 and high nibbles 32b + 16..31
+//                  (ggml's Q4_0 / Q4_1 layout); G = 32.
+// codes, bits = 8: int8 [out, in]; code i is byte i (ggml's Q8_0 layout);
+//                  G = 32, or 16 (Q6_K's sub-blocks).
+// scale, offset:   float32 [out, in / G]; G is read off their shape.
 //
 // MeshnodeQMatmul: y[n, o] = sum_i x[n, i] * W[o, i] without forming W, which
 // reads 4-8x fewer bytes than a float32 matvec; a decode step is bound by them.
@@ -64,7 +66,8 @@ struct Weights {
   const uint8_t* codes;
   const float* scale;
   const float* offset;
-  int64_t out, in, blocks, row_bytes;
+  int64_t out, in, blocks, row_bytes;  // blocks: 32-input chunks per row
+  int64_t group, groups;                // inputs per scale (32 or 16), scales per row
 };
 
 #ifdef MESHNODE_AVX2
@@ -125,15 +128,16 @@ inline float offset_term(const float* offset, const float* sums, int64_t blocks)
   return (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
-// Row o of W times one input x [in] whose block sums are sums [blocks].
+// Row o of W times one input x [in] whose sums per scale group are sums [groups].
 // Independent accumulators take alternate blocks, so consecutive blocks' FMAs
 // do not wait on each other.
 template <int Bits>
 inline float row_dot(const Weights& w, int64_t o, const float* x, const float* sums) {
   const int64_t block_bytes = Bits * kBlock / 8;
   const uint8_t* row = w.codes + o * w.row_bytes;
-  const float* scale = w.scale + o * w.blocks;
-  const float* offset = w.offset + o * w.blocks;
+  const float* scale = w.scale + o * w.groups;
+  const float* offset = w.offset + o * w.groups;
+  const int64_t per = kBlock / w.group;  // scales per 32-input chunk: 1 or 2 (8 bits only)
 #if defined(MESHNODE_AVX512)
   if (Bits == 4) {
     // Per block, a 16-entry table of its dequantized values, in which vpermps
@@ -162,46 +166,50 @@ inline float row_dot(const Weights& w, int64_t o, const float* x, const float* s
     __m512 c[2];
     unpack_block_avx512<Bits>(row + b * block_bytes, c);
     const float* xb = x + b * kBlock;
-    __m512 dot = _mm512_mul_ps(c[0], _mm512_loadu_ps(xb));
-    dot = _mm512_fmadd_ps(c[1], _mm512_loadu_ps(xb + 16), dot);
-    acc[b & 1] = _mm512_fmadd_ps(_mm512_set1_ps(scale[b]), dot, acc[b & 1]);
+    for (int k = 0; k < 2; ++k) {  // 16 inputs each: scale b * per + k * per / 2
+      const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
+      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(scale[b * per + k * per / 2]), dot, acc[k]);
+    }
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) +
-         offset_term(offset, sums, w.blocks);
+         offset_term(offset, sums, w.groups);
 #elif defined(MESHNODE_AVX2)
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t b = 0; b < w.blocks; ++b) {
     __m256 c[4];
     unpack_block_avx2<Bits>(row + b * block_bytes, c);
     const float* xb = x + b * kBlock;
-    __m256 dot = _mm256_mul_ps(c[0], _mm256_loadu_ps(xb));
-    dot = _mm256_fmadd_ps(c[1], _mm256_loadu_ps(xb + 8), dot);
-    dot = _mm256_fmadd_ps(c[2], _mm256_loadu_ps(xb + 16), dot);
-    dot = _mm256_fmadd_ps(c[3], _mm256_loadu_ps(xb + 24), dot);
-    acc[b & 1] = _mm256_fmadd_ps(_mm256_set1_ps(scale[b]), dot, acc[b & 1]);
+    for (int half = 0; half < 2; ++half) {  // 16 inputs each: scale b * per + half * per / 2
+      __m256 dot = _mm256_mul_ps(c[2 * half], _mm256_loadu_ps(xb + 16 * half));
+      dot = _mm256_fmadd_ps(c[2 * half + 1], _mm256_loadu_ps(xb + 16 * half + 8), dot);
+      const __m256 s = _mm256_set1_ps(scale[b * per + half * per / 2]);
+      acc[half] = _mm256_fmadd_ps(s, dot, acc[half]);
+    }
   }
-  return horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offset_term(offset, sums, w.blocks);
+  return horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offset_term(offset, sums, w.groups);
 #else
   float codes[kBlock];
-  float total = offset_term(offset, sums, w.blocks);
+  float total = offset_term(offset, sums, w.groups);
   for (int64_t b = 0; b < w.blocks; ++b) {
     unpack_block<Bits>(row + b * block_bytes, codes);
     const float* xb = x + b * kBlock;
-    float dot = 0.f;
-    for (int j = 0; j < kBlock; ++j) dot += codes[j] * xb[j];
-    total += scale[b] * dot;
+    for (int half = 0; half < 2; ++half) {
+      float dot = 0.f;
+      for (int j = 16 * half; j < 16 * half + 16; ++j) dot += codes[j] * xb[j];
+      total += scale[b * per + half * per / 2] * dot;
+    }
   }
   return total;
 #endif
 }
 
-// y[n, o] for rows [first, last): x [tokens, in], x_sums [tokens, blocks].
+// y[n, o] for rows [first, last): x [tokens, in], x_sums [tokens, groups].
 template <int Bits>
 void matmul_rows(const Weights& w, const float* x, const float* x_sums, int64_t tokens, float* y,
                  int64_t first, int64_t last) {
   for (int64_t o = first; o < last; ++o) {
     for (int64_t n = 0; n < tokens; ++n) {
-      y[n * w.out + o] = row_dot<Bits>(w, o, x + n * w.in, x_sums + n * w.blocks);
+      y[n * w.out + o] = row_dot<Bits>(w, o, x + n * w.in, x_sums + n * w.groups);
     }
   }
 }
@@ -212,17 +220,23 @@ void dequantize_rows(const Weights& w, float* out, int64_t first, int64_t last) 
   for (int64_t o = first; o < last; ++o) {
     for (int64_t b = 0; b < w.blocks; ++b) {
       const uint8_t* codes = w.codes + o * w.row_bytes + b * block_bytes;
-      const float scale = w.scale[o * w.blocks + b], offset = w.offset[o * w.blocks + b];
+      const float* scale = w.scale + o * w.groups + b * kBlock / w.group;
+      const float* offset = w.offset + o * w.groups + b * kBlock / w.group;
       float* dst = out + o * w.in + b * kBlock;
 #ifdef MESHNODE_AVX2
       __m256 c[4];
       unpack_block_avx2<Bits>(codes, c);
-      const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(offset);
-      for (int k = 0; k < 4; ++k) _mm256_storeu_ps(dst + 8 * k, _mm256_fmadd_ps(c[k], s, m));
+      for (int k = 0; k < 4; ++k) {  // 8 inputs each, in group 8k / G of the chunk
+        const int64_t g = 8 * k / w.group;
+        const __m256 s = _mm256_set1_ps(scale[g]), m = _mm256_set1_ps(offset[g]);
+        _mm256_storeu_ps(dst + 8 * k, _mm256_fmadd_ps(c[k], s, m));
+      }
 #else
       float values[kBlock];
       unpack_block<Bits>(codes, values);
-      for (int j = 0; j < kBlock; ++j) dst[j] = scale * values[j] + offset;
+      for (int j = 0; j < kBlock; ++j) {
+        dst[j] = scale[j / w.group] * values[j] + offset[j / w.group];
+      }
 #endif
     }
   }
@@ -274,8 +288,11 @@ ffi::Error check_weights(const ffi::AnyBuffer& codes, const ffi::Buffer<ffi::F32
   w->row_bytes = cd[1];
   w->in = cd[1] * 8 / bits;
   w->blocks = w->in / kBlock;
-  if (w->in % kBlock != 0 || sd[0] != w->out || sd[1] != w->blocks || od[0] != w->out ||
-      od[1] != w->blocks) {
+  w->groups = sd[1];
+  w->group = w->groups > 0 ? w->in / w->groups : 0;
+  const bool group_ok = w->group == kBlock || (bits == 8 && w->group == 16);
+  if (w->in % kBlock != 0 || !group_ok || w->groups * w->group != w->in || sd[0] != w->out ||
+      od[0] != w->out || od[1] != w->groups) {
     return ffi::Error::InvalidArgument("scale and offset do not match the codes' blocks");
   }
   w->codes = static_cast<const uint8_t*>(codes.untyped_data());
@@ -296,10 +313,10 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
     return ffi::Error::InvalidArgument("x must be [tokens, in] with the weights' in");
   }
   const int64_t tokens = xd[0];
-  std::unique_ptr<float[]> sums(new float[tokens * w.blocks]);
-  for (int64_t i = 0; i < tokens * w.blocks; ++i) {
+  std::unique_ptr<float[]> sums(new float[tokens * w.groups]);
+  for (int64_t i = 0; i < tokens * w.groups; ++i) {
     float s = 0.f;
-    for (int j = 0; j < kBlock; ++j) s += x.typed_data()[i * kBlock + j];
+    for (int64_t j = 0; j < w.group; ++j) s += x.typed_data()[i * w.group + j];
     sums[i] = s;
   }
   const float* xs = x.typed_data();

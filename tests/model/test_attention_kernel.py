@@ -69,17 +69,22 @@ _VECTOR_PATHS_SCRIPT = """
 import gguf, jax, numpy as np
 from meshnode import native
 from meshnode.model.layers import decode_attention
-from meshnode.model.quant import from_gguf, linear
+from meshnode.model.quant import QuantizedMatrix, from_gguf, linear
 assert native.load(), native.unavailable_reason()
 rng = np.random.default_rng(0)
-worst = 0.0
+matrices = []
 for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
-    values = rng.standard_normal((19, 96)).astype(np.float32)
-    raw = gguf.quants.quantize(values, qtype)
-    dense = gguf.quants.dequantize(raw, qtype).reshape(19, 96)
-    x = rng.standard_normal((1, 1, 96)).astype(np.float32)
-    got = np.asarray(jax.jit(linear)(x, from_gguf(qtype, raw, 19)))
-    worst = max(worst, float(np.abs(got - x @ dense.T).max() / np.abs(x @ dense.T).max()))
+    raw = gguf.quants.quantize(rng.standard_normal((19, 96)).astype(np.float32), qtype)
+    matrices.append(from_gguf(qtype, raw, 19))
+codes = rng.integers(-32, 32, (19, 96)).astype(np.int8)  # 16-input groups, as Q6_K's
+matrices.append(QuantizedMatrix(codes, rng.random((19, 6), np.float32), np.zeros((19, 6), np.float32), 8))
+worst = 0.0
+for matrix in matrices:
+    dense = matrix.dequantize()
+    for rows in (1, 9):  # fused, and dequantize-then-matmul
+        x = rng.standard_normal((1, rows, 96)).astype(np.float32)
+        got = np.asarray(jax.jit(linear)(x, matrix))
+        worst = max(worst, float(np.abs(got - x @ dense.T).max() / np.abs(x @ dense.T).max()))
 cache = rng.standard_normal((2, 1, 40, 2, 16)).astype(np.float32)
 values = rng.standard_normal((2, 1, 40, 2, 16)).astype(np.float32)
 q = rng.standard_normal((1, 4, 16)).astype(np.float32)

@@ -63,35 +63,71 @@ RAW_LAYOUTS = {
     "Q5_1": (24, (0, 2)),
     "Q4_K": (144, (0, 2)),
     "Q5_K": (176, (0, 2)),
+    "Q6_K": (210, (208,)),
 }
+
+
+def _random_blocks(name: str, rows: int, width: int, seed: int = 7):
+    """Random raw blocks of a GGUF type (valid float16 scales), its QuantizedMatrix, and
+    gguf's own dequantization of them."""
+    qtype = gguf.GGMLQuantizationType[name]
+    block_bytes, halves = RAW_LAYOUTS[name]
+    per_block = 256 if name.endswith("_K") else 32
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, width // per_block, block_bytes), dtype=np.uint8)
+    for at in halves:
+        values = rng.uniform(-0.05, 0.05, (rows, width // per_block)).astype(np.float16)
+        raw[..., at : at + 2] = values[..., None].view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    expected = gguf.quants.dequantize(raw, qtype).reshape(rows, width).astype(np.float32)
+    return from_gguf(qtype, raw, rows), expected
 
 
 @pytest.mark.parametrize("name", sorted(RAW_LAYOUTS))
 def test_every_block_form_reads_raw_blocks_as_gguf_does(name):
     """When a tensor's blocks hold random bits (valid float16 scales), then the block form
     dequantizes to exactly what gguf's reference dequantizer gives, for every mapped type."""
-    qtype = gguf.GGMLQuantizationType[name]
-    block_bytes, halves = RAW_LAYOUTS[name]
-    per_block = 256 if name.endswith("_K") else 32
-    rows, width = 3, 512
-    rng = np.random.default_rng(7)
-    raw = rng.integers(0, 256, (rows, width // per_block, block_bytes), dtype=np.uint8)
-    for at in halves:
-        values = rng.uniform(-0.05, 0.05, (rows, width // per_block)).astype(np.float16)
-        raw[..., at : at + 2] = values[..., None].view(np.uint8)
-    raw = raw.reshape(rows, -1)
-    matrix = from_gguf(qtype, raw, rows)
-    assert matrix is not None and matrix.shape == (rows, width)
-    expected = gguf.quants.dequantize(raw, qtype).reshape(rows, width)
+    matrix, expected = _random_blocks(name, rows=3, width=512)
+    assert matrix is not None and matrix.shape == (3, 512)
+    assert matrix.group == (16 if name == "Q6_K" else 32)
     np.testing.assert_allclose(matrix.dequantize(), expected, rtol=1e-6, atol=1e-6)
 
 
+@needs_native
+@pytest.mark.parametrize("name", sorted(RAW_LAYOUTS))
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_native_linear_equals_a_float_matmul_for_every_block_form(name, tokens):
+    """When x meets any mapped GGUF type (K-quants, 16-input groups), then linear equals
+    x @ W.T through the fused kernel (1 row) and dequantize-then-matmul (9 rows)."""
+    matrix, dense = _random_blocks(name, rows=21, width=512, seed=tokens)
+    x = np.random.default_rng(2).standard_normal((1, tokens, 512)).astype(np.float32)
+    expected = x @ dense.T
+    got = np.asarray(jax.jit(linear)(x, matrix))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_fused_parts_of_different_forms_keep_their_exact_values():
+    """When a 4-bit, 32-input-group part is fused with an 8-bit, 16-input-group one (Q4_K q
+    beside Q6_K v), then the fused matrix is 8-bit with 16-input groups and its values are
+    exactly the parts' values, stacked."""
+    q, q_dense = _random_blocks("Q4_K", rows=4, width=256, seed=1)
+    v, v_dense = _random_blocks("Q6_K", rows=2, width=256, seed=2)
+    fused = quant.concat_rows([q, v])
+    assert (fused.bits, fused.group, fused.shape) == (8, 16, (6, 256))
+    np.testing.assert_array_equal(
+        fused.dequantize(), np.concatenate([q.dequantize(), v.dequantize()])
+    )
+    np.testing.assert_allclose(
+        fused.dequantize(), np.concatenate([q_dense, v_dense]), rtol=1e-6, atol=1e-6
+    )
+
+
 def test_types_without_a_block_form_are_left_to_the_dequantizer():
-    """When a tensor is Q6_K (or float), then from_gguf declines it."""
+    """When a tensor is Q3_K (or float), then from_gguf declines it."""
     values = np.zeros((2, 256), dtype=np.float32)
     raw = gguf.quants.quantize(values, gguf.GGMLQuantizationType.F16)
     assert from_gguf(gguf.GGMLQuantizationType.F16, raw, 2) is None
-    assert from_gguf(gguf.GGMLQuantizationType.Q6_K, np.zeros((2, 210), np.uint8), 2) is None
+    assert from_gguf(gguf.GGMLQuantizationType.Q3_K, np.zeros((2, 110), np.uint8), 2) is None
 
 
 @needs_native
@@ -129,6 +165,10 @@ def test_kernel_rejects_blocks_that_do_not_match():
     matrix, _ = _quantized(gguf.GGMLQuantizationType.Q4_1, rows=4, width=64)
     broken = QuantizedMatrix(matrix.codes, matrix.scale[:, :1], matrix.offset[:, :1], 4)
     x = np.ones((1, 1, 64), np.float32)
+    with pytest.raises(Exception, match="scale and offset do not match"):
+        np.asarray(jax.jit(linear)(x, broken))
+    sixteen = np.repeat(matrix.scale, 2, axis=1)  # 4-bit codes take 32-input groups only
+    broken = QuantizedMatrix(matrix.codes, sixteen, sixteen, 4)
     with pytest.raises(Exception, match="scale and offset do not match"):
         np.asarray(jax.jit(linear)(x, broken))
 
@@ -182,6 +222,8 @@ class _MixedReader:
         return self._file.has(name)
 
     def read(self, name: str) -> np.ndarray:
+        if name == "model.layers.0.mlp.gate_proj.weight":  # what its Q8_0 blocks hold
+            return self.read_quantized(name).dequantize()
         return self._file.read(name)
 
     def read_quantized(self, name: str) -> QuantizedMatrix | None:
@@ -195,9 +237,10 @@ class _MixedReader:
 
 
 def test_blocks_may_differ_in_form(tiny_llama, tmp_path):
-    """When one layer's weight has no block form, or a fused weight's parts differ in bits,
-    then that layer's weight is float32 [in, out], the others stay quantized, and the span
-    computes what the all-float load does, unrolled and stacked for scan alike."""
+    """When one layer's weight has no block form, then that layer's weight is float32
+    [in, out]; when a fused weight's parts differ in bits, it takes 8-bit codes; the others
+    stay as they are, and the span computes what the all-float load does, unrolled and
+    stacked for scan alike."""
     path = tmp_path / "tiny-Q4_1.gguf"
     write_llama_gguf(tiny_llama, path, "Q4_1")
     file = GGUFFile(path)
@@ -210,15 +253,16 @@ def test_blocks_may_differ_in_form(tiny_llama, tmp_path):
     np.testing.assert_allclose(
         params.layers[1]["w_down"], file.read("model.layers.1.mlp.down_proj.weight").T, rtol=1e-6
     )
-    assert isinstance(params.layers[0]["w_gate_up"], np.ndarray)  # its parts differ in bits
-    assert isinstance(params.layers[1]["w_gate_up"], QuantizedMatrix)
+    assert params.layers[0]["w_gate_up"].bits == 8  # its parts differ in bits
+    assert params.layers[1]["w_gate_up"].bits == 4
     stacked = params.stacked()
     assert stacked["w_down"].shape == (c.num_layers, c.intermediate_size, c.hidden_size)
+    assert stacked["w_gate_up"].shape == (c.num_layers, c.hidden_size, 2 * c.intermediate_size)
     assert isinstance(stacked["wqkv"], QuantizedMatrix)
 
     from meshnode.model.span import SpanRunner
 
-    floats = open_model(path).load_span_params(0, c.num_layers, quantized=False)
+    floats = weights.span_params(c, _MixedReader(file), 0, c.num_layers, "float32")
     hidden = np.random.default_rng(3).standard_normal((1, 5, c.hidden_size)).astype(np.float32)
     reference, _ = SpanRunner(c, floats).forward(hidden, 0, SpanRunner(c, floats).new_cache(8))
     for scan in (False, True):
