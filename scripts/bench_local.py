@@ -6,12 +6,13 @@
 
 Both compute in float32 on this machine's CPU over the same weight values:
 transformers loads the GGUF with ``gguf_file=`` and dequantizes it to float32
-tensors; meshnode keeps Q4_*/Q5_*/Q6_K/Q8_0 matrices in their blocks and multiplies
-by them with its native kernel (docs/model.md). A third row runs meshnode with
-the weights dequantized to float32 at load (``quantized=False``), as transformers. Prefill = a
-``prompt-tokens`` prompt in, logits of its last position out. Decode = greedy
-steps through the KV cache, tokens per second. Each figure is the median of
-``--repeats`` runs after one warm-up run (which compiles every JAX shape used).
+tensors; meshnode keeps Q4_*/Q5_*/Q6_K/Q8_0 matrices in their blocks and
+multiplies by them with its native kernel (docs/model.md). A second meshnode
+row dequantizes the weights to float32 at load (``quantized=False``), as
+transformers does. Prefill = a ``prompt-tokens`` prompt in, logits of its last
+position out. Decode = greedy steps through the KV cache, tokens per second.
+Each figure is the median of ``--repeats`` runs after one warm-up run (which
+compiles every JAX shape used).
 """
 
 from __future__ import annotations
