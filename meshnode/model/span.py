@@ -5,8 +5,9 @@ stacked on a leading axis and run with ``lax.scan``: one compiled step serves
 the whole span and its compile time does not grow with the span. On CPU,
 scan's per-layer weight slices are copies (decode ran 2x slower), so the layers
 are unrolled over each layer's own device arrays instead (and layers may differ
-in form: some weights quantized, some not). The runner keeps only the device copy of the
-weights, and ``sub_runner`` serves any part of the span from that same copy.
+in form: some weights quantized, some not). The runner keeps only the device
+copy of the weights, and ``sub_runner`` serves any part of the span from that
+same copy.
 Shapes stay static: the cache is allocated once at its max
 length rounded up to a bucket; prefill lengths are padded to a bucket (the pad
 positions are written past the real ones and never attended to before being
