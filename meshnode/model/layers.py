@@ -18,9 +18,9 @@ w_down         [F, H]              SwiGLU down projection
 with Q = heads * head_dim and KV = kv_heads * head_dim. Fusing q/k/v and gate/up
 halves the number of matmuls a decode step dispatches. A projection may instead
 be a ``QuantizedMatrix`` in [out, in] orientation (meshnode/model/quant.py):
-every projection goes through ``quant.linear``, which takes either form. Norm statistics, the
-softmax and the residual stream's rotary math run in float32 whatever the
-compute dtype.
+every projection goes through ``quant.linear``, which takes either form. Norm
+statistics, the softmax and the residual stream's rotary math run in float32
+whatever the compute dtype.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def attention(
         if "bo" in layer:
             out = out + layer["bo"]
         return out, (k_cache, v_cache)
-    window = (1, batch, kv_length, kv_heads, dim)
-    keys = lax.dynamic_slice(k_cache, (layer_index, 0, 0, 0, 0), window)[0]  # [B, A, K, D]
-    values = lax.dynamic_slice(v_cache, (layer_index, 0, 0, 0, 0), window)[0]  # [B, A, K, D]
+    visible = (1, batch, kv_length, kv_heads, dim)
+    keys = lax.dynamic_slice(k_cache, (layer_index, 0, 0, 0, 0), visible)[0]  # [B, A, K, D]
+    values = lax.dynamic_slice(v_cache, (layer_index, 0, 0, 0, 0), visible)[0]  # [B, A, K, D]
 
     q = q.reshape(batch, length, kv_heads, groups, dim)  # [B, T, K, G, D]
     scores = jnp.einsum(
