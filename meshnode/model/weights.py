@@ -30,17 +30,12 @@ from meshnode.model.span import SpanParams
 
 
 class TensorReader(Protocol):
-    """Named tensors of one checkpoint, read on demand."""
+    """Named tensors of one checkpoint, read on demand. A reader may also offer
+    ``read_quantized(name) -> QuantizedMatrix | None`` (GGUFFile does)."""
 
     def has(self, name: str) -> bool: ...
 
     def read(self, name: str) -> np.ndarray: ...
-
-
-class QuantizedReader(TensorReader, Protocol):
-    """A reader that can also hand over a matrix still in its quantization blocks."""
-
-    def read_quantized(self, name: str) -> QuantizedMatrix | None: ...
 
 
 def layer_prefix(index: int) -> str:
