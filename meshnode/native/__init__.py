@@ -91,12 +91,12 @@ def _cpu_signature() -> bytes:
 
 
 def _writable_cache() -> Path:
-    folder = cache_dir()
-    try:
+    try:  # Path.home() raises RuntimeError when there is no home to find
+        folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
         if os.access(folder, os.W_OK):
             return folder
-    except OSError:
+    except (OSError, RuntimeError):
         pass
     folder = Path(tempfile.gettempdir()) / f"meshnode-native-{os.getuid()}"
     folder.mkdir(parents=True, exist_ok=True)
