@@ -44,12 +44,7 @@ def run(args: argparse.Namespace) -> int:
     mesh = LocalMesh(args.model)
     try:
         mesh.start_bootstrap()
-        nodes = [
-            mesh.start_worker(span, wait=False)
-            for span in split_spans(source.config.num_layers, args.workers)
-        ]
-        for node in nodes:
-            node.wait_ready()
+        mesh.start_workers(split_spans(source.config.num_layers, args.workers))
         local = _measure_local(source, prompt_ids, args)
         mesh_runs, route = _measure_mesh(mesh, args.model, prompt_ids, args)
     finally:

@@ -80,9 +80,8 @@ def _start(mesh: Any, args: argparse.Namespace) -> None:
     spans = split_spans(open_model(args.model).config.num_layers, args.workers)
     bootstrap = mesh.start_bootstrap()
     _say(f"bootstrap node {bootstrap.address}")
-    nodes = [mesh.start_worker(span, wait=False) for span in spans]
+    nodes = mesh.start_workers(spans)
     for span, node in zip(spans, nodes):
-        node.wait_ready()
         _say(f"worker blocks {span}: {node.address} (pid {node.pid})")
     _say(f"{len(nodes)} workers up in {time.monotonic() - began:.1f} s")
 

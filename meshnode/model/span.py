@@ -83,13 +83,14 @@ class SpanParams:
         stacked: dict[str, Any] = {}
         for name in self.layers[0]:
             values = [layer[name] for layer in self.layers]
-            if all(is_quantized(v) for v in values):
-                stacked[name] = quant.stack(values)
-            if stacked.get(name) is None:
-                dtype = next((v.dtype for v in values if not is_quantized(v)), np.float32)
-                stacked[name] = np.stack(
-                    [v.dequantize().T.astype(dtype) if is_quantized(v) else v for v in values]
-                )
+            same = quant.stack(values) if all(is_quantized(v) for v in values) else None
+            if same is not None:
+                stacked[name] = same
+                continue
+            dtype = next((v.dtype for v in values if not is_quantized(v)), np.float32)
+            stacked[name] = np.stack(
+                [v.dequantize().T.astype(dtype) if is_quantized(v) else v for v in values]
+            )
         return stacked
 
 

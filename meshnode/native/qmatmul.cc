@@ -99,20 +99,12 @@ inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
 #endif
 
 #ifdef MESHNODE_AVX512
-// One block's codes as two vectors of 16 floats: widening 16 bytes at a time
-// takes a third of AVX2's shuffles, the bottleneck of the fused matmul.
-template <int Bits>
-inline void unpack_block_avx512(const uint8_t* codes, __m512 c[2]) {
-  if (Bits == 4) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    c[0] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(raw, mask)));
-    c[1] = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), mask)));
-  } else {
-    for (int k = 0; k < 2; ++k) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k));
-      c[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-    }
+// 32 signed 8-bit codes as two vectors of 16 floats (4-bit rows use the table
+// lookup in row_dot instead).
+inline void unpack_int8_avx512(const uint8_t* codes, __m512 c[2]) {
+  for (int k = 0; k < 2; ++k) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k));
+    c[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
   }
 }
 #endif
@@ -139,7 +131,7 @@ inline float row_dot(const Weights& w, int64_t o, const float* x, const float* s
   const float* offset = w.offset + o * w.groups;
   const int64_t per = kBlock / w.group;  // scales per 32-input chunk: 1 or 2 (8 bits only)
 #if defined(MESHNODE_AVX512)
-  if (Bits == 4) {
+  if constexpr (Bits == 4) {
     // Per block, a 16-entry table of its dequantized values, in which vpermps
     // looks each code up (it reads only an index's low 4 bits: no masking).
     // 7 vector uops per 32 weights, multiplying by the exact float32 weights.
@@ -160,19 +152,20 @@ inline float row_dot(const Weights& w, int64_t o, const float* x, const float* s
     }
     return _mm512_reduce_add_ps(
         _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-  }
-  __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t b = 0; b < w.blocks; ++b) {
-    __m512 c[2];
-    unpack_block_avx512<Bits>(row + b * block_bytes, c);
-    const float* xb = x + b * kBlock;
-    for (int k = 0; k < 2; ++k) {  // 16 inputs each: scale b * per + k * per / 2
-      const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
-      acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(scale[b * per + k * per / 2]), dot, acc[k]);
+  } else {
+    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      __m512 c[2];
+      unpack_int8_avx512(row + b * block_bytes, c);
+      const float* xb = x + b * kBlock;
+      for (int k = 0; k < 2; ++k) {  // 16 inputs each: scale b * per + k * per / 2
+        const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
+        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(scale[b * per + k * per / 2]), dot, acc[k]);
+      }
     }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) +
+           offset_term(offset, sums, w.groups);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) +
-         offset_term(offset, sums, w.groups);
 #elif defined(MESHNODE_AVX2)
   __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t b = 0; b < w.blocks; ++b) {

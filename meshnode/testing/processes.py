@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -166,6 +167,15 @@ class LocalMesh:
         if wait:
             node.wait_ready()
         return node
+
+    def start_workers(
+        self, spans: Sequence[str | None], extra: list[str] | None = None
+    ) -> list[NodeProcess]:
+        """One worker per span, started side by side; returns once every one is ready."""
+        nodes = [self.start_worker(span, extra, wait=False) for span in spans]
+        for node in nodes:
+            node.wait_ready()
+        return nodes
 
     @property
     def join_address(self) -> PeerAddress | None:

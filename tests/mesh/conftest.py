@@ -21,28 +21,17 @@ TINY_SPANS = ("0:6", "0:3", "3:6", "0:2", "2:4", "4:6")
 
 
 def start_mesh(model: str, spans: tuple[str, ...], root: Path):
+    """A bootstrap node and one worker per span, started in parallel."""
     from meshnode.testing.processes import LocalMesh
 
     mesh = LocalMesh(model, root=root)
     try:
-        if _has_bootstrap_command():
-            mesh.start_bootstrap()
-        else:
-            mesh.start_worker(spans[0])
-            spans = spans[1:]
-        nodes = [mesh.start_worker(span, wait=False) for span in spans]
-        for node in nodes:
-            node.wait_ready()
+        mesh.start_bootstrap()
+        mesh.start_workers(spans)
     except BaseException:
         mesh.stop()
         raise
     return mesh
-
-
-def _has_bootstrap_command() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("meshnode.commands.bootstrap") is not None
 
 
 @pytest.fixture(scope="session", autouse=True)

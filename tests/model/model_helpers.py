@@ -115,24 +115,6 @@ def llama_cpp_permute(weights: np.ndarray, heads: int) -> np.ndarray:
     )
 
 
-_GGUF_NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-_GGUF_LAYER = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-
-
 def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np.ndarray]:
     """Write a transformers Llama as a llama.cpp-style GGUF; 2-D weights in ``qtype_name``.
 
@@ -140,6 +122,8 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
     error included, permutation undone).
     """
     import gguf
+
+    from meshnode.model.gguf_file import gguf_name
 
     config = model.config
     qtype = gguf.GGMLQuantizationType[qtype_name]
@@ -158,11 +142,8 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
         values = tensor.float().numpy()
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        if name in _GGUF_NAMES:
-            target = _GGUF_NAMES[name]
-        else:
-            parts = name.split(".")
-            target = f"blk.{parts[2]}.{_GGUF_LAYER['.'.join(parts[3:-1])]}.{parts[-1]}"
+        target = gguf_name(name)
+        assert target is not None, name
         stored = values
         if ".attn_q." in target:
             stored = llama_cpp_permute(values, config.num_attention_heads)

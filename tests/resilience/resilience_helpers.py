@@ -29,9 +29,7 @@ def start_mesh(
     mesh = LocalMesh(model, root=root)
     try:
         mesh.start_bootstrap()
-        nodes = [mesh.start_worker(span, extra=extra, wait=False) for span in spans]
-        for node in nodes:
-            node.wait_ready()
+        mesh.start_workers(spans, extra)
     except BaseException:
         mesh.stop()
         raise
