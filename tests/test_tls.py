@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from meshnode.errors import ConnectionClosed, PeerIdMismatch
 from meshnode.identity import Identity, PeerAddress
-from meshnode.wire._tls_fastpath import SOCKET_IO_BYTES
+from meshnode._tls_private import SOCKET_IO_BYTES
 from meshnode.wire.endpoint import Endpoint
 from meshnode.wire.message import Message
 

@@ -2,12 +2,16 @@
 
 Map of the package (no logic here):
 
-- ``routing/``: ``find_route`` (pure Dijkstra over spans) and the candidates it reads.
+- ``routing/``: ``route`` (pure: ``find_route`` Dijkstra over spans, ``span_route`` for one
+  span) and ``discovery`` (the one path from DHT records and pings to a route, and the
+  one poll loop ``wait_for_route``).
 - ``chain``: ``SpanSession`` (one worker's session, recording its inputs for replay)
   and ``InferenceChain`` (the sessions along a route, a remote forward).
-- ``recovery``: ``BanList`` (growing bans), ``span_route`` (pure), ``SpanRecovery`` (a failed
+- ``recovery``: ``BanList`` (growing bans), ``SpanRecovery`` (a failed
   hop's span re-routed, its recorded inputs replayed there, the step retried).
 - ``generate``: the model engine's generation loop driven by a remote forward.
 - ``api``: ``MeshClient`` (Deferreds / coroutines) and the blocking ``generate``.
 - ``commandline``: ``run_generate``, the mesh branch of ``meshnode generate``.
+
+Shared with workers through ``meshnode.inference``; never imports ``meshnode.worker``.
 """

@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.task import deferLater
 from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
@@ -44,21 +43,20 @@ from meshnode.client.generate import (
     run_generation,
 )
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
-from meshnode.client.routing.discovery import discover_route, fetch_block_records
+from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
-from meshnode.errors import ClientError, MeshError, ModelError, RouteNotFound
+from meshnode.errors import ClientError, MeshError, ModelError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.model.decoding import TextStream, prompt_token_ids
+from meshnode.inference.directory import fetch_block_records, keys_for
+from meshnode.inference.records import BlockSpan, ServerInfo
 from meshnode.model.sampling import SamplingOptions
-from meshnode.worker.records import ServerInfo
+from meshnode.model.names import DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2"
 #: greedy, 64 new tokens, no chat template: as ``meshnode generate``
 DEFAULT_OPTIONS = GenerationOptions()
 #: generations one client runs at once (each holds a loop thread while it runs)
 MAX_CONCURRENT_GENERATIONS = 32
-#: seconds between two route lookups while waiting for the mesh to cover the model
-ROUTE_POLL_INTERVAL = 0.5
 
 
 class MeshClient:
@@ -149,9 +147,7 @@ class MeshClient:
         self.source, self.head, self.tokenizer = await loaded
 
     def _key_for(self, block: int) -> bytes:
-        from meshnode.dht.network import block_key
-
-        return block_key(self.source.fingerprint, block)
+        return keys_for(self.source.fingerprint)(block)
 
     async def _block_records(self) -> dict[int, dict[NodeID, ServerInfo]]:
         await self.start()
@@ -159,22 +155,19 @@ class MeshClient:
 
     async def _find_route(self, max_length: int, banned: set[NodeID]) -> Route:
         await self.start()
-        route = await discover_route(
+        whole = BlockSpan(0, self.source.config.num_layers)
+        route = await discovery.discover_route(
             self.dht, self.endpoint, self.reactor, self._key_for,
-            self.source.config.num_layers, self.source.fingerprint, banned, max_length,
+            whole, self.source.fingerprint, banned, max_length,
         )
         self.last_route = route
         return route
 
     async def _wait_for_route(self, timeout: float, max_length: int) -> Route:
         deadline = self.reactor.seconds() + timeout
-        while True:
-            try:
-                return await self._find_route(max_length, set())
-            except RouteNotFound:
-                if self.reactor.seconds() >= deadline:
-                    raise
-            await deferLater(self.reactor, ROUTE_POLL_INTERVAL, lambda: None)
+        return await discovery.wait_for_route(
+            lambda: self._find_route(max_length, set()), self.reactor, deadline
+        )
 
     async def _generate_text(self, prompt: str, options: GenerationOptions,
                              on_text: Callable[[str], None] | None) -> MeshGenerationResult:

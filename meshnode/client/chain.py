@@ -20,8 +20,8 @@ from meshnode.client.routing.route import Route, RouteHop
 from meshnode.errors import BadRequest, ClientError
 from meshnode.identity import PeerAddress
 from meshnode.wire.message import Message
-from meshnode.worker import messages
-from meshnode.worker.records import BlockSpan
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
 
 #: seconds for one step on one worker, prefill included
 DEFAULT_STEP_TIMEOUT = 60.0

@@ -25,7 +25,7 @@ from meshnode.client.routing.route import Route
 from meshnode.errors import ClientError
 from meshnode.model.decoding import GenerationResult, generate_tokens
 from meshnode.model.sampling import Sampler, SamplingOptions
-from meshnode.worker.messages import WIRE_FLOAT_DTYPES
+from meshnode.inference.messages import WIRE_FLOAT_DTYPES
 
 DEFAULT_MAX_NEW_TOKENS = 64
 

@@ -6,9 +6,9 @@ step with an error, ``SpanRecovery``:
 1. bans it in the client's ``BanList`` (for ``base`` seconds, doubling on each
    repeat within ``forget_after``, capped at ``maximum``);
 2. finds a replacement route for exactly that span's blocks
-   (``span_route``: the same Dijkstra as ``find_route``, over the workers'
-   spans clipped to the span; the replacement may split it over several
-   workers), polling the DHT for at most ``route_wait`` seconds, after which
+   (``discover_route`` with that span: the same Dijkstra as a whole route, over
+   the workers' spans clipped to the span; the replacement may split it over
+   several workers), polling the DHT for at most ``route_wait`` seconds, after which
    it gives up with ``RouteNotFound.missing`` naming the uncovered blocks;
 3. opens a session on each replacement worker and replays the failed
    session's recorded inputs (``SpanSession.inputs()``) through them in order,
@@ -21,31 +21,25 @@ step timeout, so a stopped (SIGSTOP) worker costs one timeout, never a hang.
 The abandoned session is closed best-effort with a short timeout when the
 chain closes (the worker's idle timeout frees it otherwise).
 
-Pure parts (``BanList``, ``span_route``) take an injected clock and no network.
+The pure part (``BanList``) takes an injected clock and no network.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from meshnode.client.chain import SpanSession
-from meshnode.client.routing.discovery import fetch_block_records, measure_rtts
-from meshnode.client.routing.route import (
-    NodeID,
-    Route,
-    RouteHop,
-    candidates_from_records,
-    find_route,
-)
-from meshnode.errors import ClientError, MeshError, RouteNotFound
-from meshnode.worker.records import BlockSpan, ServerInfo
+from meshnode.client.routing.discovery import ROUTE_POLL_INTERVAL, discover_route, wait_for_route
+from meshnode.client.routing.route import NodeID, Route
+from meshnode.errors import ClientError, MeshError
+from meshnode.inference.directory import KeyFor
+from meshnode.inference.records import BlockSpan
 
 #: first ban of a worker (seconds); each repeat doubles it, up to ``MAX_BAN``
 BASE_BAN = 15.0
@@ -57,8 +51,6 @@ FORGET_AFTER = 600.0
 MAX_ATTEMPTS = 6
 #: seconds to wait for the mesh to cover a span again before ``RouteNotFound``
 ROUTE_WAIT = 30.0
-#: seconds between two route lookups while waiting
-ROUTE_POLL_INTERVAL = 0.5
 #: seconds a best-effort close of an abandoned session may take
 ABANDONED_CLOSE_TIMEOUT = 2.0
 
@@ -109,51 +101,6 @@ class BanList:
         return frozenset(n for n, until in self._until.items() if until > now)
 
 
-def span_route(
-    workers: Mapping[NodeID, ServerInfo],
-    span: BlockSpan,
-    model: str,
-    rtts: Mapping[NodeID, float] | None = None,
-    banned: Collection[NodeID] = (),
-    min_cache_tokens: int = 0,
-) -> Route:
-    """The least-latency chain covering exactly ``span`` (``RouteNotFound`` with absolute
-    ``missing`` blocks otherwise).
-
-    Each worker's span is clipped to ``span`` and shifted to start at 0, its
-    throughput scaled so the cost per block is unchanged, and ``find_route``
-    runs on that; the hops are shifted back.
-    """
-    clipped: dict[NodeID, ServerInfo] = {}
-    for node_id, info in workers.items():
-        low, high = max(info.span.start, span.start), min(info.span.end, span.end)
-        if low >= high:
-            continue
-        clipped[node_id] = dataclasses.replace(
-            info,
-            span=BlockSpan(low - span.start, high - span.start),
-            throughput=info.throughput * (high - low) / info.span.length,
-        )
-    try:
-        relative = find_route(
-            clipped, span.length, model, rtts=rtts, banned=banned, min_cache_tokens=min_cache_tokens
-        )
-    except RouteNotFound as exc:
-        missing = tuple(block + span.start for block in exc.missing)
-        raise RouteNotFound(
-            f"no eligible worker serves blocks {list(missing)} (replacing span {span})", missing
-        ) from None
-    hops = tuple(
-        RouteHop(
-            hop.node_id,
-            workers[hop.node_id],
-            BlockSpan(hop.span.start + span.start, hop.span.end + span.start),
-        )
-        for hop in relative.hops
-    )
-    return Route(hops, relative.expected_latency)
-
-
 @dataclasses.dataclass(frozen=True)
 class RecoveryOptions:
     """How hard a client tries before a generation fails."""
@@ -184,7 +131,7 @@ class SpanRecovery:
         endpoint: Any,
         dht: Any,
         clock: Any,
-        key_for: Callable[[int], bytes],
+        key_for: KeyFor,
         model: str,
         bans: BanList,
         options: RecoveryOptions = RecoveryOptions(),
@@ -255,35 +202,14 @@ class SpanRecovery:
 
     async def wait_for_span_route(self, span: BlockSpan, max_length: int, deadline: float) -> Route:
         """Poll the DHT until ``span`` is covered by workers not banned, or ``RouteNotFound``."""
-        while True:
-            try:
-                return await self.discover(span, max_length)
-            except RouteNotFound:
-                if self.clock.seconds() >= deadline:
-                    raise
-            await deferLater(self.clock, self.options.poll_interval, lambda: None)
 
-    async def discover(self, span: BlockSpan, max_length: int) -> Route:
-        """Records of ``span``'s blocks -> reachable, unbanned workers -> ``span_route``."""
-        found = await fetch_block_records(
-            self.dht, lambda i: self.key_for(span.start + i), span.length
-        )
-        records = {span.start + i: by_worker for i, by_worker in found.items()}
-        banned = self.bans.banned()
-        workers = {
-            node_id: info
-            for node_id, info in candidates_from_records(records).items()
-            if node_id not in banned and info.online and info.model == self.model
-        }
-        rtts = await measure_rtts(self.endpoint, self.clock, workers)
-        return span_route(
-            workers,
-            span,
-            self.model,
-            rtts,
-            banned=set(workers) - set(rtts),
-            min_cache_tokens=max_length,
-        )
+        def discover() -> Any:
+            return discover_route(
+                self.dht, self.endpoint, self.clock, self.key_for, span, self.model,
+                self.bans.banned(), max_length,
+            )
+
+        return await wait_for_route(discover, self.clock, deadline, self.options.poll_interval)
 
     def _drop(
         self, session: SpanSession, error: BaseException, abandoned: list[SpanSession]

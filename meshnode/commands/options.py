@@ -9,9 +9,9 @@ from typing import TypeVar
 
 from meshnode.errors import MeshError
 from meshnode.identity import PeerAddress
+from meshnode.model.names import DEFAULT_MODEL
 
-#: the model every command uses unless told otherwise (``meshnode.model.source`` knows it)
-DEFAULT_MODEL = "smollm2"
+__all__ = ["DEFAULT_MODEL"]
 
 T = TypeVar("T")
 

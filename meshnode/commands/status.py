@@ -14,6 +14,7 @@ from typing import Any
 from meshnode.client.routing.route import candidates_from_records
 from meshnode.commands.options import add_bootstrap_option, add_model_option
 from meshnode.errors import ClientError
+from meshnode.inference.records import eligible
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,7 @@ def coverage_report(
             }
         )
     served = [
-        sorted(n.hex() for n, i in records.get(b, {}).items() if i.online and i.model == model)
+        sorted(n.hex() for n, i in records.get(b, {}).items() if eligible(i, model, num_layers))
         for b in range(num_layers)
     ]
     missing = [b for b, ids in enumerate(served) if not ids]

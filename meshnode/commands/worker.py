@@ -18,7 +18,7 @@ from meshnode.commands.options import (
     parsed_by,
 )
 from meshnode.errors import MeshError
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 from meshnode.worker.service import (
     DEFAULT_CACHE_TOKENS,
     DEFAULT_MAX_LENGTH,

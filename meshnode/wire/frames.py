@@ -107,7 +107,7 @@ class FrameDecoder:
         Inside a body this is the rest of the frame's own aligned buffer, so
         the bytes land in place. Otherwise it is a staging buffer exactly as
         long as the rest of the prefix or header: a reader that fills it
-        whole (``meshnode.wire._tls_fastpath.read_records``) never pulls body
+        whole (``meshnode._tls_private.read_records``) never pulls body
         bytes into it, so they are never copied twice.
         """
         if self._failed is None and self._body_view is not None:

@@ -2,9 +2,6 @@
 
 Map of the package (no logic here):
 
-- ``records``: the shared vocabulary: ``BlockSpan``, ``WorkerState``, ``ServerInfo``
-  (the value a worker announces in the DHT for each block it serves).
-- ``messages``: the ``infer.*`` messages of ``schemas/inference.cddl``, built and parsed.
 - ``budget``: ``CacheBudget``, the cache-token budget (pure).
 - ``sessions``: ``SessionTable``, open sessions and their idle timeouts (pure, injected clock).
 - ``limits``: named bounds: sessions per peer, session age, requests queued per peer.
@@ -14,4 +11,7 @@ Map of the package (no logic here):
 - ``handlers``: ``InferenceHandlers``, the ``infer.*`` handlers over the Endpoint.
 - ``announce``: ``Announcer``, one signed DHT record per block, refreshed; offline on stop.
 - ``service``: ``WorkerService``, the Twisted service that wires it all together.
+
+What it shares with clients (spans, server info, ``infer.*`` messages, block
+records) is in ``meshnode.inference``; it never imports ``meshnode.client``.
 """

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 
 #: seconds a block record lives without refresh
 DEFAULT_TTL = 60.0

@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 
 T = TypeVar("T")
 #: positions of the prompt used to measure throughput at start

@@ -18,8 +18,8 @@ from twisted.internet.defer import Deferred, maybeDeferred
 
 from meshnode.errors import BadRequest, LengthLimit, SpanNotServed
 from meshnode.wire.message import Handler, Message, PeerInfo
-from meshnode.worker import messages
-from meshnode.worker.records import BlockSpan
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
 from meshnode.worker.sessions import Session, SessionTable
 
 

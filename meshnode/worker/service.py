@@ -24,7 +24,6 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from meshnode.client.routing.discovery import fetch_block_records
 from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
@@ -32,7 +31,8 @@ from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.directory import fetch_block_records, keys_for
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
 from meshnode.worker.span_choice import choose_span
 
@@ -122,7 +122,7 @@ class WorkerService(Service):
             if self.options.blocks.end > layers:
                 raise WorkerError(f"--blocks {self.options.blocks}: the model has {layers} blocks")
             return self.options.blocks
-        records = await fetch_block_records(self.dht, _key_for(source.fingerprint), layers)
+        records = await fetch_block_records(self.dht, keys_for(source.fingerprint), layers)
         per_block = {block: list(found.values()) for block, found in records.items()}
         num_blocks = min(self.options.num_blocks or layers, layers)
         return choose_span(per_block, layers, num_blocks, source.fingerprint)
@@ -149,7 +149,7 @@ class WorkerService(Service):
                               self.table.budget.free, dtype, source.fingerprint)
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
-                                   _key_for(source.fingerprint), info,
+                                   keys_for(source.fingerprint), info,
                                    ttl=options.announce_ttl, interval=options.announce_interval)
 
     def _report(self, address: PeerAddress, source: Any) -> None:
@@ -204,9 +204,3 @@ def _compute_dtype() -> Any:
     from meshnode.model.dtypes import default_compute_dtype
 
     return default_compute_dtype()
-
-
-def _key_for(fingerprint: str):
-    from meshnode.dht.network import block_key
-
-    return lambda block: block_key(fingerprint, block)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from meshnode.worker.records import BlockSpan, ServerInfo
+from meshnode.inference.records import BlockSpan, ServerInfo, eligible
 
 
 def block_coverage(
@@ -22,7 +22,7 @@ def block_coverage(
         addresses = {
             info.address
             for info in records.get(block, ())
-            if info.online and info.model == model and block in info.span.blocks()
+            if eligible(info, model, num_layers) and block in info.span.blocks()
         }
         counts.append(len(addresses))
     return counts

@@ -1,4 +1,4 @@
-"""Golden encodings of schemas/inference.cddl, produced by meshnode.worker.messages.
+"""Golden encodings of schemas/inference.cddl, produced by meshnode.inference.messages.
 
 ``tests/test_schemas.py`` checks that these bytes equal ``schemas/golden/inference/``
 (see ``schemas/README.md``); ``MESHNODE_WRITE_GOLDEN=1`` rewrites the files.
@@ -9,8 +9,8 @@ from __future__ import annotations
 import cbor2
 import numpy as np
 
-from meshnode.worker import messages
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 
 SESSION = bytes(range(16))
 NODE = "127.0.0.1:7001#" + "ab" * 32

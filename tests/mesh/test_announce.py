@@ -6,7 +6,7 @@ from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
 from meshnode.worker.announce import Announcer
-from meshnode.worker.records import BlockSpan, ServerInfo
+from meshnode.inference.records import BlockSpan, ServerInfo
 
 
 class FakeDHT:

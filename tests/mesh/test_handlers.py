@@ -18,10 +18,10 @@ from meshnode.errors import (
     UnknownSession,
 )
 from meshnode.wire.message import Message, PeerInfo
-from meshnode.worker import messages
+from meshnode.inference import messages
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 from meshnode.worker.sessions import SessionTable
 
 H = 8

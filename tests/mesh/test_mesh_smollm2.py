@@ -15,8 +15,8 @@ from meshnode.client.chain import InferenceChain
 from meshnode.client.generate import GenerationOptions
 from meshnode.errors import RemoteError
 from meshnode.identity import Identity, PeerAddress
-from meshnode.worker import messages
-from meshnode.worker.records import BlockSpan
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
 
 HIDDEN = 576
 #: frame prefix + CBOR header of an infer.step: well under this many bytes

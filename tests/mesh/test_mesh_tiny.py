@@ -12,7 +12,7 @@ from mesh_helpers import prompts, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.routing.route import Route, RouteHop, candidates_from_records
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 
 NEW_TOKENS = 12
 
@@ -90,7 +90,7 @@ async def test_no_capacity_is_a_clear_error(tiny_checkpoint, tmp_path):
     from meshnode.model.source import open_model
     from meshnode.testing.processes import LocalMesh
     from meshnode.wire.endpoint import Endpoint
-    from meshnode.worker import messages
+    from meshnode.inference import messages
 
     fingerprint = open_model(str(tiny_checkpoint)).fingerprint
     span = BlockSpan(0, 6)

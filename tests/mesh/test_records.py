@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from meshnode.errors import BadRequest
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 
 
 def make_info(**overrides) -> ServerInfo:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from meshnode.client.routing.route import candidates_from_records, find_route
 from meshnode.errors import RouteNotFound
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 
 
 def worker(start, end, throughput=100.0, model="m", online=True, cache=1000) -> ServerInfo:

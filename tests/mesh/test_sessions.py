@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 
 from meshnode.errors import BadRequest, LengthLimit, NoCapacity, UnknownSession
 from meshnode.worker.budget import CacheBudget
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 from meshnode.worker.sessions import SessionTable
 
 ALICE, BOB = b"a" * 32, b"b" * 32

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.span_choice import block_coverage, choose_span
 
 

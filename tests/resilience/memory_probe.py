@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred, DeferredList
 
 from meshnode.client.chain import InferenceChain
 from meshnode.client.routing.route import Route
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 
 MIB = 1024 * 1024
 #: (prompt positions, session max length) cycled through by ``churn``: every shape a

@@ -34,7 +34,7 @@ from meshnode.client.generate import GenerationOptions
 from meshnode.client.recovery import RecoveryOptions
 from meshnode.client.routing.route import Route
 from meshnode.errors import RouteNotFound
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 
 SPANS = ("0:6", "0:3", "3:6", "0:2", "2:4", "4:6")
 LAYERS = 6

@@ -19,7 +19,7 @@ from resilience_helpers import make_client, pinned_hop, start_mesh, with_timeout
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.routing.route import Route, RouteHop
 from meshnode.model.decoding import prompt_token_ids
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 
 SPANS = ("0:15", "15:30", "0:30")
 QUESTION = "What is the capital of France?"

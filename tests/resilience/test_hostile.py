@@ -33,8 +33,8 @@ from meshnode.identity import Identity
 from meshnode.wire.codec import encode_message
 from meshnode.wire.header import KINDS, MAX_REQUEST_ID, REQUEST
 from meshnode.wire.limits import MAX_HEADER_BYTES
-from meshnode.worker import messages
-from meshnode.worker.records import BlockSpan
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
 
 EXAMPLES = 40
 #: memory a warmed-up node may gain over the whole storm (allocator slack, odd cache shapes)

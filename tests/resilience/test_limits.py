@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from meshnode.errors import NoCapacity, SessionLimit, UnknownSession
 from meshnode.worker.budget import CacheBudget
-from meshnode.worker.records import BlockSpan
+from meshnode.inference.records import BlockSpan
 from meshnode.worker.sessions import SessionTable
 
 SPAN = BlockSpan(0, 4)

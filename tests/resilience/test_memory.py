@@ -15,8 +15,8 @@ from resilience_helpers import make_client, start_mesh, with_timeout
 from meshnode.client.chain import SpanSession
 from meshnode.client.generate import GenerationOptions
 from meshnode.errors import RemoteError
-from meshnode.worker import messages
-from meshnode.worker.records import BlockSpan
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
 
 SMALL_BUDGET = 64
 ROOMY_BUDGET = 16384

@@ -15,15 +15,16 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from meshnode.client.chain import InferenceChain
-from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery, span_route
+from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
+from meshnode.client.routing.route import span_route
 from meshnode.client.routing.route import Route, RouteHop
 from meshnode.errors import ConnectionClosed, RemoteError, RequestTimeout, RouteNotFound
 from meshnode.identity import PeerAddress
 from meshnode.wire.message import PeerInfo
-from meshnode.worker import messages
+from meshnode.inference import messages
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.worker.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import SessionTable
 
 H = 4

@@ -1,63 +1,39 @@
-"""Finding candidate workers: their DHT records and measured round trips.
+"""Finding a route now: the workers' DHT records, their measured round trips, the best chain.
 
-The async half of routing (the pure half is ``route``): fetch every block's
-records, keep the valid ones whose announced address is pinned to the node id
-that signed them, ping candidates with ``infer.info`` to measure round trips
-(those that do not answer are left out), and hand all that to ``find_route``.
+The async half of routing (the pure half is ``route``): fetch the records of
+the blocks to cover (``meshnode.inference.directory``), keep the eligible
+workers that are not banned, ping them with ``infer.info`` to measure round
+trips (those that do not answer are left out), and hand all that to
+``span_route`` (the whole model, or one span for recovery).
+This is the one discovery path: ``MeshClient`` and ``SpanRecovery`` both use
+it, and ``wait_for_route`` is the one poll loop over it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
-from twisted.logger import Logger, LogLevel
+from twisted.internet.task import deferLater
 
-from meshnode.client.routing.route import NodeID, Route, candidates_from_records, find_route
-from meshnode.errors import MeshError
+from meshnode.client.routing.route import (
+    NodeID,
+    Route,
+    candidates_from_records,
+    eligible,
+    span_route,
+)
+from meshnode.errors import RouteNotFound
 from meshnode.identity import PeerAddress
-from meshnode.worker import messages
-from meshnode.worker.records import ServerInfo
+from meshnode.inference import messages
+from meshnode.inference.directory import KeyFor, fetch_block_records
+from meshnode.inference.records import BlockSpan, ServerInfo
 
 #: seconds to wait for a candidate's ping
 PING_TIMEOUT = 5.0
-
-log = Logger()
-
-
-async def fetch_block_records(
-    dht: Any, key_for: Callable[[int], bytes], num_layers: int
-) -> dict[int, dict[NodeID, ServerInfo]]:
-    """Per block, the valid server infos found in the DHT, by signer node id."""
-    results = await DeferredList(
-        [dht.get(key_for(b)) for b in range(num_layers)], consumeErrors=True
-    )
-    records: dict[int, dict[NodeID, ServerInfo]] = {}
-    for block, (ok, found) in enumerate(results):
-        if not ok:
-            log.emit(
-                LogLevel.warn,
-                "DHT lookup of block {b} failed: {why}",
-                b=block,
-                why=found.getErrorMessage(),
-            )
-            continue
-        records[block] = {
-            node_id: info
-            for node_id, record in found.items()
-            if (info := _parse(node_id, record.value)) is not None
-        }
-    return records
-
-
-def _parse(node_id: NodeID, value: Any) -> ServerInfo | None:
-    try:
-        info = ServerInfo.from_record(value)
-        pinned = PeerAddress.parse(info.address).node_id
-    except MeshError:
-        return None
-    return info if pinned == node_id else None
+#: seconds between two route lookups while waiting for the mesh to cover the blocks
+ROUTE_POLL_INTERVAL = 0.5
 
 
 async def measure_rtts(
@@ -81,26 +57,42 @@ async def discover_route(
     dht: Any,
     endpoint: Any,
     clock: Any,
-    key_for: Callable[[int], bytes],
-    num_layers: int,
+    key_for: KeyFor,
+    span: BlockSpan,
     model: str,
     banned: Collection[NodeID] = (),
     max_length: int = 0,
 ) -> Route:
-    """Records -> online candidates -> measured RTTs -> the least-latency route."""
-    records = await fetch_block_records(dht, key_for, num_layers)
+    """Records of ``span``'s blocks -> eligible, reachable candidates -> the least-latency route.
+
+    ``span`` is the whole model for a new generation, or the span of a failed
+    hop for recovery; either way the route covers exactly its blocks.
+    """
+    found = await fetch_block_records(dht, lambda i: key_for(span.start + i), span.length)
+    records = {span.start + i: by_worker for i, by_worker in found.items()}
     workers = {
         node_id: info
         for node_id, info in candidates_from_records(records).items()
-        if node_id not in banned and info.online and info.model == model
+        if node_id not in banned and eligible(info, model)
     }
     rtts = await measure_rtts(endpoint, clock, workers)
     unreachable = set(workers) - set(rtts)
-    return find_route(
-        workers,
-        num_layers,
-        model,
-        rtts=rtts,
-        banned=set(banned) | unreachable,
-        min_cache_tokens=max_length,
+    return span_route(
+        workers, span, model, rtts, banned=unreachable, min_cache_tokens=max_length
     )
+
+
+async def wait_for_route(
+    discover: Callable[[], Awaitable[Route]],
+    clock: Any,
+    deadline: float,
+    poll_interval: float = ROUTE_POLL_INTERVAL,
+) -> Route:
+    """``discover()`` until it finds a route, or its ``RouteNotFound`` once ``deadline`` passed."""
+    while True:
+        try:
+            return await discover()
+        except RouteNotFound:
+            if clock.seconds() >= deadline:
+                raise
+        await deferLater(clock, poll_interval, lambda: None)

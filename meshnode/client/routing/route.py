@@ -14,12 +14,13 @@ path exists, ``RouteNotFound.missing`` names the blocks nobody eligible serves.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from meshnode.errors import RouteNotFound
-from meshnode.worker.records import BlockSpan, ServerInfo
+from meshnode.inference.records import BlockSpan, ServerInfo, eligible
 
 NodeID = bytes
 #: round trip assumed for a worker not measured (seconds)
@@ -65,16 +66,6 @@ def candidates_from_records(
     return workers
 
 
-def eligible(info: ServerInfo, model: str, num_layers: int, min_cache_tokens: int = 0) -> bool:
-    """Whether a worker may be routed through at all."""
-    return (
-        info.online
-        and info.model == model
-        and info.span.end <= num_layers
-        and info.cache_tokens >= min_cache_tokens
-    )
-
-
 def find_route(
     workers: Mapping[NodeID, ServerInfo],
     num_layers: int,
@@ -94,6 +85,51 @@ def find_route(
     _check_coverage(usable, num_layers)
     edges = _edges(usable, num_layers, rtts, tokens)
     return _dijkstra(edges, usable, num_layers)
+
+
+def span_route(
+    workers: Mapping[NodeID, ServerInfo],
+    span: BlockSpan,
+    model: str,
+    rtts: Mapping[NodeID, float] | None = None,
+    banned: Collection[NodeID] = (),
+    min_cache_tokens: int = 0,
+) -> Route:
+    """The least-latency chain covering exactly ``span`` (``RouteNotFound`` with absolute
+    ``missing`` blocks otherwise).
+
+    Each worker's span is clipped to ``span`` and shifted to start at 0, its
+    throughput scaled so the cost per block is unchanged, and ``find_route``
+    runs on that; the hops are shifted back.
+    """
+    clipped: dict[NodeID, ServerInfo] = {}
+    for node_id, info in workers.items():
+        low, high = max(info.span.start, span.start), min(info.span.end, span.end)
+        if low >= high:
+            continue
+        clipped[node_id] = dataclasses.replace(
+            info,
+            span=BlockSpan(low - span.start, high - span.start),
+            throughput=info.throughput * (high - low) / info.span.length,
+        )
+    try:
+        relative = find_route(
+            clipped, span.length, model, rtts=rtts, banned=banned, min_cache_tokens=min_cache_tokens
+        )
+    except RouteNotFound as exc:
+        missing = tuple(block + span.start for block in exc.missing)
+        raise RouteNotFound(
+            f"no eligible worker serves blocks {_ranges(missing)}", missing
+        ) from None
+    hops = tuple(
+        RouteHop(
+            hop.node_id,
+            workers[hop.node_id],
+            BlockSpan(hop.span.start + span.start, hop.span.end + span.start),
+        )
+        for hop in relative.hops
+    )
+    return Route(hops, relative.expected_latency)
 
 
 def _check_coverage(usable: Mapping[NodeID, ServerInfo], num_layers: int) -> None:

@@ -134,3 +134,19 @@ def _typed(value: dict, key: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(item, kind) or isinstance(item, bool):
         raise BadRequest(f"field {key!r} missing or of the wrong type")
     return item
+
+
+def eligible(
+    info: ServerInfo, model: str, num_layers: int | None = None, min_cache_tokens: int = 0
+) -> bool:
+    """Whether a worker may be routed through at all: the one eligibility filter.
+
+    Online, serving this model (fingerprint), within its ``num_layers`` blocks
+    when given, and with room for ``min_cache_tokens``.
+    """
+    return (
+        info.online
+        and info.model == model
+        and (num_layers is None or info.span.end <= num_layers)
+        and info.cache_tokens >= min_cache_tokens
+    )

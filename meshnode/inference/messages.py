@@ -14,7 +14,7 @@ import numpy as np
 
 from meshnode.errors import BadRequest, BadTensor
 from meshnode.wire.message import Message
-from meshnode.worker.records import PROTOCOL_VERSION, SESSION_ID_BYTES, BlockSpan
+from meshnode.inference.records import PROTOCOL_VERSION, SESSION_ID_BYTES, BlockSpan
 
 INFO, OPEN, STEP, CLOSE = "infer.info", "infer.open", "infer.step", "infer.close"
 

@@ -1,0 +1,8 @@
+"""What workers and clients both speak: the inference vocabulary (Petals' ``data_structures``).
+
+- ``records``: ``BlockSpan``, ``WorkerState``, ``ServerInfo`` (the value of a block record).
+- ``messages``: the ``infer.*`` messages of ``schemas/inference.cddl``, built and parsed.
+- ``directory``: the block records a model's workers announce in the DHT, fetched and checked.
+
+``meshnode.worker`` and ``meshnode.client`` both import this package and never each other.
+"""
