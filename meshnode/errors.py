@@ -17,6 +17,8 @@ class MeshError(Exception):
 
 
 class ModelError(MeshError):
+    """Base of the model engine's errors: raised while opening, loading or running a model."""
+
     code = "model"
 
 
@@ -27,6 +29,8 @@ class ConfigError(ModelError):
 
 
 class UnknownArchitecture(ModelError):
+    """A checkpoint's architecture (HF ``architectures`` / GGUF ``general.architecture``) is not one the engine composes."""
+
     code = "unknown_architecture"
 
 
@@ -37,6 +41,8 @@ class MissingWeights(ModelError):
 
 
 class ShapeMismatch(ModelError):
+    """A tensor handed to a block, span or head has the wrong rank, size or dtype for the model."""
+
     code = "shape_mismatch"
 
 
@@ -56,6 +62,8 @@ class TokenizerError(ModelError):
 
 
 class IdentityError(MeshError):
+    """A key file cannot be read or written, or a peer's certificate carries no usable Ed25519 key."""
+
     code = "identity"
 
 
@@ -75,18 +83,26 @@ class BadAddress(MeshError):
 
 
 class WireError(MeshError):
+    """Base of the wire's errors: raised while framing, parsing or exchanging messages with a peer."""
+
     code = "wire"
 
 
 class FrameTooLarge(WireError):
+    """A peer announced (in the length prefix) a header or body over the limits; it is dropped."""
+
     code = "frame_too_large"
 
 
 class MalformedFrame(WireError):
+    """A frame's header is not valid CBOR of the expected shape, or its version is not ours."""
+
     code = "malformed_frame"
 
 
 class UnknownMessageType(WireError):
+    """A request names a message type no handler is registered for."""
+
     code = "unknown_message"
 
 
@@ -97,6 +113,8 @@ class BadTensor(WireError):
 
 
 class UnknownDtype(BadTensor):
+    """A tensor descriptor names a dtype that is not on the wire's list."""
+
     code = "unknown_dtype"
 
 
@@ -107,15 +125,19 @@ class BadRequest(WireError):
 
 
 class RequestTimeout(WireError):
+    """A request got no answer (or its dial did not complete) within its timeout."""
+
     code = "timeout"
 
 
 class ConnectionClosed(WireError):
+    """The connection a request was waiting on closed before its answer came, or could not be made."""
+
     code = "connection_closed"
 
 
 class RemoteError(MeshError):
-    """An error frame received from a peer."""
+    """A peer answered a request with an error frame; ``code`` and ``message`` are its own."""
 
     def __init__(self, code: str, message: str):
         super().__init__(f"{code}: {message}")
@@ -127,6 +149,8 @@ class RemoteError(MeshError):
 
 
 class DHTError(MeshError):
+    """Base of the DHT's errors; also raised when no bootstrap peer answers."""
+
     code = "dht"
 
 
@@ -146,22 +170,32 @@ class StorageFull(DHTError):
 
 
 class WorkerError(MeshError):
+    """Base of the errors a worker answers a session request with."""
+
     code = "worker"
 
 
 class NoCapacity(WorkerError):
+    """A session's cache does not fit the free room of the worker's cache-token budget now."""
+
     code = "no_capacity"
 
 
 class UnknownSession(WorkerError):
+    """A step or close names a session this worker does not hold for that peer (never opened, closed, timed out)."""
+
     code = "unknown_session"
 
 
 class SpanNotServed(WorkerError):
+    """A session asks for blocks outside the worker's span, or for another model."""
+
     code = "span_not_served"
 
 
 class SessionLimit(WorkerError):
+    """A peer already holds the most sessions a worker allows one peer."""
+
     code = "session_limit"
 
 
@@ -181,6 +215,8 @@ class Overloaded(WorkerError):
 
 
 class ClientError(MeshError):
+    """Base of errors the client raises itself (not a worker's fault): nothing to retry elsewhere."""
+
     code = "client"
 
 
@@ -192,3 +228,19 @@ class RouteNotFound(ClientError):
     def __init__(self, message: str, missing: tuple[int, ...] = ()):
         super().__init__(message)
         self.missing = missing
+
+
+class GenerationInterrupted(ClientError):
+    """A generation failed after it had produced tokens; those are kept, with the cause.
+
+    ``token_ids`` and ``text`` are what was generated before the failure
+    (``__cause__`` is the failure itself, whose message this one repeats).
+    """
+
+    def __init__(self, cause: BaseException, token_ids: tuple[int, ...] = (), text: str = ""):
+        super().__init__(str(cause) or type(cause).__name__)
+        self.token_ids = tuple(token_ids)
+        self.text = text
+        code = getattr(cause, "code", None)
+        if isinstance(code, str):
+            self.code = code

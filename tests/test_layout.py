@@ -107,3 +107,18 @@ def test_every_private_override_is_listed_for_the_upgrade_check():
                         unlisted.append(f"{cls.__name__}.{name} over {base.__name__}")
                     break
     assert unlisted == []
+
+
+def test_every_error_says_when_it_is_raised():
+    """When an exception is added to ``meshnode/errors.py``, then it has its own docstring
+    and a ``code`` string (the wire sends it in error frames)."""
+    from meshnode import errors
+
+    classes = [
+        cls
+        for _, cls in inspect.getmembers(errors, inspect.isclass)
+        if cls.__module__ == errors.__name__
+    ]
+    assert len(classes) > 30
+    assert [c.__name__ for c in classes if not (c.__dict__.get("__doc__") or "").strip()] == []
+    assert [c.__name__ for c in classes if not isinstance(getattr(c, "code", None), str)] == []
