@@ -29,7 +29,9 @@ class ConfigError(ModelError):
 
 
 class UnknownArchitecture(ModelError):
-    """A checkpoint's architecture (HF ``architectures`` / GGUF ``general.architecture``) is not one the engine composes."""
+    """A checkpoint's architecture (HF ``architectures`` / GGUF ``general.architecture``) is not
+    one the engine composes.
+    """
 
     code = "unknown_architecture"
 
@@ -62,7 +64,8 @@ class TokenizerError(ModelError):
 
 
 class IdentityError(MeshError):
-    """A key file cannot be read or written, or a peer's certificate carries no usable Ed25519 key."""
+    """A key file cannot be read or written, or a peer's certificate carries no usable Ed25519 key.
+    """
 
     code = "identity"
 
@@ -83,7 +86,8 @@ class BadAddress(MeshError):
 
 
 class WireError(MeshError):
-    """Base of the wire's errors: raised while framing, parsing or exchanging messages with a peer."""
+    """Base of the wire's errors: raised while framing, parsing or exchanging messages with a peer.
+    """
 
     code = "wire"
 
@@ -131,7 +135,8 @@ class RequestTimeout(WireError):
 
 
 class ConnectionClosed(WireError):
-    """The connection a request was waiting on closed before its answer came, or could not be made."""
+    """The connection a request was waiting on closed before its answer came, or could not be made.
+    """
 
     code = "connection_closed"
 
@@ -182,7 +187,9 @@ class NoCapacity(WorkerError):
 
 
 class UnknownSession(WorkerError):
-    """A step or close names a session this worker does not hold for that peer (never opened, closed, timed out)."""
+    """A step or close names a session this worker does not hold for that peer (never opened,
+    closed, timed out).
+    """
 
     code = "unknown_session"
 
@@ -215,7 +222,8 @@ class Overloaded(WorkerError):
 
 
 class ClientError(MeshError):
-    """Base of errors the client raises itself (not a worker's fault): nothing to retry elsewhere."""
+    """Base of errors the client raises itself (not a worker's fault): nothing to retry elsewhere.
+    """
 
     code = "client"
 

@@ -54,9 +54,9 @@ async def measure(reactor, args: argparse.Namespace) -> None:
     from memory_probe import churn, direct_route, footprint, rss
 
     from meshnode.client.api import MeshClient
+    from meshnode.inference.records import BlockSpan
     from meshnode.model.source import open_model
     from meshnode.testing.processes import LocalMesh
-    from meshnode.inference.records import BlockSpan
 
     source = open_model(args.model)
     span = BlockSpan.parse(args.blocks) if args.blocks else BlockSpan(0, source.config.num_layers)

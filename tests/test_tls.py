@@ -15,9 +15,9 @@ from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
+from meshnode._tls_private import SOCKET_IO_BYTES
 from meshnode.errors import ConnectionClosed, PeerIdMismatch
 from meshnode.identity import Identity, PeerAddress
-from meshnode._tls_private import SOCKET_IO_BYTES
 from meshnode.wire.endpoint import Endpoint
 from meshnode.wire.message import Message
 

@@ -12,8 +12,6 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
-from meshnode.identity import Identity
-from meshnode.tls import MeshCertificateOptions
 from meshnode import _tls_private
 from meshnode._tls_private import (
     PRIVATE_INSTANCE_NAMES,
@@ -21,6 +19,8 @@ from meshnode._tls_private import (
     SSL_WRITE_BYTES,
     read_records,
 )
+from meshnode.identity import Identity
+from meshnode.tls import MeshCertificateOptions
 
 UPGRADE_HINT = (
     "meshnode._tls_private relies on this private name (checked against Twisted "
@@ -110,7 +110,8 @@ def test_read_records_stops_at_the_end_of_its_buffer():
 
 
 def test_read_records_raises_like_recv_into():
-    """When nothing is waiting, then WantReadError; after the peer's close_notify, ZeroReturnError."""
+    """When nothing is waiting, then WantReadError; after the peer's close_notify,
+    ZeroReturnError."""
     client, server = memory_pair()
     with pytest.raises(SSL.WantReadError):
         read_records(server, memoryview(bytearray(100)))

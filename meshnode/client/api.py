@@ -47,11 +47,11 @@ from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
 from meshnode.errors import ClientError, MeshError, ModelError
 from meshnode.identity import Identity, PeerAddress
-from meshnode.model.decoding import TextStream, prompt_token_ids
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo
-from meshnode.model.sampling import SamplingOptions
+from meshnode.model.decoding import TextStream, prompt_token_ids
 from meshnode.model.names import DEFAULT_MODEL
+from meshnode.model.sampling import SamplingOptions
 
 #: greedy, 64 new tokens, no chat template: as ``meshnode generate``
 DEFAULT_OPTIONS = GenerationOptions()

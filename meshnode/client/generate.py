@@ -23,9 +23,9 @@ from twisted.internet.threads import blockingCallFromThread
 from meshnode.client.chain import InferenceChain
 from meshnode.client.routing.route import Route
 from meshnode.errors import ClientError
+from meshnode.inference.messages import WIRE_FLOAT_DTYPES
 from meshnode.model.decoding import GenerationResult, generate_tokens
 from meshnode.model.sampling import Sampler, SamplingOptions
-from meshnode.inference.messages import WIRE_FLOAT_DTYPES
 
 DEFAULT_MAX_NEW_TOKENS = 64
 

@@ -4,10 +4,10 @@ Every request a node receives from a listening peer, and every answer from a
 peer it dialled, counts as that peer being alive: it goes into the routing
 table. A full bucket makes us ping its oldest contact; the newcomer only
 replaces it if the ping fails (``routing``). A lost connection to a contact
-makes us ping it too, so a node that left drops out of the table at once. A peer that cannot be reached
-(timeout, refused or lost connection, wrong node id) or that answers with
-garbage is dropped from the table. An error frame is an answer: the peer is
-alive.
+makes us ping it too, so a node that left drops out of the table at once. A
+peer that cannot be reached (timeout, refused or lost connection, wrong node
+id) or that answers with garbage is dropped from the table. An error frame is
+an answer: the peer is alive.
 
 Records are validated on the way in (``rpc_store``: refused with
 ``InvalidRecord`` or ``StorageFull``, sent back as an error frame) and on the

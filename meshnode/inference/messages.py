@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from meshnode.errors import BadRequest, BadTensor
-from meshnode.wire.message import Message
 from meshnode.inference.records import PROTOCOL_VERSION, SESSION_ID_BYTES, BlockSpan
+from meshnode.wire.message import Message
 
 INFO, OPEN, STEP, CLOSE = "infer.info", "infer.open", "infer.step", "infer.close"
 

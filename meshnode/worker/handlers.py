@@ -17,9 +17,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, maybeDeferred
 
 from meshnode.errors import BadRequest, LengthLimit, SpanNotServed
-from meshnode.wire.message import Handler, Message, PeerInfo
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
+from meshnode.wire.message import Handler, Message, PeerInfo
 from meshnode.worker.sessions import Session, SessionTable
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from meshnode.errors import BadRequest, LengthLimit, NoCapacity, SessionLimit, UnknownSession
+from meshnode.inference.records import SESSION_ID_BYTES, BlockSpan
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.limits import MAX_SESSION_AGE, MAX_SESSIONS_PER_PEER
-from meshnode.inference.records import SESSION_ID_BYTES, BlockSpan
 
 #: a session untouched for this long is closed and its cache freed
 DEFAULT_IDLE_TIMEOUT = 300.0

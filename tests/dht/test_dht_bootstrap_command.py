@@ -74,6 +74,7 @@ def terminate(process: subprocess.Popen) -> int:
         raise
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_nodes_join_a_bootstrap_process_and_share_records(tmp_path: Path) -> None:
     """When two bootstrap processes run (the second joining the first by host:port
@@ -113,6 +114,7 @@ async def test_nodes_join_a_bootstrap_process_and_share_records(tmp_path: Path) 
     assert again_address.node_id == first_address.node_id
 
 
+@pytest.mark.slow
 def test_a_taken_port_is_an_error() -> None:
     """When the port is already taken, then the command reports it and exits non-zero."""
     first, address = start_bootstrap()

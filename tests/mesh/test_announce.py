@@ -5,8 +5,8 @@ from __future__ import annotations
 from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 
-from meshnode.worker.announce import Announcer
 from meshnode.inference.records import BlockSpan, ServerInfo
+from meshnode.worker.announce import Announcer
 
 
 class FakeDHT:

@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from mesh_helpers import prompts
 
 PROCESS_TIMEOUT = 180
@@ -29,6 +30,7 @@ def run(args: list[str]) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_generate_command_json_has_route_and_local_tokens(smollm2_mesh, smollm2_local):
     """When `meshnode generate --json` runs against the mesh, then its tokens equal local
     greedy generation and `route` names the three workers with their spans."""
@@ -43,6 +45,7 @@ def test_generate_command_json_has_route_and_local_tokens(smollm2_mesh, smollm2_
     assert {hop["worker"] for hop in result["route"]} <= workers
 
 
+@pytest.mark.slow
 def test_blocking_stream_yields_pieces(smollm2_mesh):
     """When a plain script iterates `stream(...)`, then it gets the answer piece by piece."""
     out = run(["-c", STREAM_SCRIPT, str(smollm2_mesh.join_address)])

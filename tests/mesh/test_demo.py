@@ -8,11 +8,13 @@ import sys
 import time
 
 import psutil
+import pytest
 
 #: seconds the whole demo may take (four processes start, compile, answer, stop)
 DEMO_TIMEOUT = 400
 
 
+@pytest.mark.slow
 def test_demo_answers_paris_and_leaves_nothing_running():
     """When the demo runs to the end, then it prints an answer containing Paris and every
     process it started is gone."""

@@ -17,11 +17,11 @@ from meshnode.errors import (
     SpanNotServed,
     UnknownSession,
 )
-from meshnode.wire.message import Message, PeerInfo
 from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
+from meshnode.wire.message import Message, PeerInfo
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.inference.records import BlockSpan
 from meshnode.worker.sessions import SessionTable
 
 H = 8

@@ -7,6 +7,7 @@ sessions, and the errors a bad client gets while others are served.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pytest_twisted
 from mesh_helpers import prompts, with_timeout
 from twisted.internet.defer import DeferredList
@@ -29,6 +30,7 @@ def reactor():
     return installed
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_chat_answer_matches_local(smollm2_client, smollm2_local):
     """When the capital of France is asked through the mesh, then the greedy answer says Paris
@@ -43,6 +45,7 @@ async def test_chat_answer_matches_local(smollm2_client, smollm2_local):
     assert [hop["span"] for hop in result.route] == [[0, 10], [10, 20], [20, 30]]
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_decode_step_sends_only_the_new_position(smollm2_client):
     """When a decode step goes through the chain, then each worker receives about H x 4 bytes
@@ -69,6 +72,7 @@ async def test_decode_step_sends_only_the_new_position(smollm2_client):
         await with_timeout(chain.close(), reactor())
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_sixteen_concurrent_sessions(smollm2_client, smollm2_local):
     """When 16 different prompts run at once through the same three workers, then every
@@ -79,11 +83,12 @@ async def test_sixteen_concurrent_sessions(smollm2_client, smollm2_local):
     results = await with_timeout(
         DeferredList(running, fireOnOneErrback=True, consumeErrors=True), reactor(), 300
     )
-    for ids, (ok, result) in zip(batch, results):
+    for ids, (_, result) in zip(batch, results):
         local = smollm2_local.generate(prompt_ids=ids, max_new_tokens=6)
         assert list(result.token_ids) == list(local.token_ids)
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_bad_requests_get_errors_while_others_are_served(smollm2_client, smollm2_local):
     """When a client sends bad requests, then each gets its named error, and meanwhile

@@ -43,6 +43,7 @@ async def generate(client, ids, route=None):
     return list(result.token_ids)
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_best_route_matches_local(tiny_client, tiny_local):
     """When the client picks its own route, then greedy tokens equal local generation."""
@@ -52,6 +53,7 @@ async def test_best_route_matches_local(tiny_client, tiny_local):
     assert len(local.token_ids) == NEW_TOKENS
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_split_invariance(tiny_client, tiny_local):
     """When the same prompt goes through 1, 2 or 3 worker processes, then the tokens agree,
@@ -68,6 +70,7 @@ async def test_split_invariance(tiny_client, tiny_local):
         assert outputs == {1: local, 2: local, 3: local}
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_sub_spans_of_workers(tiny_client, tiny_local):
     """When a route enters and leaves workers mid-span, then only those blocks run there and
@@ -79,6 +82,7 @@ async def test_sub_spans_of_workers(tiny_client, tiny_local):
     assert await generate(tiny_client, ids, route) == local
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_no_capacity_is_a_clear_error(tiny_checkpoint, tmp_path):
     """When a worker's cache budget is taken, then a new session gets no_capacity, and once
@@ -87,10 +91,10 @@ async def test_no_capacity_is_a_clear_error(tiny_checkpoint, tmp_path):
 
     from meshnode.errors import RemoteError
     from meshnode.identity import Identity
+    from meshnode.inference import messages
     from meshnode.model.source import open_model
     from meshnode.testing.processes import LocalMesh
     from meshnode.wire.endpoint import Endpoint
-    from meshnode.inference import messages
 
     fingerprint = open_model(str(tiny_checkpoint)).fingerprint
     span = BlockSpan(0, 6)

@@ -8,8 +8,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from meshnode.errors import BadRequest, LengthLimit, NoCapacity, UnknownSession
-from meshnode.worker.budget import CacheBudget
 from meshnode.inference.records import BlockSpan
+from meshnode.worker.budget import CacheBudget
 from meshnode.worker.sessions import SessionTable
 
 ALICE, BOB = b"a" * 32, b"b" * 32

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 from conftest import start_mesh
 
 STATUS_TIMEOUT = 120
@@ -29,6 +30,7 @@ def status(mesh, model: str) -> tuple[int, dict]:
     return done.returncode, json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_num_blocks_fills_the_gap_and_status_reports_it(tiny_checkpoint, tmp_path):
     """When blocks 0-2 are served and a worker starts with --num-blocks 3, then it serves
     3-5, and status goes from 'blocks 3-5 missing' (exit 1) to 'covered' (exit 0); when that

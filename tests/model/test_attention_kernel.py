@@ -98,6 +98,7 @@ print(worst)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction sets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
 def test_kernels_built_without_avx512_compute_the_same(tmp_path, march):

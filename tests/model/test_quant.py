@@ -284,11 +284,13 @@ def _native_state(tmp_path, **env: str) -> list[str]:
     return [*flags.split(), reason.strip()]
 
 
+@pytest.mark.slow
 def test_native_kernels_can_be_switched_off(tmp_path):
     """When MESHNODE_NATIVE=0, then the kernels are not loaded and weights load as float."""
     assert _native_state(tmp_path, MESHNODE_NATIVE="0") == ["False", "False", "MESHNODE_NATIVE=0"]
 
 
+@pytest.mark.slow
 def test_without_a_compiler_weights_load_as_float(tmp_path):
     """When no C++ compiler is found (and nothing is cached), then the reason says so and
     weights load as float."""
@@ -297,6 +299,7 @@ def test_without_a_compiler_weights_load_as_float(tmp_path):
     assert "no C++ compiler (no-such-compiler-here)" in reason
 
 
+@pytest.mark.slow
 @needs_native
 def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path):
     """When the cache folder cannot be created, then the kernels are built in the temp folder."""

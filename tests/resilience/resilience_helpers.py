@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from meshnode.client.routing.route import RouteHop
-from meshnode.testing.processes import LocalMesh, NodeFailed, NodeProcess
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.testing.processes import LocalMesh, NodeFailed, NodeProcess
 
 #: seconds any awaited Deferred of a resilience test may take before the test fails
 DEFERRED_TIMEOUT = 120.0

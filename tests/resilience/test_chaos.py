@@ -161,6 +161,7 @@ async def generate_with_fault(
     return list(result.token_ids), victims[0]
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_sigkill_at_random_decode_steps(chaos, tiny_local):
     """When, at ten seeded points, a worker on the route is SIGKILLed before a decode step,
@@ -186,6 +187,7 @@ async def test_sigkill_at_random_decode_steps(chaos, tiny_local):
     await chaos.keep_coverage(2)
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_clean_stop_sigterm_mid_generation(chaos, tiny_local):
     """When a worker on the route is stopped cleanly (SIGTERM) mid-generation, then it
@@ -202,6 +204,7 @@ async def test_clean_stop_sigterm_mid_generation(chaos, tiny_local):
     chaos.replace(span)
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_frozen_worker_sigstop_mid_generation(chaos, tiny_local):
     """When a worker on the route is frozen (SIGSTOP) mid-generation, then the step times out
@@ -225,6 +228,7 @@ async def test_frozen_worker_sigstop_mid_generation(chaos, tiny_local):
     chaos.replace(span)
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_uncovered_blocks_are_named_after_a_bounded_wait(chaos, tiny_local):
     """When the last worker of blocks 4-5 dies mid-generation, then the generation fails

@@ -18,8 +18,8 @@ from resilience_helpers import make_client, pinned_hop, start_mesh, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.routing.route import Route, RouteHop
-from meshnode.model.decoding import prompt_token_ids
 from meshnode.inference.records import BlockSpan
+from meshnode.model.decoding import prompt_token_ids
 
 SPANS = ("0:15", "15:30", "0:30")
 QUESTION = "What is the capital of France?"
@@ -44,6 +44,7 @@ def hop(node, worker_span: str, used: str, model: str) -> RouteHop:
     return pinned_hop(node.address, BlockSpan.parse(worker_span), BlockSpan.parse(used), model)
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_smollm2_worker_killed_mid_answer(smollm2_mesh):
     """When the worker of blocks 15-29 is SIGKILLed at a seeded decode step, then the answer

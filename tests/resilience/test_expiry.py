@@ -18,13 +18,12 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "dht"))
 
 from dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle
 
-from meshnode.client.routing.route import span_route
-from meshnode.inference.directory import fetch_block_records
-from meshnode.client.routing.route import candidates_from_records
+from meshnode.client.routing.route import candidates_from_records, span_route
 from meshnode.dht.network import block_key
 from meshnode.errors import RouteNotFound
-from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from meshnode.inference.directory import fetch_block_records
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 
 MODEL = "fingerprint"
 SPAN = BlockSpan(0, 4)

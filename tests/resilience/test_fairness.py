@@ -104,11 +104,11 @@ def test_worker_handlers_take_compute_turns_per_client():
     from twisted.internet.defer import succeed
     from twisted.internet.task import Clock
 
-    from meshnode.wire.message import PeerInfo
     from meshnode.inference import messages
+    from meshnode.inference.records import BlockSpan
+    from meshnode.wire.message import PeerInfo
     from meshnode.worker.budget import CacheBudget
     from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-    from meshnode.inference.records import BlockSpan
     from meshnode.worker.sessions import SessionTable
 
     span, order, pending = BlockSpan(0, 2), [], []

@@ -30,11 +30,11 @@ from twisted.internet.threads import deferToThread
 from meshnode.client.generate import GenerationOptions
 from meshnode.dht import messages as dht_messages
 from meshnode.identity import Identity
+from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan
 from meshnode.wire.codec import encode_message
 from meshnode.wire.header import KINDS, MAX_REQUEST_ID, REQUEST
 from meshnode.wire.limits import MAX_HEADER_BYTES
-from meshnode.inference import messages
-from meshnode.inference.records import BlockSpan
 
 EXAMPLES = 40
 #: memory a warmed-up node may gain over the whole storm (allocator slack, odd cache shapes)
@@ -188,6 +188,7 @@ def storm(context: Any, address: Any, model: str, stop: threading.Event) -> int:
     return count[0]
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_storm_of_hostile_input_while_an_honest_client_is_served(hostile_mesh, tiny_local):
     """When random, oversized and mutated frames hit a worker and a DHT node, then each gets an

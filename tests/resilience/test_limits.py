@@ -6,8 +6,8 @@ import pytest
 from twisted.internet.task import Clock
 
 from meshnode.errors import NoCapacity, SessionLimit, UnknownSession
-from meshnode.worker.budget import CacheBudget
 from meshnode.inference.records import BlockSpan
+from meshnode.worker.budget import CacheBudget
 from meshnode.worker.sessions import SessionTable
 
 SPAN = BlockSpan(0, 4)

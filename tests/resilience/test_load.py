@@ -30,6 +30,7 @@ def load_mesh(tiny_checkpoint, tmp_path_factory):
         mesh.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_thirty_two_concurrent_sessions_are_all_correct(load_mesh, tiny_local):
     """When 32 generations of 20 tokens run at once through three workers, then every one

@@ -41,6 +41,7 @@ def memory_mesh(tiny_checkpoint, tmp_path_factory):
         mesh.stop()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_a_full_budget_refuses_with_a_clear_error_and_the_client_falls_back(
     memory_mesh, tiny_local
@@ -69,6 +70,7 @@ async def test_a_full_budget_refuses_with_a_clear_error_and_the_client_falls_bac
         await with_timeout(holder.close())
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_session_churn_leaves_resident_memory_flat(memory_mesh, tiny_checkpoint):
     """When 500 sessions are opened, stepped and closed, then the worker's RSS after all of

@@ -16,15 +16,14 @@ from twisted.internet.task import Clock
 
 from meshnode.client.chain import InferenceChain
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
-from meshnode.client.routing.route import span_route
-from meshnode.client.routing.route import Route, RouteHop
+from meshnode.client.routing.route import Route, RouteHop, span_route
 from meshnode.errors import ConnectionClosed, RemoteError, RequestTimeout, RouteNotFound
 from meshnode.identity import PeerAddress
-from meshnode.wire.message import PeerInfo
 from meshnode.inference import messages
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.wire.message import PeerInfo
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import SessionTable
 
 H = 4
