@@ -129,7 +129,10 @@ def decode_attention(
     """q [B, N, D] of one position over layer ``layer_index`` of the float32 caches
     [L, B, S, K, D], positions [position - window + 1 (window > 0), position]: the
     native kernel (meshnode/native/attention.cc). Returns [B, N, D]."""
-    scalar = lambda value: jnp.asarray(value, dtype=jnp.int32).reshape(())
+
+    def scalar(value: Any) -> jax.Array:
+        return jnp.asarray(value, dtype=jnp.int32).reshape(())
+
     call = jax.ffi.ffi_call(native.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_cache, v_cache, scalar(layer_index), scalar(position), scalar(window))
 

@@ -6,9 +6,9 @@ library as is. A GGUF file's byte-level BPE (``tokenizer.ggml.model`` =
 transformers' GGUF integration does, with the pre-tokenizer chosen by
 ``tokenizer.ggml.pre`` as llama.cpp chooses it; a SentencePiece BPE
 (``llama``: Llama 2, Mistral, TinyLlama files) from its tokens, scores and
-token types, its merges derived from the scores as transformers derives them. Chat templates are rendered
-with jinja2 in the same sandboxed environment and with the same variables as
-transformers' ``apply_chat_template``.
+token types, its merges derived from the scores as transformers derives them.
+Chat templates are rendered with jinja2 in the same sandboxed environment and
+with the same variables as transformers' ``apply_chat_template``.
 """
 
 from __future__ import annotations

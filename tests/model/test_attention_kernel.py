@@ -77,7 +77,8 @@ for qtype in (gguf.GGMLQuantizationType.Q4_1, gguf.GGMLQuantizationType.Q8_0):
     raw = gguf.quants.quantize(rng.standard_normal((19, 96)).astype(np.float32), qtype)
     matrices.append(from_gguf(qtype, raw, 19))
 codes = rng.integers(-32, 32, (19, 96)).astype(np.int8)  # 16-input groups, as Q6_K's
-matrices.append(QuantizedMatrix(codes, rng.random((19, 6), np.float32), np.zeros((19, 6), np.float32), 8))
+scales, offsets = rng.random((19, 6), np.float32), np.zeros((19, 6), np.float32)
+matrices.append(QuantizedMatrix(codes, scales, offsets, 8))
 worst = 0.0
 for matrix in matrices:
     dense = matrix.dequantize()

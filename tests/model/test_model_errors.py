@@ -48,7 +48,8 @@ def test_missing_config_is_a_config_error(checkpoint, tmp_path):
 
 
 def test_unknown_architecture(checkpoint, tmp_path):
-    """When config.json names a family the engine lacks, then UnknownArchitecture lists the known ones."""
+    """When config.json names a family the engine lacks, then UnknownArchitecture lists the known
+    ones."""
     folder = _copy(checkpoint, tmp_path)
     _edit_config(folder, model_type="gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(UnknownArchitecture, match="llama, mistral, qwen2"):
@@ -68,7 +69,8 @@ def test_unknown_gguf_architecture(tmp_path):
 
 
 def test_missing_block_tensor_fails_only_the_spans_that_need_it(checkpoint, tmp_path):
-    """When block 2 lacks its q_proj, then span [0, 1) still loads and [0, 3) raises MissingWeights."""
+    """When block 2 lacks its q_proj, then span [0, 1) still loads and [0, 3) raises
+    MissingWeights."""
     folder = _copy(checkpoint, tmp_path)
     tensors = load_file(folder / "model.safetensors")
     del tensors["model.layers.2.self_attn.q_proj.weight"]
@@ -80,7 +82,8 @@ def test_missing_block_tensor_fails_only_the_spans_that_need_it(checkpoint, tmp_
 
 
 def test_shape_mismatch_names_the_tensor(checkpoint, tmp_path):
-    """When config.json disagrees with a tensor's shape, then ShapeMismatch names tensor and shapes."""
+    """When config.json disagrees with a tensor's shape, then ShapeMismatch names tensor and
+    shapes."""
     folder = _copy(checkpoint, tmp_path)
     _edit_config(folder, intermediate_size=80)
     with pytest.raises(
@@ -90,7 +93,8 @@ def test_shape_mismatch_names_the_tensor(checkpoint, tmp_path):
 
 
 def test_runner_rejects_bad_hidden_states_and_overflow(checkpoint):
-    """When hidden states have the wrong width or overrun the cache, then named errors are raised."""
+    """When hidden states have the wrong width or overrun the cache, then named errors
+    are raised."""
     source = open_model(checkpoint)
     runner = SpanRunner(source.config, source.load_span_params(0, 3))
     cache = runner.new_cache(16)
@@ -101,7 +105,8 @@ def test_runner_rejects_bad_hidden_states_and_overflow(checkpoint):
 
 
 def test_cli_prints_model_errors_and_exits_2(checkpoint, tmp_path, capsys):
-    """When generate is given a folder without config.json, then it prints the error and returns 2."""
+    """When generate is given a folder without config.json, then it prints the error and
+    returns 2."""
     folder = _copy(checkpoint, tmp_path)
     (folder / "config.json").unlink()
     code = main(["generate", "--local", "--model", str(folder), "--prompt-ids", "1,2"])

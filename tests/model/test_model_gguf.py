@@ -32,7 +32,8 @@ def _hidden_logits(source, ids):
 
 
 def test_f32_gguf_runs_like_the_safetensors_checkpoint(tiny_llama, tmp_path):
-    """When a Llama is converted to an F32 GGUF (q/k permuted), then its logits equal the HF folder's."""
+    """When a Llama is converted to an F32 GGUF (q/k permuted), then its logits equal the HF
+    folder's."""
     write_llama_gguf(tiny_llama, tmp_path / "tiny.gguf", "F32")
     folder = write_checkpoint(tiny_llama, tmp_path / "hf")
     from_gguf, from_folder = open_model(tmp_path / "tiny.gguf"), open_model(folder)
@@ -56,7 +57,8 @@ def test_llama3_rope_frequencies_come_from_the_rope_freqs_tensor(tmp_path):
 
 @pytest.mark.parametrize("qtype", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"])
 def test_quantized_weights_load_as_dequantized(tiny_llama, tmp_path, qtype):
-    """When 2-D weights are stored as qtype, then the loader reads exactly their dequantized values."""
+    """When 2-D weights are stored as qtype, then the loader reads exactly their dequantized
+    values."""
     expected = write_llama_gguf(tiny_llama, tmp_path / f"tiny-{qtype}.gguf", qtype)
     file = GGUFFile(tmp_path / f"tiny-{qtype}.gguf")
     two_d = {
@@ -96,7 +98,8 @@ def test_q6_k_blocks_decode_to_known_values(tmp_path):
 
 
 def test_q4_k_blocks_decode_to_known_values(tmp_path):
-    """When every Q4_K quant is 2 with scale = min = 1, d = 1 and dmin = 0.5, then every weight is 1.5."""
+    """When every Q4_K quant is 2 with scale = min = 1, d = 1 and dmin = 0.5, then every weight is
+    1.5."""
     block = np.zeros(144, dtype=np.uint8)  # d dmin (f16) scales[12] qs[128]
     block[0:2] = np.frombuffer(np.float16(1.0).tobytes(), dtype=np.uint8)
     block[2:4] = np.frombuffer(np.float16(0.5).tobytes(), dtype=np.uint8)

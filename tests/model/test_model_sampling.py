@@ -17,7 +17,8 @@ def test_temperature_zero_is_argmax():
 
 
 def test_same_seed_same_tokens_and_other_seed_other_tokens():
-    """When two samplers share a seed, then they draw the same stream; another seed draws another."""
+    """When two samplers share a seed, then they draw the same stream; another seed draws
+    another."""
     logits = np.random.default_rng(0).normal(size=500).astype(np.float32)
     options = SamplingOptions(temperature=1.0, seed=7)
     a, b = Sampler(options), Sampler(options)

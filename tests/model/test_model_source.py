@@ -1,4 +1,5 @@
-"""Model sources: config parsing, fingerprints, buckets, and the generate command on a tiny model."""
+"""Model sources: config parsing, fingerprints, buckets, and the generate command on a
+tiny model."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def checkpoint(tmp_path_factory):
 
 
 def test_rope_theta_is_read_from_either_place():
-    """When rope_theta is top-level (old) or in rope_parameters (transformers 5), then both are read."""
+    """When rope_theta is top-level (old) or in rope_parameters (transformers 5), then both are
+    read."""
     old = config_from_hf_dict({**LLAMA, "rope_theta": 5e5})
     new = config_from_hf_dict(
         {**LLAMA, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}

@@ -310,7 +310,8 @@ def test_an_unwritable_cache_folder_falls_back_to_the_temp_folder(tmp_path):
 
 @needs_native
 def test_default_load_keeps_blocks_only_for_float32():
-    """When the dtype is float32 and the kernels run, then the default keeps blocks; bfloat16 does not."""
+    """When the dtype is float32 and the kernels run, then the default keeps blocks; bfloat16 does
+    not."""
     from meshnode.model.source import keep_quantized
 
     assert keep_quantized(None, "float32") is True
