@@ -19,9 +19,9 @@ from twisted.internet.defer import Deferred, DeferredList
 from meshnode.client.routing.route import Route, RouteHop
 from meshnode.errors import BadRequest, ClientError
 from meshnode.identity import PeerAddress
-from meshnode.wire.message import Message
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
+from meshnode.wire.message import Message
 
 #: seconds for one step on one worker, prefill included
 DEFAULT_STEP_TIMEOUT = 60.0
