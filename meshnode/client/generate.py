@@ -175,9 +175,52 @@ async def generate_on_chain(
         if not generation.token_ids:
             raise
         tokens = generation.token_ids
-        raise GenerationInterrupted(error, tokens, text_of(tokens)) from error
+        raise interrupted(error, tokens, text_of(tokens)) from error
     finally:
         await chain.close()
+
+
+def interrupted(
+    cause: Exception, token_ids: tuple[int, ...], text: str
+) -> GenerationInterrupted:
+    """A ``GenerationInterrupted`` that is also of the cause's class, with its fields.
+
+    So callers that catch the cause's kind (``except RouteNotFound`` and its
+    ``missing``, ``RemoteError.code``) still do, and those that want the tokens
+    produced so far catch ``GenerationInterrupted``.
+    """
+    kind = _interrupted_kind(type(cause))
+    if kind is GenerationInterrupted:
+        return GenerationInterrupted(cause, token_ids, text)
+    error = kind.__new__(kind)
+    BaseException.__init__(error, *cause.args)  # the cause's message, as it prints
+    vars(error).update(vars(cause))
+    error.token_ids, error.text = tuple(token_ids), text
+    code = getattr(cause, "code", None)
+    if isinstance(code, str):
+        error.code = code
+    return error
+
+
+_INTERRUPTED_KINDS: dict[type, type] = {}
+
+
+def _interrupted_kind(cause: type) -> type:
+    """``GenerationInterrupted`` mixed with ``cause`` (made once per class)."""
+    if issubclass(cause, GenerationInterrupted):
+        return GenerationInterrupted
+    kind = _INTERRUPTED_KINDS.get(cause)
+    if kind is None:
+        try:
+            kind = type(
+                "GenerationInterrupted",
+                (GenerationInterrupted, cause),
+                {"__module__": __name__, "__doc__": GenerationInterrupted.__doc__},
+            )
+        except TypeError:  # a class that cannot be mixed in (layout, metaclass)
+            kind = GenerationInterrupted
+        _INTERRUPTED_KINDS[cause] = kind
+    return kind
 
 
 def mesh_result(

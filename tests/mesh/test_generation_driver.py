@@ -180,3 +180,21 @@ def test_a_stop_request_is_seen_between_steps():
     stop.requested = True
     with pytest.raises(CancelledError):
         stop.check()
+
+
+def test_an_interrupted_generation_is_still_of_its_causes_kind():
+    """When a generation fails after tokens with RouteNotFound, then the error is both a
+    GenerationInterrupted (with the tokens) and a RouteNotFound with its missing blocks, its
+    code and its message."""
+    from meshnode.client.generate import interrupted
+    from meshnode.errors import RemoteError, RouteNotFound
+
+    error = interrupted(RouteNotFound("no eligible worker serves blocks 4-5", (4, 5)), (1, 2), "ab")
+    assert isinstance(error, GenerationInterrupted) and isinstance(error, RouteNotFound)
+    assert (error.missing, error.token_ids, error.text) == ((4, 5), (1, 2), "ab")
+    assert str(error) == "no eligible worker serves blocks 4-5"
+    assert error.code == RouteNotFound.code
+    remote = interrupted(RemoteError("no_capacity", "full"), (3,), "")
+    assert isinstance(remote, RemoteError) and remote.code == "no_capacity"
+    plain = interrupted(ValueError("odd"), (3,), "c")
+    assert isinstance(plain, GenerationInterrupted) and plain.token_ids == (3,)
