@@ -3,10 +3,10 @@
 ``meshnode.model.decoding.Generation`` is the one generation (local and mesh
 share its prefill, decode, stopping rule, sampling and timings); it does no
 I/O. ``drive`` is its mesh driver, plain ``async`` code on the reactor thread:
-for each step it embeds the input on the client's compute thread
-(``HeadCompute``), sends the hidden states through the ``InferenceChain``,
-and turns the chain's output into the next token on the compute thread again
-(logits, then the sampler). No thread is held per generation: many
+it sends each step's hidden states through the ``InferenceChain``, then hands
+the chain's output to the client's compute thread (``HeadCompute``), which
+computes the logits, samples the next token and embeds it as the next step's
+input, in one call. No thread is held per generation: many
 generations interleave on the reactor and share the one compute thread;
 ``on_token`` runs on the reactor thread.
 
@@ -64,28 +64,50 @@ class MeshGenerationResult(GenerationResult):
         return super().as_json() | {"route": list(self.route)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Advance:
+    """One step's work on the head: the token chosen, and unless it was the last, the next
+    input for the chain, embedded (``hidden`` [1, T, H] as the wire carries it)."""
+
+    produced: NextToken | None
+    step: BlocksInput | None
+    hidden: np.ndarray | None
+
+
 class HeadCompute:
-    """The client head's JAX work (embed; logits and sampling) on the compute thread."""
+    """The client head's JAX work on the compute thread: one call per step.
+
+    Each call turns the chain's output into logits, samples the next token and
+    embeds it as the next input, so a step crosses to the compute thread once.
+    """
 
     def __init__(self, head: Any, compute: ComputeThread):
         self.head = head
         self.compute = compute
 
-    def embed(self, step: BlocksInput) -> Deferred[np.ndarray]:
-        """The step's ids -> hidden [1, T, H] as the wire carries it."""
-        return self.compute.call(self._embed, step)
+    def first(self, generation: Generation) -> Deferred[Advance]:
+        """The prefill's input, embedded."""
+        return self.compute.call(self._first, generation)
 
-    def next_token(self, generation: Generation, hidden: np.ndarray) -> Deferred[NextToken]:
-        """The chain's output [1, T, H] -> ``generation``'s next token."""
-        return self.compute.call(self._next_token, generation, hidden)
+    def advance(self, generation: Generation, hidden: np.ndarray) -> Deferred[Advance]:
+        """The chain's output [1, T, H] -> ``generation``'s next token and next input."""
+        return self.compute.call(self._advance, generation, hidden)
+
+    def _first(self, generation: Generation) -> Advance:
+        step = generation.next_input()
+        return Advance(None, step, self._embed(step))
+
+    def _advance(self, generation: Generation, hidden: np.ndarray) -> Advance:
+        logits = np.asarray(self.head.logits(hidden))[0]  # [V] float32
+        produced = generation.take_logits(logits)
+        if generation.done:
+            return Advance(produced, None, None)
+        step = generation.next_input()
+        return Advance(produced, step, self._embed(step))
 
     def _embed(self, step: BlocksInput) -> np.ndarray:
         x = np.ascontiguousarray(np.asarray(self.head.embed(step.ids())))  # [1, T, H]
         return x if x.dtype.name in WIRE_FLOAT_DTYPES else x.astype(np.float32)
-
-    def _next_token(self, generation: Generation, hidden: np.ndarray) -> NextToken:
-        logits = np.asarray(self.head.logits(hidden))[0]  # [V] float32
-        return generation.take_logits(logits)
 
 
 class StopRequest:
@@ -140,15 +162,19 @@ async def drive(
 ) -> TokenLoopResult:
     """Run ``generation`` to its end through ``chain``; on the reactor thread."""
     stop = stop or StopRequest()
-    while not generation.done:
-        stop.check()
-        step = generation.next_input()
-        if step.start != chain.position:
-            raise ClientError(f"step at {step.start}, but the chain is at {chain.position}")
-        hidden = await head.embed(step)  # [1, T, H]
-        produced = await head.next_token(generation, await chain.forward(hidden))
+    stop.check()
+    advance = await head.first(generation)
+    while advance.step is not None:
+        if advance.step.start != chain.position:
+            raise ClientError(
+                f"step at {advance.step.start}, but the chain is at {chain.position}"
+            )
+        output = await chain.forward(advance.hidden)  # [1, T, H]
+        advance = await head.advance(generation, output)
         if on_token is not None:
-            on_token(produced.token)
+            on_token(advance.produced.token)
+        if advance.step is not None:
+            stop.check()
     return generation.result()
 
 
