@@ -9,7 +9,9 @@ Map of the package (no logic here):
   and ``InferenceChain`` (the sessions along a route, a remote forward).
 - ``recovery``: ``BanList`` (growing bans), ``SpanRecovery`` (a failed
   hop's span re-routed, its recorded inputs replayed there, the step retried).
-- ``generate``: the model engine's generation loop driven by a remote forward.
+- ``generate``: the mesh driver of the model engine's step-driven ``Generation``, async on
+  the reactor (``HeadCompute`` puts the head's JAX work on the client's one compute thread,
+  ``meshnode.compute``); cancellation; ``GenerationInterrupted``.
 - ``api``: ``MeshClient`` (Deferreds / coroutines) and the blocking ``generate``.
 - ``commandline``: ``run_generate``, the mesh branch of ``meshnode generate``.
 

@@ -19,8 +19,12 @@ Without Twisted (the reactor runs in a background thread)::
 
 The client holds the model's embeddings, final norm and LM head (it opens the
 same model spec as the workers), finds a route in the DHT, opens a session on
-each worker of the route, and runs the model engine's generation loop with a
-remote forward (``meshnode.client.generate``).
+each worker of the route, and drives the model engine's step-driven
+``Generation`` through them (``meshnode.client.generate``). Generations run as
+coroutines on the reactor; the head's JAX work goes to the client's one
+compute thread, whatever the number of generations. Cancelling the Deferred of
+``generate`` / ``generate_ids`` stops that generation, closes its sessions on
+the workers, then fails the Deferred with ``CancelledError``.
 """
 
 from __future__ import annotations
@@ -31,32 +35,36 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
-from twisted.python.threadpool import ThreadPool
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.threads import blockingCallFromThread
 
 from meshnode.client.chain import DEFAULT_STEP_TIMEOUT, InferenceChain
 from meshnode.client.generate import (
     GenerationOptions,
+    HeadCompute,
     MeshGenerationResult,
+    StopRequest,
+    cancellable,
+    generate_on_chain,
     mesh_result,
-    run_generation,
 )
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
+from meshnode.compute import ComputeThread
 from meshnode.errors import ClientError, MeshError, ModelError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo
-from meshnode.model.decoding import TextStream, prompt_token_ids
+from meshnode.model.decoding import Generation, TextStream, prompt_token_ids
 from meshnode.model.names import DEFAULT_MODEL
-from meshnode.model.sampling import SamplingOptions
+from meshnode.model.sampling import Sampler, SamplingOptions
 
 #: greedy, 64 new tokens, no chat template: as ``meshnode generate``
 DEFAULT_OPTIONS = GenerationOptions()
-#: generations one client runs at once (each holds a loop thread while it runs)
-MAX_CONCURRENT_GENERATIONS = 32
+#: generations one client runs at once (more wait their turn); a worker's default limit
+#: of sessions per client is 128 too. No thread is held per generation.
+MAX_CONCURRENT_GENERATIONS = 128
 
 
 class MeshClient:
@@ -77,7 +85,11 @@ class MeshClient:
         self.model_spec = model
         self.identity = identity or Identity.ephemeral()
         self.step_timeout = step_timeout
-        self._pool = ThreadPool(0, max_concurrent, name="meshnode-client")
+        self.max_concurrent = max_concurrent
+        self._running = DeferredSemaphore(max_concurrent)
+        # every JAX call of the client (loading, embed, logits): one thread for all generations
+        self.compute = ComputeThread(reactor, name="meshnode-client-compute")
+        self._head_compute: HeadCompute | None = None
         self._started: Deferred[None] | None = None
         self.endpoint: Any = None
         self.dht: Any = None
@@ -113,8 +125,11 @@ class MeshClient:
         options: GenerationOptions = DEFAULT_OPTIONS,
         on_text: Callable[[str], None] | None = None,
     ) -> Deferred[MeshGenerationResult]:
-        """Generate from a text prompt; ``on_text`` gets each new piece on the reactor thread."""
-        return Deferred.fromCoroutine(self._generate_text(prompt, options, on_text))
+        """Generate from a text prompt; ``on_text`` gets each new piece on the reactor thread.
+
+        Cancelling the Deferred stops the generation and closes its sessions (see module doc).
+        """
+        return cancellable(lambda stop: self._generate_text(prompt, options, on_text, stop))
 
     def generate_ids(
         self,
@@ -126,8 +141,10 @@ class MeshClient:
         """Generate from token ids; ``on_token`` gets each new id on the reactor thread.
 
         ``route``: go through these hops instead of finding the best route now.
+        Cancelling the Deferred stops the generation and closes its sessions (see module doc).
         """
-        return Deferred.fromCoroutine(self._generate(list(prompt_ids), options, on_token, route))
+        ids = list(prompt_ids)
+        return cancellable(lambda stop: self._generate(ids, options, on_token, route, stop))
 
     def close(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._close())
@@ -138,13 +155,14 @@ class MeshClient:
         from meshnode.dht.network import DHTNode
         from meshnode.wire.endpoint import Endpoint
 
-        self._pool.start()
+        self.compute.start()
         self.endpoint = Endpoint(self.reactor, self.identity, {})
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
-        loaded = deferToThreadPool(self.reactor, self._pool, _load_client_side, self.model_spec)
+        loaded = self.compute.call(_load_client_side, self.model_spec)
         if self.bootstrap:
             await self.dht.bootstrap(self.bootstrap)
         self.source, self.head, self.tokenizer = await loaded
+        self._head_compute = HeadCompute(self.head, self.compute)
 
     def _key_for(self, block: int) -> bytes:
         return keys_for(self.source.fingerprint)(block)
@@ -170,7 +188,8 @@ class MeshClient:
         )
 
     async def _generate_text(self, prompt: str, options: GenerationOptions,
-                             on_text: Callable[[str], None] | None) -> MeshGenerationResult:
+                             on_text: Callable[[str], None] | None,
+                             stop: StopRequest) -> MeshGenerationResult:
         await self.start()
         if self.tokenizer is None:
             raise ModelError(f"model {self.model_spec} has no tokenizer: give token ids")
@@ -184,35 +203,40 @@ class MeshClient:
                 if piece:
                     on_text(piece)
 
-        return await self._generate(prompt_ids, options, on_token)
+        return await self._generate(prompt_ids, options, on_token, None, stop)
 
     async def _generate(self, prompt_ids: list[int], options: GenerationOptions,
                         on_token: Callable[[int], None] | None,
-                        route: Route | None = None) -> MeshGenerationResult:
+                        route: Route | None, stop: StopRequest) -> MeshGenerationResult:
         await self.start()
-        max_length = len(prompt_ids) + options.max_new_tokens
+        generation = Generation(prompt_ids, max_new_tokens=options.max_new_tokens,
+                                sampler=Sampler(options.sampling), stop_ids=self._stop_ids())
+        await self._running.acquire()
+        try:
+            stop.check()
+            return await self._run(generation, on_token, route, stop)
+        finally:
+            self._running.release()
+
+    async def _run(self, generation: Generation, on_token: Callable[[int], None] | None,
+                   route: Route | None, stop: StopRequest) -> MeshGenerationResult:
+        max_length = len(generation.prompt_ids) + generation.max_new_tokens
         if route is None:
             route = await self._find_route(max_length, set(self.bans.banned()))
         recovery = SpanRecovery(self.endpoint, self.dht, self.reactor, self._key_for,
                                 self.source.fingerprint, self.bans, self.recovery_options)
         chain = InferenceChain(self.endpoint, route, self.source.fingerprint, max_length,
                                self.step_timeout, recovery)
-        await chain.open()
-        callback = None
-        if on_token is not None:
-            def callback(token: int) -> None:
-                self.reactor.callFromThread(on_token, token)
-        try:
-            loop_result = await deferToThreadPool(
-                self.reactor, self._pool, run_generation, self.reactor, self.head, chain,
-                prompt_ids, options, self._stop_ids(), callback,
-            )
-        finally:
-            await chain.close()
-        text = self.tokenizer.decode(list(loop_result.token_ids)) if self.tokenizer else ""
+        loop_result = await generate_on_chain(
+            generation, self._head_compute, chain, on_token, stop, self._text
+        )
         # the hops at the end: recovery may have replaced some since the start
         final = Route(tuple(s.hop for s in chain.sessions), route.expected_latency)
-        return mesh_result(loop_result, text, prompt_ids, final)
+        return mesh_result(loop_result, self._text(loop_result.token_ids),
+                           list(generation.prompt_ids), final)
+
+    def _text(self, token_ids: tuple[int, ...]) -> str:
+        return self.tokenizer.decode(list(token_ids)) if self.tokenizer is not None else ""
 
     def _stop_ids(self) -> frozenset[int]:
         """As local generation: EOS ids of the config and of the tokenizer."""
@@ -224,8 +248,7 @@ class MeshClient:
             await self.dht.stop()
         if self.endpoint is not None:
             await self.endpoint.close()
-        if self._pool.started:
-            self._pool.stop()
+        self.compute.stop()
 
 
 def _load_client_side(spec: str) -> tuple[Any, Any, Any]:

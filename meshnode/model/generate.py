@@ -1,4 +1,4 @@
-"""Local generation: every block in this process, through the shared decoding loop.
+"""Local generation: every block in this process, driving the shared ``Generation``.
 
     from meshnode.model.generate import LocalModel, generate_local
     from meshnode.model.source import open_model

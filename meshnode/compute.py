@@ -1,0 +1,47 @@
+"""``ComputeThread``: one dedicated thread for the JAX work of a process.
+
+A process that runs the model beside a reactor (a worker over its span, a
+client over its head) hands every JAX call to one thread, so the reactor
+thread never waits on the model and calls run one after another, in the order
+they were made. ``call`` returns a Deferred that fires on the reactor thread;
+cancelling it does not stop the call in flight, it only drops its result.
+
+Neutral ground: ``meshnode.client`` uses it and ``meshnode.worker`` may (its
+``worker.compute.ComputeThread`` is the same piece), and neither imports the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+
+class ComputeThread:
+    """One dedicated thread for every JAX call of a process (and slow file reads)."""
+
+    def __init__(self, reactor: Any, name: str = "meshnode-compute"):
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
+
+    @property
+    def started(self) -> bool:
+        return bool(self._pool.started)
+
+    def start(self) -> None:
+        if not self._pool.started:
+            self._pool.start()
+
+    def stop(self) -> None:
+        """Join the thread (after the call in flight, if any)."""
+        if self._pool.started:
+            self._pool.stop()
+
+    def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
+        """Run ``function(*args)`` on the compute thread."""
+        return deferToThreadPool(self._reactor, self._pool, function, *args)
