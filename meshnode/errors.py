@@ -137,12 +137,17 @@ class ConnectionClosed(WireError):
 
 
 class RemoteError(MeshError):
-    """A peer answered a request with an error frame; ``code`` and ``message`` are its own."""
+    """A peer answered a request with an error frame; ``code`` and ``message`` are its own.
 
-    def __init__(self, code: str, message: str):
+    ``retry_after``: seconds after which the peer invites a retry, when its
+    error frame said so (``no_capacity``, ``overloaded``), else ``None``.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 # --- DHT (meshnode/dht) ------------------------------------------------------
@@ -209,6 +214,34 @@ class Overloaded(WorkerError):
     """A peer has too many requests waiting for this worker's compute thread."""
 
     code = "overloaded"
+
+
+class RetryLater(NoCapacity):
+    """A session could not be opened now (its open waited for room that did not come);
+    ``retry_after`` says in how many seconds room is expected (it travels in the error frame)."""
+
+    code = "no_capacity"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(f"{message}; retry after {retry_after:.1f} s")
+        self.retry_after = float(retry_after)
+
+
+# --- private swarms (meshnode/swarm) -------------------------------------------
+
+
+class SwarmError(MeshError):
+    """A swarm key, public key, membership certificate or revocation list is missing or
+    unreadable, or a swarm command was given bad arguments."""
+
+    code = "swarm"
+
+
+class NotAMember(SwarmError):
+    """A peer (at connection set-up) or a DHT record's writer did not prove membership of
+    our private swarm: no certificate, another swarm's, a bad signature, expired or revoked."""
+
+    code = "not_a_member"
 
 
 # --- client (meshnode/client) ------------------------------------------------

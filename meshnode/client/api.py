@@ -28,6 +28,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -70,8 +71,19 @@ class MeshClient:
         identity: Identity | None = None,
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
         max_concurrent: int = MAX_CONCURRENT_GENERATIONS,
+        swarm: Path | str | None = None,
+        data_dir: Path | str | None = None,
     ):
+        """``swarm``: a private swarm's ``swarm.pub`` (talk only to its members);
+        ``data_dir``: where this client's node key and membership certificate live
+        (``identity`` wins over its key; a ``swarm`` client needs one or the other
+        carrying a membership)."""
         self.reactor = reactor
+        self.swarm_pub = Path(swarm) if swarm is not None else None
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.swarm: Any = None
+        if identity is None and self.data_dir is not None:
+            identity = Identity.load_or_create(self.data_dir)
         self.bootstrap = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a)
                           for a in bootstrap]
         self.model_spec = model
@@ -138,8 +150,14 @@ class MeshClient:
         from meshnode.dht.network import DHTNode
         from meshnode.wire.endpoint import Endpoint
 
+        from meshnode.swarm.policy import join_swarm
+
+        self.identity, self.swarm = join_swarm(self.swarm_pub, self.identity, self.data_dir,
+                                               self.reactor)
+        if self.swarm is not None:
+            self.swarm.start()
         self._pool.start()
-        self.endpoint = Endpoint(self.reactor, self.identity, {})
+        self.endpoint = Endpoint(self.reactor, self.identity, {}, swarm=self.swarm)
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
         loaded = deferToThreadPool(self.reactor, self._pool, _load_client_side, self.model_spec)
         if self.bootstrap:
@@ -220,6 +238,8 @@ class MeshClient:
         return frozenset(tokenizer_ids) | frozenset(self.source.config.eos_token_ids)
 
     async def _close(self) -> None:
+        if self.swarm is not None:
+            self.swarm.stop()
         if self.dht is not None:
             await self.dht.stop()
         if self.endpoint is not None:
@@ -271,12 +291,14 @@ class _BackgroundReactor:
                 atexit.register(self.shutdown)
         return reactor
 
-    def client(self, bootstrap: Iterable[str | PeerAddress], model: str) -> MeshClient:
+    def client(self, bootstrap: Iterable[str | PeerAddress], model: str,
+               swarm: Any = None, data_dir: Any = None) -> MeshClient:
         reactor = self.reactor()
-        key = (tuple(str(a) for a in bootstrap), model)
+        key = (tuple(str(a) for a in bootstrap), model, str(swarm), str(data_dir))
         with self._lock:
             if key not in self._clients:
-                self._clients[key] = MeshClient(reactor, list(bootstrap), model)
+                self._clients[key] = MeshClient(reactor, list(bootstrap), model,
+                                                swarm=swarm, data_dir=data_dir)
             return self._clients[key]
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -305,19 +327,22 @@ def options_from(max_new_tokens: int = 64, temperature: float = 0.0, top_k: int 
 
 def generate(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,
              on_text: Callable[[str], None] | None = None,
+             swarm: Any = None, data_dir: Any = None,
              **options: Any) -> MeshGenerationResult:
     """Generate through the mesh, blocking; ``options`` as ``options_from``.
 
-    ``on_text`` receives each new piece of text, on the background reactor thread.
+    ``on_text`` receives each new piece of text, on the background reactor thread;
+    ``swarm`` and ``data_dir`` as ``MeshClient``'s.
     """
-    client = _background.client(bootstrap, model)
+    client = _background.client(bootstrap, model, swarm, data_dir)
     return _background.call(client.generate, prompt, options_from(**options), on_text)
 
 
 def generate_ids(prompt_ids: list[int], bootstrap: Iterable[str | PeerAddress],
-                 model: str = DEFAULT_MODEL, **options: Any) -> MeshGenerationResult:
+                 model: str = DEFAULT_MODEL, swarm: Any = None, data_dir: Any = None,
+                 **options: Any) -> MeshGenerationResult:
     """Generate from token ids through the mesh, blocking (for models without a tokenizer)."""
-    client = _background.client(bootstrap, model)
+    client = _background.client(bootstrap, model, swarm, data_dir)
     return _background.call(client.generate_ids, list(prompt_ids), options_from(**options))
 
 
@@ -360,9 +385,10 @@ def block_records(bootstrap: Iterable[str | PeerAddress],
 
 
 def background_client(bootstrap: Iterable[str | PeerAddress],
-                      model: str = DEFAULT_MODEL) -> MeshClient:
+                      model: str = DEFAULT_MODEL, swarm: Any = None,
+                      data_dir: Any = None) -> MeshClient:
     """The started ``MeshClient`` the blocking API uses; call its methods with ``call``."""
-    client = _background.client(bootstrap, model)
+    client = _background.client(bootstrap, model, swarm, data_dir)
     _background.call(client.start)
     return client
 

@@ -15,6 +15,7 @@ from meshnode.commands.options import (
     add_bootstrap_option,
     add_listen_options,
     add_model_option,
+    add_swarm_option,
     parsed_by,
 )
 from meshnode.errors import MeshError
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_listen_options(parser, "node key and state (default: a new temporary folder)")
     _add_session_limits(parser)
+    add_swarm_option(parser)
 
 
 def _add_session_limits(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +86,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         cache_tokens=args.cache_tokens,
         max_length=args.max_length,
         idle_timeout=args.idle_timeout,
+        swarm=args.swarm,
     )
 
 

@@ -35,6 +35,7 @@ from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
 from meshnode.worker.span_choice import choose_span
+from meshnode.swarm.policy import join_swarm, start_swarm
 
 DEFAULT_CACHE_TOKENS = 16384
 DEFAULT_MAX_LENGTH = 2048
@@ -59,6 +60,7 @@ class WorkerOptions:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     announce_interval: float = DEFAULT_INTERVAL
     announce_ttl: float = DEFAULT_TTL
+    swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
 
 
 class WorkerService(Service):
@@ -79,6 +81,7 @@ class WorkerService(Service):
         self.throughput = 0.0
         self.ready: Deferred[PeerAddress] | None = None
         self.failure: Any = None
+        self.swarm: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -99,7 +102,9 @@ class WorkerService(Service):
         options = self.options
         options.data_dir.mkdir(parents=True, exist_ok=True)
         identity = Identity.load_or_create(options.data_dir)
-        self.endpoint = Endpoint(self.reactor, identity, {})
+        identity, self.swarm = join_swarm(options.swarm, identity, options.data_dir, self.reactor)
+        self.endpoint = Endpoint(self.reactor, identity, {}, swarm=self.swarm)
+        start_swarm(self.swarm, self.reactor)
         address = await self.endpoint.listen(options.host, options.port)
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
         if options.bootstrap:
@@ -180,6 +185,8 @@ class WorkerService(Service):
             self.ready.cancel()
         if self._expiry.running:
             self._expiry.stop()
+        if self.swarm is not None:
+            self.swarm.stop()
         if self.announcer is not None:
             offline = self.announcer.stop()
             offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)
