@@ -33,7 +33,8 @@ from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
-from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
+from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
+from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
 from meshnode.worker.span_choice import choose_span
 from meshnode.swarm.policy import join_swarm, start_swarm
 
@@ -61,6 +62,8 @@ class WorkerOptions:
     announce_interval: float = DEFAULT_INTERVAL
     announce_ttl: float = DEFAULT_TTL
     swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
+    reclaim_idle: float = DEFAULT_RECLAIM_IDLE
+    open_wait: float = DEFAULT_OPEN_WAIT
 
 
 class WorkerService(Service):
@@ -137,13 +140,15 @@ class WorkerService(Service):
         from meshnode.model.span import cache_length
 
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
-                                  options.idle_timeout, cache_positions=cache_length)
+                                  options.idle_timeout, cache_positions=cache_length,
+                                  reclaim_idle=options.reclaim_idle)
         dtype = str(compute.compute_dtype)
         # a session can never be longer than the positions the model was trained for
         max_length = min(options.max_length, source.config.max_position_embeddings)
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
-                                     FairQueue())
+                                     FairQueue(),
+                                     OpenAdmission(self.table, self.reactor, options.open_wait))
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
         # a client whose connection dropped cannot step its sessions: free their caches
