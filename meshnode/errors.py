@@ -263,6 +263,20 @@ class RouteNotFound(ClientError):
         self.missing = missing
 
 
+class OutputMismatch(ClientError):
+    """A verified generation found a worker's span output disagreeing with another replica's;
+    ``position``: the last position verified on every hop, where the generation resumes
+    (on other workers, the liar banned). Raised inside the generation loop, caught by the
+    verified driver (``meshnode.client.verify``)."""
+
+    code = "output_mismatch"
+
+    def __init__(self, message: str, position: int, liars: frozenset = frozenset()):
+        super().__init__(message)
+        self.position = position
+        self.liars = liars
+
+
 class GenerationInterrupted(ClientError):
     """A generation failed after it had produced tokens; those are kept, with the cause.
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import queue
+import random
 import threading
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
@@ -43,7 +44,8 @@ from meshnode.client.generate import (
     mesh_result,
     run_generation,
 )
-from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
+from meshnode.client.recovery import RecoveryOptions, SpanRecovery
+from meshnode.client.verify import LifetimeBans, TrustRecord, verified_generation
 from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
 from meshnode.errors import ClientError, MeshError, ModelError
@@ -73,11 +75,14 @@ class MeshClient:
         max_concurrent: int = MAX_CONCURRENT_GENERATIONS,
         swarm: Path | str | None = None,
         data_dir: Path | str | None = None,
+        verify_rate: float = 0.0,
+        verify_seed: int | None = None,
     ):
         """``swarm``: a private swarm's ``swarm.pub`` (talk only to its members);
         ``data_dir``: where this client's node key and membership certificate live
         (``identity`` wins over its key; a ``swarm`` client needs one or the other
-        carrying a membership)."""
+        carrying a membership); ``verify_rate``: the fraction of steps recomputed on a
+        second replica (``meshnode.client.verify``; 0: none)."""
         self.reactor = reactor
         self.swarm_pub = Path(swarm) if swarm is not None else None
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -98,7 +103,11 @@ class MeshClient:
         self.tokenizer: Any = None
         self.last_route: Route | None = None
         # workers that failed us lately, and how hard to try before failing (issue 6)
-        self.bans = BanList(reactor)
+        self.bans = LifetimeBans(reactor)
+        # verified outputs (issue 14): checks passed and measured speeds, per worker
+        self.verify_rate = float(verify_rate)
+        self.verify_rng = random.Random(verify_seed)
+        self.trust = TrustRecord()
         self.recovery_options = RecoveryOptions()
 
     def start(self) -> Deferred[None]:
@@ -208,6 +217,8 @@ class MeshClient:
                         on_token: Callable[[int], None] | None,
                         route: Route | None = None) -> MeshGenerationResult:
         await self.start()
+        if self.verify_rate > 0:
+            return await verified_generation(self, prompt_ids, options, on_token, route)
         max_length = len(prompt_ids) + options.max_new_tokens
         if route is None:
             route = await self._find_route(max_length, set(self.bans.banned()))
@@ -292,13 +303,14 @@ class _BackgroundReactor:
         return reactor
 
     def client(self, bootstrap: Iterable[str | PeerAddress], model: str,
-               swarm: Any = None, data_dir: Any = None) -> MeshClient:
+               swarm: Any = None, data_dir: Any = None, verify_rate: float = 0.0) -> MeshClient:
         reactor = self.reactor()
-        key = (tuple(str(a) for a in bootstrap), model, str(swarm), str(data_dir))
+        key = (tuple(str(a) for a in bootstrap), model, str(swarm), str(data_dir), verify_rate)
         with self._lock:
             if key not in self._clients:
                 self._clients[key] = MeshClient(reactor, list(bootstrap), model,
-                                                swarm=swarm, data_dir=data_dir)
+                                                swarm=swarm, data_dir=data_dir,
+                                                verify_rate=verify_rate)
             return self._clients[key]
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -327,22 +339,22 @@ def options_from(max_new_tokens: int = 64, temperature: float = 0.0, top_k: int 
 
 def generate(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,
              on_text: Callable[[str], None] | None = None,
-             swarm: Any = None, data_dir: Any = None,
+             swarm: Any = None, data_dir: Any = None, verify_rate: float = 0.0,
              **options: Any) -> MeshGenerationResult:
     """Generate through the mesh, blocking; ``options`` as ``options_from``.
 
     ``on_text`` receives each new piece of text, on the background reactor thread;
-    ``swarm`` and ``data_dir`` as ``MeshClient``'s.
+    ``swarm``, ``data_dir`` and ``verify_rate`` as ``MeshClient``'s.
     """
-    client = _background.client(bootstrap, model, swarm, data_dir)
+    client = _background.client(bootstrap, model, swarm, data_dir, verify_rate)
     return _background.call(client.generate, prompt, options_from(**options), on_text)
 
 
 def generate_ids(prompt_ids: list[int], bootstrap: Iterable[str | PeerAddress],
                  model: str = DEFAULT_MODEL, swarm: Any = None, data_dir: Any = None,
-                 **options: Any) -> MeshGenerationResult:
+                 verify_rate: float = 0.0, **options: Any) -> MeshGenerationResult:
     """Generate from token ids through the mesh, blocking (for models without a tokenizer)."""
-    client = _background.client(bootstrap, model, swarm, data_dir)
+    client = _background.client(bootstrap, model, swarm, data_dir, verify_rate)
     return _background.call(client.generate_ids, list(prompt_ids), options_from(**options))
 
 

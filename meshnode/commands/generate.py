@@ -17,7 +17,11 @@ from meshnode.commands.options import (
     add_bootstrap_option,
     add_client_identity_options,
     add_model_option,
+    add_verify_option,
 )
+
+#: as ``meshnode.client.verify.DEFAULT_VERIFY_RATE`` (not imported: it loads the client)
+DEFAULT_VERIFY_RATE = 0.2
 from meshnode.errors import ModelError
 
 
@@ -40,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_bootstrap_option(parser, "a DHT node to join (repeatable; mesh mode); #ID pins its node id")
     add_client_identity_options(parser)
+    add_verify_option(parser, DEFAULT_VERIFY_RATE)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -81,3 +81,16 @@ def add_client_identity_options(parser: argparse.ArgumentParser) -> None:
         help="this client's node key and membership certificate (default: a new "
         "key kept in memory; a --swarm client needs one)",
     )
+
+
+def add_verify_option(parser: argparse.ArgumentParser, default: float) -> None:
+    """``--verify-rate R``: the fraction of steps recomputed on a second replica."""
+    parser.add_argument(
+        "--verify-rate",
+        type=float,
+        default=default,
+        metavar="R",
+        help="fraction of steps whose span outputs are recomputed on a second replica and "
+        "compared (1.0: every step, before its token; 0: none; every verified generation "
+        f"ends with a check) (default: {default:g})",
+    )

@@ -163,16 +163,23 @@ class LocalMesh:
     def start_worker(
         self, blocks: str | None = None, extra: list[str] | None = None, wait: bool = True,
         member: bool = True,
+        liar: tuple[float, float] | None = None,
     ) -> NodeProcess:
         """A worker that joins through ``join_address`` (none for the first of a mesh
         without a bootstrap node); ``blocks`` is ``"A:B"`` or None (choose); in a
-        swarm's mesh, ``member=False`` starts an outsider."""
+        swarm's mesh, ``member=False`` starts an outsider; ``liar=(noise, inflate)``
+        starts a worker whose outputs are noisy and whose throughput is inflated
+        (``meshnode.testing.liar``)."""
         args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0"]
         if self.join_address is not None:
             args += ["--bootstrap", str(self.join_address)]
         if blocks is not None:
             args += ["--blocks", blocks]
-        node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []), member)
+        preamble = ""
+        if liar is not None:
+            preamble = f"import meshnode.testing.liar as l; l.install({liar[0]!r}, {liar[1]!r}); "
+        node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []), member,
+                           preamble)
         if wait:
             node.wait_ready()
         return node
@@ -221,7 +228,9 @@ class LocalMesh:
         certificate = issue_membership(load_swarm_key(self.swarm), node_id, now, now + days * 86400)
         write_membership(data_dir, certificate)
 
-    def _spawn(self, name: str, args: list[str], member: bool = True) -> NodeProcess:
+    def _spawn(
+        self, name: str, args: list[str], member: bool = True, preamble: str = ""
+    ) -> NodeProcess:
         folder = self.root / name
         (folder / "data").mkdir(parents=True, exist_ok=True)
         args = args + ["--data-dir", str(folder / "data")]
@@ -231,7 +240,7 @@ class LocalMesh:
         command = [
             self.python,
             "-c",
-            "from twisted.scripts.twistd import run; run()",
+            preamble + "from twisted.scripts.twistd import run; run()",
             "-n",
             f"--pidfile={folder / 'twistd.pid'}",
             f"--logfile={folder / 'twistd.log'}",
