@@ -153,6 +153,9 @@ class _Replica:
 class Verifier:
     """A chain's recovery object that also checks steps on second replicas (module doc)."""
 
+    #: what replica and referee sessions are made of (tests give in-memory ones)
+    session_type: Any = SpanSession
+
     def __init__(self, recovery: SpanRecovery, record: TrustRecord, bans: LifetimeBans,
                  rate: float, rng: random.Random, max_length: int):
         self.recovery = recovery
@@ -288,7 +291,7 @@ class Verifier:
                 log.warn("no second replica serves blocks {span}: not verified",
                          span=str(session.span))
             return None
-        sessions = [SpanSession(session.endpoint, hop, session.max_length, session.timeout)
+        sessions = [self.session_type(session.endpoint, hop, session.max_length, session.timeout)
                     for hop in route.hops]
         try:
             for replica_session in sessions:
@@ -325,7 +328,7 @@ class Verifier:
         route = await self._other_route(session.span, {primary, *replica.node_ids})
         if route is None:
             return self.record.judge(primary, replica.node_ids)
-        third = [SpanSession(session.endpoint, hop, session.max_length, session.timeout)
+        third = [self.session_type(session.endpoint, hop, session.max_length, session.timeout)
                  for hop in route.hops]
         try:
             for third_session in third:
