@@ -144,6 +144,24 @@ def test_outsider_worker_is_refused_and_absent_from_status(swarm_mesh, tiny_chec
     assert Identity.load_or_create(outsider.data_dir).node_id.hex() not in listed
 
 
+def test_generate_command_of_a_member(swarm_mesh, tiny_checkpoint, tiny_local):
+    """When ``meshnode generate --swarm --data-dir`` runs as a member, then it prints the
+    tokens local greedy generation gives (verified at the command's default rate)."""
+    member_dir = swarm_mesh.root / "cli-client"
+    swarm_mesh.admit(member_dir)
+    ids = prompts(1, 128, seed=23)[0]
+    command = [sys.executable, "-m", "meshnode", "generate", "--bootstrap",
+               str(swarm_mesh.join_address), "--model", str(tiny_checkpoint),
+               "--swarm", str(swarm_mesh.swarm / "swarm.pub"), "--data-dir", str(member_dir),
+               "--prompt-ids", ",".join(map(str, ids)), "--max-new-tokens", str(NEW_TOKENS),
+               "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+    assert done.returncode == 0, done.stderr
+    local = list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS).token_ids)
+    assert json.loads(done.stdout.strip().splitlines()[-1])["token_ids"] == local
+
+
 async def wait_for_log(node, text: str, timeout: float = 30.0) -> None:
     from twisted.internet import task
 
