@@ -157,9 +157,8 @@ class MeshClient:
 
     async def _start(self) -> None:
         from meshnode.dht.network import DHTNode
-        from meshnode.wire.endpoint import Endpoint
-
         from meshnode.swarm.policy import join_swarm
+        from meshnode.wire.endpoint import Endpoint
 
         self.identity, self.swarm = join_swarm(self.swarm_pub, self.identity, self.data_dir,
                                                self.reactor)

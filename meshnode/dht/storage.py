@@ -17,14 +17,14 @@ record was stored is gone from answers at once).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from meshnode.dht.records import (
     MAX_RECORD_TTL,
     MAX_VALUE_BYTES,
     SignedRecord,
     validate_record,
 )
-from collections.abc import Callable
-
 from meshnode.errors import MeshError, StorageFull
 from meshnode.identity import NodeID
 
