@@ -142,12 +142,17 @@ class ConnectionClosed(WireError):
 
 
 class RemoteError(MeshError):
-    """A peer answered a request with an error frame; ``code`` and ``message`` are its own."""
+    """A peer answered a request with an error frame; ``code`` and ``message`` are its own.
 
-    def __init__(self, code: str, message: str):
+    ``retry_after``: seconds after which the peer invites a retry, when its
+    error frame said so (``no_capacity``, ``overloaded``), else ``None``.
+    """
+
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 # --- DHT (meshnode/dht) ------------------------------------------------------
@@ -218,6 +223,34 @@ class Overloaded(WorkerError):
     code = "overloaded"
 
 
+class RetryLater(NoCapacity):
+    """A session could not be opened now (its open waited for room that did not come);
+    ``retry_after`` says in how many seconds room is expected (it travels in the error frame)."""
+
+    code = "no_capacity"
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(f"{message}; retry after {retry_after:.1f} s")
+        self.retry_after = float(retry_after)
+
+
+# --- private swarms (meshnode/swarm) -------------------------------------------
+
+
+class SwarmError(MeshError):
+    """A swarm key, public key, membership certificate or revocation list is missing or
+    unreadable, or a swarm command was given bad arguments."""
+
+    code = "swarm"
+
+
+class NotAMember(SwarmError):
+    """A peer (at connection set-up) or a DHT record's writer did not prove membership of
+    our private swarm: no certificate, another swarm's, a bad signature, expired or revoked."""
+
+    code = "not_a_member"
+
+
 # --- client (meshnode/client) ------------------------------------------------
 
 
@@ -236,6 +269,20 @@ class RouteNotFound(ClientError):
     def __init__(self, message: str, missing: tuple[int, ...] = ()):
         super().__init__(message)
         self.missing = missing
+
+
+class OutputMismatch(ClientError):
+    """A verified generation found a worker's span output disagreeing with another replica's;
+    ``position``: the last position verified on every hop, where the generation resumes
+    (on other workers, the liar banned). Raised inside the generation loop, caught by the
+    verified driver (``meshnode.client.verify``)."""
+
+    code = "output_mismatch"
+
+    def __init__(self, message: str, position: int, liars: frozenset = frozenset()):
+        super().__init__(message)
+        self.position = position
+        self.liars = liars
 
 
 class GenerationInterrupted(ClientError):

@@ -8,6 +8,12 @@ SHA-256 of the public key's SubjectPublicKeyInfo DER, printed as lowercase hex.
 A ``PeerAddress`` is ``host:port`` or ``host:port#<hex node id>``; the second
 form pins the node id, and the TLS layer drops a peer that presents another
 one (``meshnode.tls``). IPv6 hosts are written in brackets: ``[::1]:7000``.
+
+A node of a private swarm also carries its membership certificate (opaque
+bytes here, defined by ``meshnode.swarm.membership``): it rides in the TLS
+certificate as a non-critical extension (``MEMBERSHIP_EXTENSION_OID``), so the
+proof of membership is presented in the same handshake that proves the key.
+Nodes of no swarm ignore the extension.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from meshnode.errors import BadAddress, IdentityError
 
@@ -41,6 +47,9 @@ CERT_VALIDITY = datetime.timedelta(days=3650)
 # Certificates are checked by node id, never by date; a fixed not-before in the
 # past keeps a peer with a skewed clock from rejecting us at the handshake.
 CERT_NOT_BEFORE = datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC)
+#: where a swarm membership certificate rides in the TLS certificate (a private-use
+#: arc under the UUID-derived OID space of ITU-T X.667, 2.25.<128-bit number>)
+MEMBERSHIP_EXTENSION_OID = ObjectIdentifier("2.25.267347802731339524542339366420874398311")
 
 
 def _spki_der(public_key: Ed25519PublicKey) -> bytes:
@@ -95,9 +104,21 @@ def parse_node_id(text: str) -> NodeID:
         raise BadAddress(f"node id is not hex: {text!r}") from exc
 
 
-def _self_signed_certificate(key: Ed25519PrivateKey, node_id: NodeID) -> x509.Certificate:
+def membership_of_certificate(certificate: x509.Certificate) -> bytes | None:
+    """The membership certificate bytes a peer's TLS certificate carries, if any."""
+    try:
+        extension = certificate.extensions.get_extension_for_oid(MEMBERSHIP_EXTENSION_OID)
+    except x509.ExtensionNotFound:
+        return None
+    value = extension.value
+    return value.value if isinstance(value, x509.UnrecognizedExtension) else None
+
+
+def _self_signed_certificate(
+    key: Ed25519PrivateKey, node_id: NodeID, membership: bytes | None = None
+) -> x509.Certificate:
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, format_node_id(node_id))])
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -105,15 +126,24 @@ def _self_signed_certificate(key: Ed25519PrivateKey, node_id: NodeID) -> x509.Ce
         .serial_number(int.from_bytes(node_id[:16], "big") >> 1 or 1)
         .not_valid_before(CERT_NOT_BEFORE)
         .not_valid_after(CERT_NOT_BEFORE + CERT_VALIDITY)
-        .sign(key, None)
     )
+    if membership is not None:
+        extension = x509.UnrecognizedExtension(MEMBERSHIP_EXTENSION_OID, membership)
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(key, None)
 
 
 @dataclass(frozen=True)
 class Identity:
-    """A node's Ed25519 private key, its node id and self-signed certificate."""
+    """A node's Ed25519 private key, its node id and self-signed certificate.
+
+    ``membership``: a swarm membership certificate (bytes) to present in the TLS
+    certificate, or ``None`` for a node of no private swarm
+    (``dataclasses.replace(identity, membership=...)`` gives the same key with it).
+    """
 
     private_key: Ed25519PrivateKey = field(repr=False)
+    membership: bytes | None = field(default=None, repr=False)
     node_id: NodeID = field(init=False)
     public_key_raw: bytes = field(init=False)
     certificate: x509.Certificate = field(init=False, repr=False)
@@ -127,7 +157,8 @@ class Identity:
             "public_key_raw",
             public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw),
         )
-        object.__setattr__(self, "certificate", _self_signed_certificate(self.private_key, node_id))
+        certificate = _self_signed_certificate(self.private_key, node_id, self.membership)
+        object.__setattr__(self, "certificate", certificate)
 
     @classmethod
     def ephemeral(cls) -> Identity:

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import atexit
 import queue
+import random
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredSemaphore
@@ -48,9 +50,10 @@ from meshnode.client.generate import (
     generate_on_chain,
     mesh_result,
 )
-from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
+from meshnode.client.recovery import RecoveryOptions, SpanRecovery
 from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
+from meshnode.client.verify import LifetimeBans, TrustRecord, verified_generation
 from meshnode.compute import ComputeThread
 from meshnode.errors import ClientError, MeshError, ModelError
 from meshnode.identity import Identity, PeerAddress
@@ -78,8 +81,22 @@ class MeshClient:
         identity: Identity | None = None,
         step_timeout: float = DEFAULT_STEP_TIMEOUT,
         max_concurrent: int = MAX_CONCURRENT_GENERATIONS,
+        swarm: Path | str | None = None,
+        data_dir: Path | str | None = None,
+        verify_rate: float = 0.0,
+        verify_seed: int | None = None,
     ):
+        """``swarm``: a private swarm's ``swarm.pub`` (talk only to its members);
+        ``data_dir``: where this client's node key and membership certificate live
+        (``identity`` wins over its key; a ``swarm`` client needs one or the other
+        carrying a membership); ``verify_rate``: the fraction of steps recomputed on a
+        second replica (``meshnode.client.verify``; 0: none)."""
         self.reactor = reactor
+        self.swarm_pub = Path(swarm) if swarm is not None else None
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.swarm: Any = None
+        if identity is None and self.data_dir is not None:
+            identity = Identity.load_or_create(self.data_dir)
         self.bootstrap = [a if isinstance(a, PeerAddress) else PeerAddress.parse(a)
                           for a in bootstrap]
         self.model_spec = model
@@ -98,7 +115,11 @@ class MeshClient:
         self.tokenizer: Any = None
         self.last_route: Route | None = None
         # workers that failed us lately, and how hard to try before failing (issue 6)
-        self.bans = BanList(reactor)
+        self.bans = LifetimeBans(reactor)
+        # verified outputs (issue 14): checks passed and measured speeds, per worker
+        self.verify_rate = float(verify_rate)
+        self.verify_rng = random.Random(verify_seed)
+        self.trust = TrustRecord()
         self.recovery_options = RecoveryOptions()
 
     def start(self) -> Deferred[None]:
@@ -153,10 +174,15 @@ class MeshClient:
 
     async def _start(self) -> None:
         from meshnode.dht.network import DHTNode
+        from meshnode.swarm.policy import join_swarm
         from meshnode.wire.endpoint import Endpoint
 
+        self.identity, self.swarm = join_swarm(self.swarm_pub, self.identity, self.data_dir,
+                                               self.reactor)
+        if self.swarm is not None:
+            self.swarm.start()
         self.compute.start()
-        self.endpoint = Endpoint(self.reactor, self.identity, {})
+        self.endpoint = Endpoint(self.reactor, self.identity, {}, swarm=self.swarm)
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
         loaded = self.compute.call(_load_client_side, self.model_spec)
         if self.bootstrap:
@@ -209,11 +235,13 @@ class MeshClient:
                         on_token: Callable[[int], None] | None,
                         route: Route | None, stop: StopRequest) -> MeshGenerationResult:
         await self.start()
-        generation = Generation(prompt_ids, max_new_tokens=options.max_new_tokens,
-                                sampler=Sampler(options.sampling), stop_ids=self._stop_ids())
         await self._running.acquire()
         try:
             stop.check()
+            if self.verify_rate > 0:
+                return await verified_generation(self, prompt_ids, options, on_token, route, stop)
+            generation = Generation(prompt_ids, max_new_tokens=options.max_new_tokens,
+                                    sampler=Sampler(options.sampling), stop_ids=self._stop_ids())
             return await self._run(generation, on_token, route, stop)
         finally:
             self._running.release()
@@ -244,6 +272,8 @@ class MeshClient:
         return frozenset(tokenizer_ids) | frozenset(self.source.config.eos_token_ids)
 
     async def _close(self) -> None:
+        if self.swarm is not None:
+            self.swarm.stop()
         if self.dht is not None:
             await self.dht.stop()
         if self.endpoint is not None:
@@ -294,12 +324,15 @@ class _BackgroundReactor:
                 atexit.register(self.shutdown)
         return reactor
 
-    def client(self, bootstrap: Iterable[str | PeerAddress], model: str) -> MeshClient:
+    def client(self, bootstrap: Iterable[str | PeerAddress], model: str,
+               swarm: Any = None, data_dir: Any = None, verify_rate: float = 0.0) -> MeshClient:
         reactor = self.reactor()
-        key = (tuple(str(a) for a in bootstrap), model)
+        key = (tuple(str(a) for a in bootstrap), model, str(swarm), str(data_dir), verify_rate)
         with self._lock:
             if key not in self._clients:
-                self._clients[key] = MeshClient(reactor, list(bootstrap), model)
+                self._clients[key] = MeshClient(reactor, list(bootstrap), model,
+                                                swarm=swarm, data_dir=data_dir,
+                                                verify_rate=verify_rate)
             return self._clients[key]
 
     def call(self, function: Callable[..., Any], *args: Any) -> Any:
@@ -328,19 +361,22 @@ def options_from(max_new_tokens: int = 64, temperature: float = 0.0, top_k: int 
 
 def generate(prompt: str, bootstrap: Iterable[str | PeerAddress], model: str = DEFAULT_MODEL,
              on_text: Callable[[str], None] | None = None,
+             swarm: Any = None, data_dir: Any = None, verify_rate: float = 0.0,
              **options: Any) -> MeshGenerationResult:
     """Generate through the mesh, blocking; ``options`` as ``options_from``.
 
-    ``on_text`` receives each new piece of text, on the background reactor thread.
+    ``on_text`` receives each new piece of text, on the background reactor thread;
+    ``swarm``, ``data_dir`` and ``verify_rate`` as ``MeshClient``'s.
     """
-    client = _background.client(bootstrap, model)
+    client = _background.client(bootstrap, model, swarm, data_dir, verify_rate)
     return _background.call(client.generate, prompt, options_from(**options), on_text)
 
 
 def generate_ids(prompt_ids: list[int], bootstrap: Iterable[str | PeerAddress],
-                 model: str = DEFAULT_MODEL, **options: Any) -> MeshGenerationResult:
+                 model: str = DEFAULT_MODEL, swarm: Any = None, data_dir: Any = None,
+                 verify_rate: float = 0.0, **options: Any) -> MeshGenerationResult:
     """Generate from token ids through the mesh, blocking (for models without a tokenizer)."""
-    client = _background.client(bootstrap, model)
+    client = _background.client(bootstrap, model, swarm, data_dir, verify_rate)
     return _background.call(client.generate_ids, list(prompt_ids), options_from(**options))
 
 
@@ -383,9 +419,10 @@ def block_records(bootstrap: Iterable[str | PeerAddress],
 
 
 def background_client(bootstrap: Iterable[str | PeerAddress],
-                      model: str = DEFAULT_MODEL) -> MeshClient:
+                      model: str = DEFAULT_MODEL, swarm: Any = None,
+                      data_dir: Any = None) -> MeshClient:
     """The started ``MeshClient`` the blocking API uses; call its methods with ``call``."""
-    client = _background.client(bootstrap, model)
+    client = _background.client(bootstrap, model, swarm, data_dir)
     _background.call(client.start)
     return client
 

@@ -30,6 +30,9 @@ def run_generate(args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "chat": args.chat,
+        "swarm": getattr(args, "swarm", None),
+        "data_dir": getattr(args, "data_dir", None),
+        "verify_rate": getattr(args, "verify_rate", 0.0),
     }
     on_text = None if args.json or args.prompt is None else _write
     if args.prompt_ids is not None:

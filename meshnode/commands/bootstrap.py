@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from meshnode.commands.options import add_bootstrap_option, add_listen_options
+from meshnode.commands.options import add_bootstrap_option, add_listen_options, add_swarm_option
 from meshnode.dht.service import DHTService, DHTServiceOptions, build_dht_service
 
 
@@ -23,11 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser, "keep the node key here, so the node id survives restarts (default: a new id)"
     )
     add_bootstrap_option(parser, "another DHT node to join (repeatable); #ID pins its node id")
+    add_swarm_option(parser)
 
 
 def make_service(args: argparse.Namespace, reactor: Any) -> DHTService:
     options = DHTServiceOptions(
-        host=args.host, port=args.port, data_dir=args.data_dir, bootstrap=list(args.bootstrap)
+        host=args.host, port=args.port, data_dir=args.data_dir, bootstrap=list(args.bootstrap),
+        swarm=args.swarm,
     )
     return build_dht_service(options, reactor)
 

@@ -13,7 +13,13 @@ import argparse
 import json
 import sys
 
-from meshnode.commands.options import add_bootstrap_option, add_model_option
+from meshnode.client.defaults import DEFAULT_VERIFY_RATE
+from meshnode.commands.options import (
+    add_bootstrap_option,
+    add_client_identity_options,
+    add_model_option,
+    add_verify_option,
+)
 from meshnode.errors import ModelError
 
 
@@ -35,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_bootstrap_option(parser, "a DHT node to join (repeatable; mesh mode); #ID pins its node id")
+    add_client_identity_options(parser)
+    add_verify_option(parser, DEFAULT_VERIFY_RATE)
 
 
 def run(args: argparse.Namespace) -> int:

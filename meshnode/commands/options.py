@@ -56,3 +56,41 @@ def add_listen_options(parser: argparse.ArgumentParser, data_dir_help: str) -> N
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
     parser.add_argument("--data-dir", type=Path, metavar="D", help=data_dir_help)
+
+
+def add_swarm_option(parser: argparse.ArgumentParser) -> None:
+    """``--swarm SWARM_PUB``: join the private swarm of that public key (file or folder)."""
+    parser.add_argument(
+        "--swarm",
+        type=Path,
+        default=None,
+        metavar="SWARM_PUB",
+        help="belong to the private swarm of this swarm.pub: talk only to its members "
+        "(needs a membership certificate in --data-dir: meshnode swarm admit)",
+    )
+
+
+def add_client_identity_options(parser: argparse.ArgumentParser) -> None:
+    """``--swarm`` and ``--data-dir`` of a client command (its key and membership)."""
+    add_swarm_option(parser)
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        metavar="D",
+        help="this client's node key and membership certificate (default: a new "
+        "key kept in memory; a --swarm client needs one)",
+    )
+
+
+def add_verify_option(parser: argparse.ArgumentParser, default: float) -> None:
+    """``--verify-rate R``: the fraction of steps recomputed on a second replica."""
+    parser.add_argument(
+        "--verify-rate",
+        type=float,
+        default=default,
+        metavar="R",
+        help="fraction of steps whose span outputs are recomputed on a second replica and "
+        "compared (1.0: every step, before its token; 0: none; every verified generation "
+        f"ends with a check) (default: {default:g})",
+    )

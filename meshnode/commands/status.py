@@ -12,7 +12,11 @@ import json
 from typing import Any
 
 from meshnode.client.routing.route import candidates_from_records
-from meshnode.commands.options import add_bootstrap_option, add_model_option
+from meshnode.commands.options import (
+    add_bootstrap_option,
+    add_client_identity_options,
+    add_model_option,
+)
 from meshnode.errors import ClientError
 from meshnode.inference.records import eligible
 
@@ -21,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bootstrap_option(parser)
     add_model_option(parser, "the model whose blocks to show")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_client_identity_options(parser)
 
 
 def coverage_report(
@@ -62,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.bootstrap:
         raise ClientError("status needs --bootstrap HOST:PORT[#ID]")
-    client = background_client(args.bootstrap, args.model)
+    client = background_client(args.bootstrap, args.model, swarm=args.swarm,
+                               data_dir=args.data_dir)
     records = call(client.block_records)
     source = client.source
     report = coverage_report(records, source.config.num_layers, source.fingerprint)

@@ -15,17 +15,19 @@ from meshnode.commands.options import (
     add_bootstrap_option,
     add_listen_options,
     add_model_option,
+    add_swarm_option,
     parsed_by,
 )
 from meshnode.errors import MeshError
 from meshnode.inference.records import BlockSpan
+from meshnode.worker.admission import DEFAULT_OPEN_WAIT
 from meshnode.worker.service import (
     DEFAULT_CACHE_TOKENS,
     DEFAULT_MAX_LENGTH,
     WorkerOptions,
     WorkerService,
 )
-from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT
+from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE
 
 block_span = parsed_by(BlockSpan.parse)
 
@@ -43,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_listen_options(parser, "node key and state (default: a new temporary folder)")
     _add_session_limits(parser)
+    add_swarm_option(parser)
 
 
 def _add_session_limits(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +70,22 @@ def _add_session_limits(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help=f"close sessions idle for S seconds (default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
+    parser.add_argument(
+        "--reclaim-after",
+        type=float,
+        default=DEFAULT_RECLAIM_IDLE,
+        metavar="S",
+        help="when the cache budget is full, free sessions not stepped for S seconds, "
+        f"least recently stepped first (default: {DEFAULT_RECLAIM_IDLE:g})",
+    )
+    parser.add_argument(
+        "--open-wait",
+        type=float,
+        default=DEFAULT_OPEN_WAIT,
+        metavar="S",
+        help="a session that does not fit waits up to S seconds for room before "
+        f"no_capacity (default: {DEFAULT_OPEN_WAIT:g})",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> WorkerOptions:
@@ -84,6 +103,9 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         cache_tokens=args.cache_tokens,
         max_length=args.max_length,
         idle_timeout=args.idle_timeout,
+        swarm=args.swarm,
+        reclaim_idle=args.reclaim_after,
+        open_wait=args.open_wait,
     )
 
 

@@ -95,7 +95,10 @@ class DHTNode:
         self.value_quorum = value_quorum
         self.refresh_interval = refresh_interval
         self.table = RoutingTable(self.node_id, k, clock.seconds())
-        self.storage = storage if storage is not None else RecordStore(clock)
+        # a private swarm's node stores and believes only its members' records
+        swarm = getattr(endpoint, "swarm", None)
+        admit = swarm.check_record if swarm is not None else None
+        self.storage = storage if storage is not None else RecordStore(clock, admit=admit)
         self.protocol = DHTProtocol(endpoint, self.table, self.storage, clock, request_timeout)
         self.protocol.register()
         self.last_lookup: LookupResult | None = None

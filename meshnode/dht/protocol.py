@@ -11,7 +11,8 @@ an answer: the peer is alive.
 
 Records are validated on the way in (``rpc_store``: refused with
 ``InvalidRecord`` or ``StorageFull``, sent back as an error frame) and on the
-way back from lookups (``call_find_value`` drops records that fail).
+way back from lookups (``call_find_value`` drops records that fail), and so is
+the store's ``admit`` check of a private swarm (only members' records).
 
 Every Deferred this module starts is kept until it fires and cancelled by
 ``stop``.
@@ -33,7 +34,7 @@ from meshnode.dht.node import Contact
 from meshnode.dht.records import SignedRecord, validate_record
 from meshnode.dht.routing import RoutingTable
 from meshnode.dht.storage import RecordStore
-from meshnode.errors import DHTError, InvalidRecord, RemoteError
+from meshnode.errors import DHTError, InvalidRecord, NotAMember, RemoteError
 from meshnode.identity import NodeID, PeerAddress
 from meshnode.wire.message import Message, PeerInfo
 
@@ -162,7 +163,9 @@ class DHTProtocol:
                 if record.key != key:
                     raise InvalidRecord("record for another key")
                 validate_record(record, now, self.storage.max_ttl, self.storage.max_value_bytes)
-            except InvalidRecord as exc:
+                if self.storage.admit is not None:
+                    self.storage.admit(record)
+            except (InvalidRecord, NotAMember) as exc:
                 # twisted.logger.Logger spells it warn
                 log.warn("dropping a record from {peer}: {why}", peer=contact, why=exc)
                 continue

@@ -9,6 +9,12 @@ nobody can announce for another node or push its entry out.
 
 ``validate_record`` is the single gate: stores run it before keeping a record
 and lookups run it on every record a peer returns.
+
+A writer that belongs to a private swarm attaches its membership certificate
+(``membership``, bytes; ``meshnode.swarm.membership``) outside the signed
+payload: the certificate is signed by the swarm key and names the writer's
+node id, so it needs no second signature. Public records have none, and their
+encoding is unchanged.
 """
 
 from __future__ import annotations
@@ -45,10 +51,11 @@ class SignedRecord:
     expiration: float
     public_key: bytes
     signature: bytes
+    membership: bytes | None = None
 
     def to_wire(self) -> dict[str, Any]:
         """The ``record`` map of ``schemas/dht.cddl``."""
-        return {
+        fields = {
             "key": self.key,
             "subkey": self.subkey,
             "value": self.value,
@@ -56,6 +63,9 @@ class SignedRecord:
             "public_key": self.public_key,
             "signature": self.signature,
         }
+        if self.membership is not None:
+            fields["membership"] = self.membership
+        return fields
 
     @classmethod
     def from_wire(cls, fields: object) -> SignedRecord:
@@ -77,7 +87,10 @@ class SignedRecord:
             raise InvalidRecord("malformed record: expiration must be a number")
         if not math.isfinite(expiration):
             raise InvalidRecord("malformed record: expiration must be finite")
-        return cls(key, subkey, value, float(expiration), public_key, signature)
+        membership = fields.get("membership")
+        if membership is not None and not isinstance(membership, bytes):
+            raise InvalidRecord("malformed record: membership must be bytes")
+        return cls(key, subkey, value, float(expiration), public_key, signature, membership)
 
 
 def _bytes_field(fields: dict[str, Any], name: str, size: int) -> bytes:
@@ -118,6 +131,7 @@ def sign_record(
         expiration=expiration,
         public_key=identity.public_key_raw,
         signature=identity.sign(payload),
+        membership=identity.membership,
     )
 
 

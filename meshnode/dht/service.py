@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from meshnode.dht.network import DHTNode
 from meshnode.errors import DHTError
 from meshnode.identity import Identity, PeerAddress
+from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.wire.endpoint import Endpoint
 
 
@@ -34,6 +35,7 @@ class DHTServiceOptions:
     port: int = 0
     data_dir: Path | None = None  # None: an ephemeral identity, kept in memory
     bootstrap: list[PeerAddress] = field(default_factory=list)
+    swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
 
 
 class DHTService(Service):
@@ -50,6 +52,7 @@ class DHTService(Service):
         self.ready: Deferred[PeerAddress] | None = None
         """Fires with our pinned address once listening and bootstrapped."""
         self.failed: Failure | None = None
+        self.swarm = None
 
     def startService(self) -> None:
         super().startService()
@@ -66,7 +69,9 @@ class DHTService(Service):
             identity = Identity.ephemeral()
         else:
             identity = Identity.load_or_create(options.data_dir)
-        self.endpoint = Endpoint(self.reactor, identity, {})
+        identity, self.swarm = join_swarm(options.swarm, identity, options.data_dir, self.reactor)
+        self.endpoint = Endpoint(self.reactor, identity, {}, swarm=self.swarm)
+        start_swarm(self.swarm, self.reactor)
         address = await self.endpoint.listen(options.host, options.port)
         self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
         print(address, file=self.out, flush=True)
@@ -87,6 +92,8 @@ class DHTService(Service):
     async def _stop(self) -> None:
         if self.ready is not None and not self.ready.called:
             self.ready.cancel()
+        if self.swarm is not None:
+            self.swarm.stop()
         if self.node is not None:
             await self.node.stop()
         if self.endpoint is not None:

@@ -8,9 +8,16 @@ Memory is bounded twice: per key (``MAX_SUBKEYS_PER_KEY``) and overall
 (``MAX_RECORDS``). A full store refuses new sub-keys rather than evicting
 existing ones, so a flood of fresh identities cannot push out honest entries
 that are already held; a sub-key already present may always be renewed.
+
+An ``admit`` check (a private swarm's ``SwarmPolicy.check_record``) runs on
+the way in (a refused record raises its ``NotAMember``) and on the way out
+(``get`` returns only records that pass now: a writer revoked since its
+record was stored is gone from answers at once).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from meshnode.dht.records import (
     MAX_RECORD_TTL,
@@ -18,7 +25,7 @@ from meshnode.dht.records import (
     SignedRecord,
     validate_record,
 )
-from meshnode.errors import StorageFull
+from meshnode.errors import MeshError, StorageFull
 from meshnode.identity import NodeID
 
 MAX_SUBKEYS_PER_KEY = 512
@@ -38,8 +45,10 @@ class RecordStore:
         max_subkeys_per_key: int = MAX_SUBKEYS_PER_KEY,
         max_ttl: float = MAX_RECORD_TTL,
         max_value_bytes: int = MAX_VALUE_BYTES,
+        admit: Callable[[SignedRecord], None] | None = None,
     ) -> None:
         self._clock = clock
+        self.admit = admit
         self.max_records = max_records
         self.max_subkeys_per_key = max_subkeys_per_key
         self.max_ttl = max_ttl
@@ -55,6 +64,8 @@ class RecordStore:
         """
         now = self._clock.seconds()
         validate_record(record, now, self.max_ttl, self.max_value_bytes)
+        if self.admit is not None:
+            self.admit(record)
         held = self._records.get(record.key, {})
         current = held.get(record.subkey)
         if current is not None and current.expiration >= record.expiration:
@@ -69,7 +80,18 @@ class RecordStore:
         """The unexpired records held under ``key``, by sub-key."""
         now = self._clock.seconds()
         held = self._records.get(key, {})
-        return {subkey: r for subkey, r in held.items() if r.expiration > now}
+        return {subkey: r for subkey, r in held.items()
+                if r.expiration > now and self.admits(r)}
+
+    def admits(self, record: SignedRecord) -> bool:
+        """Whether ``record`` passes the ``admit`` check now (always, without one)."""
+        if self.admit is None:
+            return True
+        try:
+            self.admit(record)
+        except MeshError:
+            return False
+        return True
 
     def sweep(self) -> int:
         """Drop every expired record; returns how many were dropped."""

@@ -7,6 +7,10 @@ from the first ``host:port#<id>`` in its output or its log. Children run the sam
 as this process (``PYTHONPATH`` points at it). ``NodeProcess.signal`` lets
 chaos tests SIGKILL or SIGSTOP a node; ``LocalMesh.stop`` stops every node
 (SIGTERM, then SIGKILL after a bound) and is safe to call twice.
+
+``LocalMesh(..., swarm=DIR)`` makes a private swarm's mesh: each node is
+admitted (``DIR/swarm.key`` signs its membership) and started with
+``--swarm DIR/swarm.pub``, unless started with ``member=False`` (an outsider).
 """
 
 from __future__ import annotations
@@ -131,8 +135,10 @@ class LocalMesh:
         root: Path | None = None,
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
+        swarm: Path | None = None,
     ):
         self.model = model
+        self.swarm = swarm
         self._owned_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="meshnode-mesh-"))
         self.python = python
@@ -148,22 +154,32 @@ class LocalMesh:
 
     def start_bootstrap(self) -> NodeProcess:
         """A DHT-only node; waits until it reports its address."""
-        node = self._spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0"])
+        node = self._spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0"],
+                           member=True)
         node.wait_ready()
         self.bootstrap = node
         return node
 
     def start_worker(
-        self, blocks: str | None = None, extra: list[str] | None = None, wait: bool = True
+        self, blocks: str | None = None, extra: list[str] | None = None, wait: bool = True,
+        member: bool = True,
+        liar: tuple[float, float] | None = None,
     ) -> NodeProcess:
         """A worker that joins through ``join_address`` (none for the first of a mesh
-        without a bootstrap node); ``blocks`` is ``"A:B"`` or None (choose)."""
+        without a bootstrap node); ``blocks`` is ``"A:B"`` or None (choose); in a
+        swarm's mesh, ``member=False`` starts an outsider; ``liar=(noise, inflate)``
+        starts a worker whose outputs are noisy and whose throughput is inflated
+        (``meshnode.testing.liar``)."""
         args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0"]
         if self.join_address is not None:
             args += ["--bootstrap", str(self.join_address)]
         if blocks is not None:
             args += ["--blocks", blocks]
-        node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []))
+        preamble = ""
+        if liar is not None:
+            preamble = f"import meshnode.testing.liar as l; l.install({liar[0]!r}, {liar[1]!r}); "
+        node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []), member,
+                           preamble)
         if wait:
             node.wait_ready()
         return node
@@ -201,14 +217,31 @@ class LocalMesh:
                 node.process.kill()
                 node.process.wait()
 
-    def _spawn(self, name: str, args: list[str]) -> NodeProcess:
+    def admit(self, data_dir: Path, days: float = 1.0) -> None:
+        """Write a membership of this mesh's swarm into ``data_dir`` (its key created if
+        missing)."""
+        from meshnode.identity import Identity
+        from meshnode.swarm.keys import load_swarm_key
+        from meshnode.swarm.membership import issue_membership, write_membership
+
+        node_id = Identity.load_or_create(data_dir).node_id
+        now = time.time()
+        certificate = issue_membership(load_swarm_key(self.swarm), node_id, now, now + days * 86400)
+        write_membership(data_dir, certificate)
+
+    def _spawn(
+        self, name: str, args: list[str], member: bool = True, preamble: str = ""
+    ) -> NodeProcess:
         folder = self.root / name
         (folder / "data").mkdir(parents=True, exist_ok=True)
         args = args + ["--data-dir", str(folder / "data")]
+        if self.swarm is not None and member:
+            self.admit(folder / "data")
+            args += ["--swarm", str(self.swarm / "swarm.pub")]
         command = [
             self.python,
             "-c",
-            "from twisted.scripts.twistd import run; run()",
+            preamble + "from twisted.scripts.twistd import run; run()",
             "-n",
             f"--pidfile={folder / 'twistd.pid'}",
             f"--logfile={folder / 'twistd.log'}",

@@ -15,9 +15,14 @@ def encode_message(kind: str, request_id: int, message: Message) -> list[memoryv
     return frame_parts(encode_header(header), body_parts, body_length)
 
 
-def encode_error(request_id: int, type_: str, code: str, text: str) -> list[memoryview | bytes]:
-    """The frame parts of an error frame ``{code, message}``."""
-    return frame_parts(encode_header(error_header(request_id, type_, code, text)), [], 0)
+def encode_error(
+    request_id: int, type_: str, code: str, text: str, retry_after: float | None = None
+) -> list[memoryview | bytes]:
+    """The frame parts of an error frame ``{code, message}`` (and ``retry_after``, if given)."""
+    header = error_header(request_id, type_, code, text)
+    if retry_after is not None:
+        header.fields["retry_after"] = float(retry_after)
+    return frame_parts(encode_header(header), [], 0)
 
 
 def message_of(header: Header, frame: RawFrame) -> Message:

@@ -10,6 +10,11 @@ Connections are pooled by the peer's node id, whichever side dialled: a
 request to a node we already share a verified connection with reuses it, and
 concurrent requests to an address being dialled share the dial. Every
 request carries a timeout that covers the dial as well.
+
+With a ``swarm`` (a ``meshnode.swarm.policy.SwarmPolicy``), every connection,
+dialled or accepted, must pass ``swarm.check_peer`` at the handshake, and
+after each reload of the swarm's revocation list connections whose peer no
+longer passes are dropped (``recheck_peers``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from twisted.internet.protocol import ClientFactory, Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from meshnode.errors import ConnectionClosed, RequestTimeout
+from meshnode.errors import ConnectionClosed, MeshError, RequestTimeout
 from meshnode.identity import Identity, NodeID, PeerAddress
 from meshnode.tls import tls_factory
 from meshnode.wire.limits import DEFAULT_REQUEST_TIMEOUT, WireLimits
@@ -88,8 +93,12 @@ class Endpoint:
         handlers: Mapping[str, Handler] | None = None,
         limits: WireLimits = WireLimits(),
         clock: Any = None,
+        swarm: Any = None,
     ) -> None:
         self.reactor = reactor
+        self.swarm = swarm
+        if swarm is not None:
+            swarm.on_reload(self.recheck_peers)
         self.clock = clock if clock is not None else reactor
         self.identity = identity
         self.limits = limits
@@ -142,6 +151,22 @@ class Endpoint:
     def on_disconnect(self, callback: Callable[[NodeID], None]) -> None:
         """Call ``callback(node_id)`` whenever a verified connection to a peer is lost."""
         self._disconnect_callbacks.append(callback)
+
+    def recheck_peers(self) -> int:
+        """Refuse (with an error frame, then close) every connected peer that no longer
+        passes the swarm's check; returns how many were dropped."""
+        if self.swarm is None:
+            return 0
+        dropped = 0
+        for protocol in list(self._protocols):
+            if protocol.peer is None or not protocol.connected:
+                continue
+            try:
+                self.swarm.check_peer(protocol.peer_certificate, protocol.peer.node_id)
+            except MeshError as exc:
+                protocol.refuse_peer(exc)
+                dropped += 1
+        return dropped
 
     def connection_stats(self) -> dict[NodeID, ConnectionStats]:
         """Bytes and frames sent/received on the pooled connection to each peer."""
@@ -223,7 +248,8 @@ class Endpoint:
     def _new_protocol(
         self, expected_id: NodeID | None, key: _DialKey | None = None, dial: _Dial | None = None
     ) -> MeshProtocol:
-        protocol = MeshProtocol(self.clock, self.limits, self._handlers.get, expected_id)
+        check = self.swarm.check_peer if self.swarm is not None else None
+        protocol = MeshProtocol(self.clock, self.limits, self._handlers.get, expected_id, check)
         self._protocols.add(protocol)
         protocol.ready.addCallback(self._register)
         if dial is not None:

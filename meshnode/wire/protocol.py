@@ -5,7 +5,10 @@ pool bookkeeping). Per connection it owns:
 
 - peer verification: on ``handshakeCompleted`` it reads the peer's node id
   from its certificate and drops a peer whose id is not the pinned one,
-  before any frame is read;
+  before any frame is read; with a ``peer_check`` (a private swarm's
+  ``SwarmPolicy.check_peer``), a peer that fails it is told why in a
+  connection-level error frame and the connection is closed, again before any
+  of its frames is read;
 - request ids: our requests are numbered from 1 and matched to responses;
   the peer's requests are answered with its own ids (the id spaces of the two
   directions never meet, so either side can be client and server);
@@ -19,7 +22,10 @@ pool bookkeeping). Per connection it owns:
   stops reading from the peer;
 - error frames: a handler's ``MeshError`` goes out with its code, anything
   else as ``internal`` (and is logged); framing violations (oversized
-  prefix, non-CBOR header) get an error frame and close the connection.
+  prefix, non-CBOR header) get an error frame and close the connection. A
+  connection-level error frame from the peer followed by a close (a swarm
+  refusing us) fails our pending requests with that error, not a bare
+  ``ConnectionClosed``.
 """
 
 from __future__ import annotations
@@ -66,6 +72,8 @@ from meshnode.wire.message import ConnectionStats, Handler, Message, PeerInfo
 log = Logger()
 
 HandlerLookup = Callable[[str], "Handler | None"]
+#: ``(peer certificate, peer node id) -> None``, raising a ``MeshError`` to refuse the peer
+PeerCheck = Callable[[Any, NodeID], None]
 
 _SCRATCH_BYTES = 64 * 1024
 
@@ -80,8 +88,12 @@ class MeshProtocol(Protocol):
         limits: WireLimits,
         lookup: HandlerLookup,
         expected_id: NodeID | None = None,
+        peer_check: PeerCheck | None = None,
     ) -> None:
         self.clock = clock
+        self.peer_check = peer_check
+        self.peer_certificate: Any = None
+        self._peer_error: RemoteError | None = None
         self.limits = limits
         self._lookup = lookup
         self.expected_id = expected_id
@@ -128,8 +140,24 @@ class MeshProtocol(Protocol):
             self._fail_reason = exc
             self.transport.abortConnection()
             return
+        if self.peer_check is not None:
+            certificate = self.transport.getHandle().get_peer_certificate(as_cryptography=True)
+            try:
+                self.peer_check(certificate, node_id)
+            except MeshError as exc:
+                self.refuse_peer(exc)
+                return
+            self.peer_certificate = certificate
         remote = self.transport.getPeer()
         self.bind_peer(PeerInfo(node_id, getattr(remote, "host", ""), getattr(remote, "port", 0)))
+
+    def refuse_peer(self, exc: MeshError) -> None:
+        """Tell the peer why in a connection-level error frame, then close; read nothing of it."""
+        log.info("refusing peer: {error}", error=exc)
+        self._fail_reason = exc
+        self._refusing = True
+        self._send(encode_error(CONNECTION_LEVEL_ID, "", exc.code, str(exc)))
+        self.close()
 
     def bind_peer(self, peer: PeerInfo) -> None:
         """Start reading frames from ``peer`` (called once its node id is verified)."""
@@ -150,7 +178,9 @@ class MeshProtocol(Protocol):
         for deferred, timer in pending.values():
             if timer.active():
                 timer.cancel()
-            deferred.errback(Failure(ConnectionClosed(f"connection lost: {_reason_text(reason)}")))
+            error = self._peer_error or ConnectionClosed(
+                f"connection lost: {_reason_text(reason)}")
+            deferred.errback(Failure(error))
         for deferred in list(self._handling):
             deferred.cancel()
         self.closed.callback(None)
@@ -333,9 +363,11 @@ class MeshProtocol(Protocol):
         elif kind == RESPONSE:
             self._settle(header, message)
         elif header.request_id == CONNECTION_LEVEL_ID:
-            log.warn("peer {peer} reports {code}: {message}", peer=self.peer, **header.fields)
+            log.warn("peer {peer} reports {code}: {message}", peer=self.peer,
+                     code=header.fields["code"], message=header.fields["message"])
+            self._peer_error = _remote_error(header.fields)
         else:
-            self._settle(header, RemoteError(header.fields["code"], header.fields["message"]))
+            self._settle(header, _remote_error(header.fields))
 
     def _bad_frame(self, request_id: int, kind: str, type_: str, exc: MeshError) -> None:
         if kind == REQUEST:
@@ -373,12 +405,14 @@ class MeshProtocol(Protocol):
     def _respond_error(self, failure: Failure, header: Header) -> None:
         if failure.check(defer.CancelledError) and not self.connected:
             return
+        retry_after = None
         if failure.check(MeshError):
             code, text = failure.value.code, str(failure.value)
+            retry_after = getattr(failure.value, "retry_after", None)
         else:
             log.failure("handler for {type} failed", failure, type=header.type)
             code, text = "internal", f"internal error in {header.type}"
-        self._send(encode_error(header.request_id, header.type, code, text))
+        self._send(encode_error(header.request_id, header.type, code, text, retry_after))
 
     def _handled(self, result: Any, deferred: Deferred[Any]) -> None:
         self._handling.discard(deferred)
@@ -397,6 +431,13 @@ class MeshProtocol(Protocol):
         elif not busy and self._reading_paused and self.connected:
             self._reading_paused = False
             self.transport.resumeProducing()
+
+
+def _remote_error(fields: dict[str, Any]) -> RemoteError:
+    retry_after = fields.get("retry_after")
+    if isinstance(retry_after, bool) or not isinstance(retry_after, (int, float)):
+        retry_after = None
+    return RemoteError(fields["code"], fields["message"], retry_after)
 
 
 def _reason_text(reason: Failure | None) -> str:

@@ -6,6 +6,10 @@ never stops the worker serving everyone else. The model work goes to the
 compute object (``SpanCompute`` or a fake in tests): anything with
 ``hidden_size``, ``new_cache(span, max_length)`` and
 ``forward(span, hidden, start, cache)`` returning Deferreds.
+
+Opens go through an ``OpenAdmission`` when one is given (the worker's): an
+open that does not fit waits briefly for reclaimed room instead of failing
+at once (``meshnode.worker.admission``).
 """
 
 from __future__ import annotations
@@ -43,8 +47,11 @@ class InferenceHandlers:
         compute: Any,
         throughput: Callable[[], float] = lambda: 0.0,
         queue: Any = None,
+        admission: Any = None,
     ):
         self.limits = limits
+        # ``meshnode.worker.admission.OpenAdmission``, or None: a full budget refuses at once
+        self.admission = admission
         self.table = table
         self.compute = compute
         self._throughput = throughput
@@ -76,7 +83,14 @@ class InferenceHandlers:
     def open(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
         request = messages.parse_open(message)
         self._check_open(request)
-        session = self.table.open(peer.node_id, request.span, request.max_length)
+        if self.admission is None:
+            return self._allocate(peer, request,
+                                  self.table.open(peer.node_id, request.span, request.max_length))
+        admitted = self.admission.open(peer.node_id, request.span, request.max_length)
+        return admitted.addCallback(lambda session: self._allocate(peer, request, session))
+
+    def _allocate(self, peer: PeerInfo, request: messages.OpenRequest,
+                  session: Session) -> Deferred[Message]:
         self.table.begin_step(session)  # no step, close or timeout before the cache exists
         allocated = self._compute(
             peer, lambda: self.compute.new_cache(request.span, request.max_length))

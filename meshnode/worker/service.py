@@ -28,12 +28,14 @@ from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.swarm.policy import join_swarm, start_swarm
+from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
+from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
 from meshnode.worker.span_choice import choose_span
 
 DEFAULT_CACHE_TOKENS = 16384
@@ -59,6 +61,9 @@ class WorkerOptions:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     announce_interval: float = DEFAULT_INTERVAL
     announce_ttl: float = DEFAULT_TTL
+    swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
+    reclaim_idle: float = DEFAULT_RECLAIM_IDLE
+    open_wait: float = DEFAULT_OPEN_WAIT
 
 
 class WorkerService(Service):
@@ -79,6 +84,7 @@ class WorkerService(Service):
         self.throughput = 0.0
         self.ready: Deferred[PeerAddress] | None = None
         self.failure: Any = None
+        self.swarm: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -99,7 +105,9 @@ class WorkerService(Service):
         options = self.options
         options.data_dir.mkdir(parents=True, exist_ok=True)
         identity = Identity.load_or_create(options.data_dir)
-        self.endpoint = Endpoint(self.reactor, identity, {})
+        identity, self.swarm = join_swarm(options.swarm, identity, options.data_dir, self.reactor)
+        self.endpoint = Endpoint(self.reactor, identity, {}, swarm=self.swarm)
+        start_swarm(self.swarm, self.reactor)
         address = await self.endpoint.listen(options.host, options.port)
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
         if options.bootstrap:
@@ -132,13 +140,15 @@ class WorkerService(Service):
         from meshnode.model.span import cache_length
 
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
-                                  options.idle_timeout, cache_positions=cache_length)
+                                  options.idle_timeout, cache_positions=cache_length,
+                                  reclaim_idle=options.reclaim_idle)
         dtype = str(compute.compute_dtype)
         # a session can never be longer than the positions the model was trained for
         max_length = min(options.max_length, source.config.max_position_embeddings)
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
-                                     FairQueue())
+                                     FairQueue(),
+                                     OpenAdmission(self.table, self.reactor, options.open_wait))
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
         # a client whose connection dropped cannot step its sessions: free their caches
@@ -180,6 +190,8 @@ class WorkerService(Service):
             self.ready.cancel()
         if self._expiry.running:
             self._expiry.stop()
+        if self.swarm is not None:
+            self.swarm.stop()
         if self.announcer is not None:
             offline = self.announcer.stop()
             offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)

@@ -6,6 +6,15 @@ clients. A session holds its cache tokens from ``open`` until ``close`` or an
 idle timeout. A session busy with a step is never freed under it: a close or
 timeout during a step marks it closed and the step's end frees it.
 
+Reclaim under pressure (issue 14): with ``reclaim_idle`` set, an open that does
+not fit the budget first frees sessions that are not busy and have not
+stepped (nor opened) for ``reclaim_idle`` seconds, least recently stepped
+first, and only as many as it needs. When that is not enough it raises
+``RetryLater`` (a ``NoCapacity``) whose ``retry_after`` says when enough room
+is expected to become reclaimable (``meshnode.worker.admission`` waits that
+long before giving up). The owner of a reclaimed session is told so at its
+next step (``UnknownSession`` "reclaimed"), and replays elsewhere or here.
+
 Pure: time comes from an injected clock (anything with ``seconds()``), ids from
 an injected factory; the cache object itself is opaque here.
 """
@@ -13,17 +22,29 @@ an injected factory; the cache object itself is opaque here.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from meshnode.errors import BadRequest, LengthLimit, NoCapacity, SessionLimit, UnknownSession
+from meshnode.errors import (
+    BadRequest,
+    LengthLimit,
+    NoCapacity,
+    RetryLater,
+    SessionLimit,
+    UnknownSession,
+)
 from meshnode.inference.records import SESSION_ID_BYTES, BlockSpan
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.limits import MAX_SESSION_AGE, MAX_SESSIONS_PER_PEER
 
 #: a session untouched for this long is closed and its cache freed
 DEFAULT_IDLE_TIMEOUT = 300.0
+#: under cache pressure, a session not stepped for this long may be reclaimed (worker default)
+DEFAULT_RECLAIM_IDLE = 5.0
+#: ids of reclaimed sessions remembered, to tell their owners why a step finds nothing
+REMEMBERED_RECLAIMS = 4096
 
 
 class Clock(Protocol):
@@ -77,8 +98,14 @@ class SessionTable:
         max_per_owner: int = MAX_SESSIONS_PER_PEER,
         max_age: float = MAX_SESSION_AGE,
         cache_positions: Callable[[int], int] = lambda max_length: max_length,
+        reclaim_idle: float | None = None,
     ):
         self.budget = budget
+        # None: never reclaim (a full budget refuses at once, as before issue 14)
+        self.reclaim_idle = reclaim_idle
+        self._reclaimed: OrderedDict[bytes, float] = OrderedDict()
+        self._free_listeners: list[Callable[[], None]] = []
+        self.reclaims = 0
         # what a cache for max_length positions really allocates (the model rounds up)
         self._cache_positions = cache_positions
         self._clock = clock
@@ -100,12 +127,17 @@ class SessionTable:
         if self._owned.get(owner, 0) >= self.max_per_owner:
             raise SessionLimit(f"at most {self.max_per_owner} open sessions per client")
         reserved = self._cache_positions(max_length)
+        if reserved > self.budget.free and reserved <= self.budget.total:
+            self._reclaim_for(reserved)
         try:
             self.budget.reserve(reserved)
         except NoCapacity as exc:
-            if reserved == max_length:
-                raise
-            raise NoCapacity(f"{exc} (max_length {max_length} takes {reserved})") from None
+            text = str(exc) if reserved == max_length else (
+                f"{exc} (max_length {max_length} takes {reserved})")
+            retry_after = self.room_expected_in(reserved)
+            if retry_after is None:
+                raise NoCapacity(text) from None
+            raise RetryLater(text, retry_after) from None
         session_id = self._new_id()
         while session_id in self._sessions:
             session_id = self._new_id()
@@ -119,6 +151,10 @@ class SessionTable:
         """The caller's open session, touched; ``UnknownSession`` otherwise."""
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner or session.closed:
+            if session is None and session_id in self._reclaimed:
+                raise UnknownSession(
+                    f"session reclaimed under cache pressure after "
+                    f"{self._reclaimed[session_id]:.1f} s without a step: open a new one")
             raise UnknownSession("no such session (unknown, closed or timed out)")
         session.last_used = self._clock.seconds()
         return session
@@ -161,6 +197,55 @@ class SessionTable:
         for session in [s for s in self._sessions.values() if s.owner == owner]:
             self._close(session)
 
+    def on_free(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` whenever a session's cache tokens go back to the budget."""
+        self._free_listeners.append(listener)
+
+    def room_expected_in(self, tokens: int) -> float | None:
+        """Seconds until ``tokens`` can be had by reclaiming sessions that stay idle (0: now).
+
+        ``None`` when they never can: reclaim is off, or ``tokens`` exceed the whole
+        budget. When the sessions not busy now cannot make the room together, the
+        guess is ``reclaim_idle`` (busy ones become candidates once their step ends).
+        """
+        if self.reclaim_idle is None or tokens > self.budget.total:
+            return None
+        room = self.budget.free
+        if room >= tokens:
+            return 0.0
+        now = self._clock.seconds()
+        for session in self._reclaim_order():
+            room += session.reserved
+            if room >= tokens:
+                return max(0.0, session.last_used + self.reclaim_idle - now)
+        return self.reclaim_idle
+
+    def _reclaim_order(self) -> list[Session]:
+        """Sessions that may ever be reclaimed, least recently stepped first."""
+        candidates = [s for s in self._sessions.values() if not s.busy and not s.closed]
+        return sorted(candidates, key=lambda s: s.last_used)
+
+    def _reclaim_for(self, tokens: int) -> None:
+        """Free idle sessions, least recently stepped first, if together they make room."""
+        if self.reclaim_idle is None:
+            return
+        now = self._clock.seconds()
+        idle = [s for s in self._reclaim_order() if now - s.last_used >= self.reclaim_idle]
+        room, chosen = self.budget.free, []
+        for session in idle:
+            if room >= tokens:
+                break
+            room += session.reserved
+            chosen.append(session)
+        if room < tokens:
+            return  # reclaiming would not make enough room: keep everyone's cache
+        for session in chosen:
+            self._reclaimed[session.session_id] = now - session.last_used
+            while len(self._reclaimed) > REMEMBERED_RECLAIMS:
+                self._reclaimed.popitem(last=False)
+            self.reclaims += 1
+            self._close(session)
+
     def owned_by(self, owner: bytes) -> int:
         return self._owned.get(owner, 0)
 
@@ -180,3 +265,5 @@ class SessionTable:
             self._owned[session.owner] -= 1
             if not self._owned[session.owner]:
                 del self._owned[session.owner]
+            for listener in list(self._free_listeners):
+                listener()

@@ -33,6 +33,19 @@ CONTACTS = [Contact(bytes([i]) * 32, "127.0.0.1", 7000 + i) for i in range(1, 3)
 ]
 
 
+def _member_record():
+    """A block record by a private swarm's member: its membership certificate rides along."""
+    import dataclasses
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "swarm"))
+    from swarm_golden import member_certificate
+
+    member = dataclasses.replace(WRITER, membership=member_certificate().encode())
+    return sign_record(member, KEY, VALUE, EXPIRATION)
+
+
 def _fields(message) -> bytes:
     return cbor2.dumps(message.fields, canonical=True)
 
@@ -54,6 +67,7 @@ def golden_examples() -> dict[str, bytes]:
         "dht-stored.kept": _fields(messages.stored(True)),
         "contact.ipv6": cbor2.dumps(messages.contact_to_wire(CONTACTS[2]), canonical=True),
         "record.block": cbor2.dumps(record.to_wire(), canonical=True),
+        "record.swarm-member": cbor2.dumps(_member_record().to_wire(), canonical=True),
         "signed-payload.block": signing_payload(KEY, WRITER.node_id, VALUE, EXPIRATION),
         "block-key-input.block": cbor2.dumps(
             [BLOCK_KEY_DOMAIN, "smollm2-135m@0123abcd", 4], canonical=True
@@ -69,6 +83,7 @@ def invalid_examples() -> dict[str, bytes]:
         "record.short-signature": cbor2.dumps(record | {"signature": b"\x00" * 63}),
         "record.value-not-a-map": cbor2.dumps(record | {"value": [1, 2]}),
         "record.no-subkey": cbor2.dumps({k: v for k, v in record.items() if k != "subkey"}),
+        "record.membership-not-bytes": cbor2.dumps(record | {"membership": "member"}),
         "contact.port-zero": cbor2.dumps(contact | {"port": 0}),
         "contact.short-id": cbor2.dumps(contact | {"id": b"\x01" * 31}),
         "dht-ping.text-port": cbor2.dumps({"v": 1, "port": "7001"}),

@@ -32,7 +32,9 @@ RUNTIME_OVERHEAD = 512 * MIB
 def memory_mesh(tiny_checkpoint, tmp_path_factory):
     mesh = start_mesh(str(tiny_checkpoint), [], tmp_path_factory.mktemp("memory"))
     try:
-        small = mesh.start_worker("0:6", extra=["--cache-tokens", str(SMALL_BUDGET)])
+        # no reclaim, no wait on the small one: its refusal is under test
+        small = mesh.start_worker("0:6", extra=["--cache-tokens", str(SMALL_BUDGET),
+                                                "--reclaim-after", "600", "--open-wait", "0"])
         roomy = mesh.start_worker("0:6", extra=["--cache-tokens", str(ROOMY_BUDGET)])
         client = make_client(mesh, str(tiny_checkpoint), step_timeout=30.0)
         yield mesh, small, roomy, client

@@ -39,6 +39,14 @@ def golden_examples() -> dict[str, bytes]:
             encode_error(0, "", "frame_too_large", "frame announces header 16 / body 2147483648")
         ),
         "tensor-descriptor.float32": cbor2.dumps(descriptors[0].to_cbor(), canonical=True),
+        "error-frame.no-capacity-retry": _header_of(
+            encode_error(10, "infer.open", "no_capacity",
+                         "2048 cache tokens asked, 0 of 4096 free; retry after 4.5 s", 4.5)
+        ),
+        "error-frame.not-a-member": _header_of(
+            encode_error(0, "", "not_a_member", "this node belongs to private swarm "
+                         "0123456789abcdef; present a membership certificate")
+        ),
     }
 
 

@@ -11,7 +11,8 @@ it, and ``wait_for_route`` is the one poll loop over it.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection
+import dataclasses
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -62,11 +63,14 @@ async def discover_route(
     model: str,
     banned: Collection[NodeID] = (),
     max_length: int = 0,
+    throughputs: Mapping[NodeID, float] | None = None,
 ) -> Route:
     """Records of ``span``'s blocks -> eligible, reachable candidates -> the least-latency route.
 
     ``span`` is the whole model for a new generation, or the span of a failed
     hop for recovery; either way the route covers exactly its blocks.
+    ``throughputs``: speeds the client measured itself (``meshnode.client.verify``),
+    used instead of what those workers announce.
     """
     found = await fetch_block_records(dht, lambda i: key_for(span.start + i), span.length)
     records = {span.start + i: by_worker for i, by_worker in found.items()}
@@ -75,6 +79,9 @@ async def discover_route(
         for node_id, info in candidates_from_records(records).items()
         if node_id not in banned and eligible(info, model)
     }
+    for node_id, measured in (throughputs or {}).items():
+        if node_id in workers:
+            workers[node_id] = dataclasses.replace(workers[node_id], throughput=measured)
     rtts = await measure_rtts(endpoint, clock, workers)
     unreachable = set(workers) - set(rtts)
     return span_route(
