@@ -18,7 +18,7 @@ import numpy as np
 
 from meshnode.errors import ShapeMismatch
 from meshnode.model.config import ModelConfig
-from meshnode.model.layers import rms_norm
+from meshnode.model.layers.norms import rms_norm
 from meshnode.model.quant import is_quantized, linear, take_rows
 
 

@@ -14,12 +14,22 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from meshnode.model.config import ModelConfig
+from meshnode.model.config import ModelConfig, RopeConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
+def layer_frequencies(config: ModelConfig, index: int) -> tuple[float, ...]:
+    """Layer ``index``'s inverse frequencies as a hashable tuple: ``local_rope`` for a
+    sliding-window layer of a model that has one (Gemma 3), else ``rope``."""
+    rope = config.rope
+    if config.local_rope is not None and config.layer_windows[index] > 0:
+        rope = config.local_rope
+    return tuple(float(f) for f in inverse_frequencies(config, rope))
+
+
+def inverse_frequencies(config: ModelConfig, rope: RopeConfig | None = None) -> np.ndarray:
     """float32 [head_dim // 2]: the rotation speed of each pair of channels."""
-    rope, dim = config.rope, config.head_dim
+    rope = config.rope if rope is None else rope
+    dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     inv_freq = (1.0 / np.power(np.float32(rope.theta), exponents)).astype(np.float32)  # [D/2]
     if rope.freq_factors:
@@ -27,12 +37,11 @@ def inverse_frequencies(config: ModelConfig) -> np.ndarray:
     if rope.rope_type == "linear":
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.rope_type == "llama3":
-        return _llama3_frequencies(inv_freq, config)
+        return _llama3_frequencies(inv_freq, rope)
     return inv_freq
 
 
-def _llama3_frequencies(inv_freq: np.ndarray, config: ModelConfig) -> np.ndarray:
-    rope = config.rope
+def _llama3_frequencies(inv_freq: np.ndarray, rope: RopeConfig) -> np.ndarray:
     old_context = rope.original_max_position_embeddings
     low_freq_wavelen = old_context / rope.low_freq_factor
     high_freq_wavelen = old_context / rope.high_freq_factor
