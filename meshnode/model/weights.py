@@ -38,6 +38,18 @@ class TensorReader(Protocol):
     def read(self, name: str) -> np.ndarray: ...
 
 
+#: per family: the block's norms, engine name -> Hugging Face name (under model.layers.N.)
+_NORMS = {
+    "llama": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "gemma3": {
+        "attn_norm": "input_layernorm",
+        "post_attn_norm": "post_attention_layernorm",
+        "mlp_norm": "pre_feedforward_layernorm",
+        "post_mlp_norm": "post_feedforward_layernorm",
+    },
+}
+
+
 def layer_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
@@ -94,20 +106,27 @@ def layer_tensors(
     def projection(*parts: tuple[str, int, int]) -> np.ndarray | QuantizedMatrix:
         return _projection(reader, list(parts), quantized)
 
+    norms = _NORMS.get(c.family, _NORMS["llama"])
     params = {
-        "attn_norm": vector(p + "input_layernorm.weight", h),
-        "wqkv": projection(
-            (attn + "q_proj.weight", q, h),
-            (attn + "k_proj.weight", kv, h),
-            (attn + "v_proj.weight", kv, h),
-        ),  # [H, Q + 2KV]
-        "wo": projection((attn + "o_proj.weight", h, q)),  # [Q, H]
-        "mlp_norm": vector(p + "post_attention_layernorm.weight", h),
-        "w_gate_up": projection(
-            (mlp + "gate_proj.weight", f, h), (mlp + "up_proj.weight", f, h)
-        ),  # [H, 2F]
-        "w_down": projection((mlp + "down_proj.weight", h, f)),  # [F, H]
-    }
+        name: vector(p + hf_name + ".weight", h) for name, hf_name in norms.items()
+    }  # [H] each
+    params.update(
+        {
+            "wqkv": projection(
+                (attn + "q_proj.weight", q, h),
+                (attn + "k_proj.weight", kv, h),
+                (attn + "v_proj.weight", kv, h),
+            ),  # [H, Q + 2KV]
+            "wo": projection((attn + "o_proj.weight", h, q)),  # [Q, H]
+            "w_gate_up": projection(
+                (mlp + "gate_proj.weight", f, h), (mlp + "up_proj.weight", f, h)
+            ),  # [H, 2F]
+            "w_down": projection((mlp + "down_proj.weight", h, f)),  # [F, H]
+        }
+    )
+    if c.qk_norm:
+        params["q_norm"] = vector(attn + "q_norm.weight", c.head_dim)  # [D]
+        params["k_norm"] = vector(attn + "k_norm.weight", c.head_dim)  # [D]
     if c.qkv_bias:
         params["bqkv"] = np.concatenate(
             [

@@ -49,6 +49,28 @@ CASES = {
     "llama_head_dim": ("LlamaConfig", {"head_dim": 32}),
     "mistral_window": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": False}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": False}),
+    # local (window 8, rope 1e4) and global (rope 1e6) layers; a scalar that is not head_dim
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "query_pre_attn_scalar": 24,
+        },
+    ),
+    "gemma3_softcap": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 6,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "attn_logit_softcapping": 4.0,  # transformers' Gemma 3 ignores it; so must we
+            "final_logit_softcapping": 6.0,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 
