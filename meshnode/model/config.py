@@ -5,7 +5,8 @@ Owns the translation of a Hugging Face ``config.json`` (both the older top-level
 and of GGUF metadata into :class:`ModelConfig`, and the checks that reject what
 the engine cannot run. Supported families: ``llama`` (Llama 1-3, SmolLM),
 ``mistral`` (sliding-window attention), ``qwen2`` (q/k/v biases), ``qwen3``
-(qk-norm) and ``gemma3`` (Gemma 3 text: see meshnode/model/families/gemma3.py).
+(qk-norm), ``gemma3`` (Gemma 3 text: see meshnode/model/families/gemma3.py)
+and ``mixtral`` (sparse mixture of experts).
 Named presets (``ModelConfig.gemma3_270m()``, ``ModelConfig.smollm2_135m()``)
 build a config without a checkpoint.
 """
@@ -21,7 +22,7 @@ from typing import Any
 from meshnode.errors import ConfigError, UnknownArchitecture
 
 #: families the engine runs; a config naming another one raises UnknownArchitecture
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral")
 
 #: rope_type values the engine implements (see meshnode/model/rope.py)
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -32,6 +33,7 @@ _ARCHITECTURE_TO_FAMILY = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
+    "MixtralForCausalLM": "mixtral",
 }
 _MODEL_TYPE_TO_FAMILY = {"gemma3_text": "gemma3"}
 #: Gemma 3's defaults where a config (or a GGUF file) does not say
@@ -87,6 +89,9 @@ class ModelConfig:
     final_softcap: float | None = None
     #: rope of the sliding-window layers when it differs from ``rope`` (Gemma 3)
     local_rope: RopeConfig | None = None
+    #: sparse mixture of experts (Mixtral): experts per layer, experts used per position
+    num_experts: int = 0
+    experts_per_token: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -105,6 +110,10 @@ class ModelConfig:
             )
         if not self.layer_windows:
             object.__setattr__(self, "layer_windows", (0,) * self.num_layers)
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ConfigError(
+                f"{self.experts_per_token} experts per token out of {self.num_experts}"
+            )
         if len(self.layer_windows) != self.num_layers:
             raise ConfigError(
                 f"{len(self.layer_windows)} layer windows for {self.num_layers} layers"
@@ -207,6 +216,9 @@ def config_from_hf_dict(raw: Mapping[str, Any]) -> ModelConfig:
         }
         if family == "gemma3":
             config.update(_hf_gemma3(raw))
+        if family == "mixtral":
+            config["num_experts"] = int(raw["num_local_experts"])
+            config["experts_per_token"] = int(raw["num_experts_per_tok"])
     except KeyError as exc:
         raise ConfigError(f"config lacks required key {exc.args[0]!r}") from exc
     except (TypeError, ValueError) as exc:
@@ -336,7 +348,7 @@ def _hf_rope(raw: Mapping[str, Any]) -> RopeConfig:
 
 def _hf_windows(raw: Mapping[str, Any], family: str, layers: int) -> tuple[int, ...]:
     window = raw.get("sliding_window")
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         return (int(window or 0),) * layers
     if family == "gemma3":
         return gemma3_windows(layers, int(window or 4096), raw.get("layer_types"))

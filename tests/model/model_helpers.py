@@ -60,6 +60,16 @@ CASES = {
             "query_pre_attn_scalar": 24,
         },
     ),
+    # 4 experts, 2 per position, sliding window shorter than the prompt
+    "mixtral": (
+        "MixtralConfig",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "tie_word_embeddings": False,
+        },
+    ),
     "gemma3_softcap": (
         "Gemma3TextConfig",
         {

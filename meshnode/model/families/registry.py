@@ -20,9 +20,16 @@ class HeadSpec:
 
 def family(config: ModelConfig) -> ModuleType:
     """The module (llama, gemma3) whose build_block composes this config's blocks."""
-    from meshnode.model.families import gemma3, llama
+    from meshnode.model.families import gemma3, llama, mixtral
 
-    modules = {"llama": llama, "mistral": llama, "qwen2": llama, "qwen3": llama, "gemma3": gemma3}
+    modules = {
+        "llama": llama,
+        "mistral": llama,
+        "qwen2": llama,
+        "qwen3": llama,
+        "gemma3": gemma3,
+        "mixtral": mixtral,
+    }
     if config.family not in modules:
         raise UnknownArchitecture(f"no block builder for family {config.family!r}")
     return modules[config.family]

@@ -8,6 +8,7 @@ Modules:
                  softcap) over a CacheView of the span's KV cache; attention_mask,
                  decode_attention (the native kernel)
 - ``mlp``        GatedMLP (SwiGLU, GeGLU)
+- ``moe``        MoE: top-k routed gated-MLP experts (Mixtral)
 - ``block``      DecoderBlock (pre-norm, optional post-norms), DecoderStack (a span of blocks)
 
 Every module is constructed from its weights (numpy or JAX arrays, or
