@@ -59,6 +59,7 @@ _LAYER_NAMES = {
     "mlp.down_proj": "ffn_down",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
+    "block_sparse_moe.gate": "ffn_gate_inp",
 }
 #: per architecture, names that differ from the llama ones (Gemma's sandwich norms)
 _ARCH_LAYER_NAMES = {
@@ -84,6 +85,29 @@ def gguf_name(hf_name: str, architecture: str = "llama") -> str | None:
     if stem not in names:
         return None
     return f"blk.{index}.{names[stem]}.{kind}"
+
+
+#: Mixtral's per-expert weights -> llama.cpp's tensors stacking every expert of a layer
+_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+
+
+def expert_tensor(hf_name: str) -> tuple[str, int] | None:
+    """(GGUF stacked tensor, expert index) of ``model.layers.N.block_sparse_moe.experts.E.wK
+    .weight``; None for other names."""
+    parts = hf_name.split(".")
+    if (
+        len(parts) != 8
+        or parts[:2] != ["model", "layers"]
+        or parts[3:5]
+        != [
+            "block_sparse_moe",
+            "experts",
+        ]
+    ):
+        return None
+    if parts[6] not in _EXPERT_NAMES or parts[7] != "weight" or not parts[5].isdigit():
+        return None
+    return f"blk.{parts[2]}.{_EXPERT_NAMES[parts[6]]}.weight", int(parts[5])
 
 
 def reverse_permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -131,10 +155,16 @@ class GGUFFile:
         return self._config
 
     def has(self, name: str) -> bool:
+        expert = expert_tensor(name)
+        if expert is not None:
+            return expert[0] in self._tensors
         target = gguf_name(name, self.architecture)
         return target is not None and target in self._tensors
 
     def read(self, name: str) -> np.ndarray:
+        expert = expert_tensor(name)
+        if expert is not None:
+            return read_tensor(self._expert_stack(name, expert[0]))[expert[1]]
         target = self._target(name)
         values = self._unpermute(target, read_tensor(self._tensors[target]))
         if self.architecture in _NORM_PLUS_ONE and target.endswith("norm.weight"):
@@ -143,7 +173,13 @@ class GGUFFile:
 
     def read_quantized(self, name: str) -> QuantizedMatrix | None:
         """A 2-D tensor still in its blocks (see meshnode/model/quant.py), or None when its
-        type has no such form (the caller then reads it dequantized)."""
+        type has no such form (the caller then reads it dequantized). One expert of a
+        stacked ``ffn_*_exps`` tensor is its [out, in] slice, still in its blocks."""
+        expert = expert_tensor(name)
+        if expert is not None:
+            tensor = self._expert_stack(name, expert[0])
+            raw = np.asarray(tensor.data)[expert[1]]  # [out, row bytes] of this expert
+            return from_gguf(GGMLQuantizationType(tensor.tensor_type), raw, int(tensor.shape[1]))
         target = self._target(name)
         tensor = self._tensors[target]
         if len(tensor.shape) != 2:
@@ -153,6 +189,11 @@ class GGUFFile:
         if matrix is None:
             return None
         return matrix.map(lambda a: self._unpermute(target, a))
+
+    def _expert_stack(self, name: str, target: str) -> Any:
+        if target not in self._tensors:
+            raise MissingWeights(f"{self.path}: no tensor for {name!r}")
+        return self._tensors[target]
 
     def _target(self, name: str) -> str:
         target = gguf_name(name, self.architecture)
@@ -234,6 +275,16 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
             num_layers=fields.pop("num_layers"),
             rope_theta=rope.theta,
             sliding_window=int(key("attention.sliding_window")),
+            **fields,
+        )
+    experts = int(file.value(f"{arch}.expert_count", 0) or 0)
+    if experts:  # llama.cpp files Mixtral under the llama architecture
+        del fields["intermediate_size"]
+        return ModelConfig(
+            family="mixtral",
+            intermediate_size=int(key("expert_feed_forward_length", key("feed_forward_length"))),
+            num_experts=experts,
+            experts_per_token=int(key("expert_used_count")),
             **fields,
         )
     return ModelConfig(family=_FAMILIES[arch], qk_norm=arch == "qwen3", **fields)

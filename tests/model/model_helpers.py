@@ -169,12 +169,19 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    experts = getattr(config, "num_local_experts", 0)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     expected = {}
     for name, tensor in model.state_dict().items():
         values = tensor.float().numpy()
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        target = gguf_name(name)
+        if ".mlp.experts." in name:
+            expected[name] = _write_experts(writer, name, values, qtype)
+            continue
+        target = gguf_name(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
         assert target is not None, name
         stored = values
         if ".attn_q." in target:
@@ -207,6 +214,31 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+def _write_experts(writer, name: str, values: np.ndarray, qtype) -> np.ndarray:
+    """transformers' fused experts (gate_up_proj [E, 2F, H], down_proj [E, H, F]) as
+    llama.cpp's stacked ffn_gate_exps / ffn_up_exps / ffn_down_exps; returns what a loader
+    reads back, in the fused layout."""
+    import gguf
+
+    layer = name.split(".")[2]
+    if name.endswith("gate_up_proj"):
+        half = values.shape[1] // 2
+        parts = {"ffn_gate_exps": values[:, :half], "ffn_up_exps": values[:, half:]}
+    else:
+        parts = {"ffn_down_exps": values}
+    back = []
+    for target, stored in parts.items():
+        stored = np.ascontiguousarray(stored)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(f"blk.{layer}.{target}.weight", stored)
+            back.append(stored)
+            continue
+        raw = gguf.quants.quantize(stored, qtype)
+        writer.add_tensor(f"blk.{layer}.{target}.weight", raw, raw_dtype=qtype)
+        back.append(gguf.quants.dequantize(raw, qtype).reshape(stored.shape))
+    return np.concatenate(back, axis=1)
 
 
 def llama3_rope_factors(config) -> np.ndarray | None:
