@@ -6,7 +6,8 @@ and of GGUF metadata into :class:`ModelConfig`, and the checks that reject what
 the engine cannot run. Supported families: ``llama`` (Llama 1-3, SmolLM),
 ``mistral`` (sliding-window attention), ``qwen2`` (q/k/v biases), ``qwen3``
 (qk-norm), ``gemma3`` (Gemma 3 text: see meshnode/model/families/gemma3.py)
-and ``mixtral`` (sparse mixture of experts).
+``mixtral`` (sparse mixture of experts) and ``phi3`` (fused q/k/v and gate/up
+projections, longrope).
 Named presets (``ModelConfig.gemma3_270m()``, ``ModelConfig.smollm2_135m()``)
 build a config without a checkpoint.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,10 @@ from typing import Any
 from meshnode.errors import ConfigError, UnknownArchitecture
 
 #: families the engine runs; a config naming another one raises UnknownArchitecture
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3", "mixtral", "phi3")
 
 #: rope_type values the engine implements (see meshnode/model/rope.py)
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 
 _ARCHITECTURE_TO_FAMILY = {
     "LlamaForCausalLM": "llama",
@@ -34,6 +36,7 @@ _ARCHITECTURE_TO_FAMILY = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma3ForCausalLM": "gemma3",
     "MixtralForCausalLM": "mixtral",
+    "Phi3ForCausalLM": "phi3",
 }
 _MODEL_TYPE_TO_FAMILY = {"gemma3_text": "gemma3"}
 #: Gemma 3's defaults where a config (or a GGUF file) does not say
@@ -54,6 +57,11 @@ class RopeConfig:
     #: per channel pair, divisors of the inverse frequencies (GGUF's ``rope_freqs``
     #: tensor, in which llama.cpp's converter bakes Llama 3 scaling); () = none
     freq_factors: tuple[float, ...] = ()
+    #: longrope (Phi-3): per-pair divisors within / beyond the original context, and the
+    #: factor cos and sin are multiplied by
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,23 +340,46 @@ def _hf_rope(raw: Mapping[str, Any]) -> RopeConfig:
     merged = {**scaling, **params}
     theta = merged.get("rope_theta", raw.get("rope_theta", 10000.0))
     rope_type = merged.get("rope_type", merged.get("type", "default"))
+    if merged.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("partial_rotary_factor != 1 is not supported")
     return RopeConfig(
         theta=float(theta),
-        rope_type=str(rope_type),
+        rope_type=str(rope_type) if rope_type != "su" else "longrope",
         factor=float(merged.get("factor", 1.0)),
         low_freq_factor=float(merged.get("low_freq_factor", 1.0)),
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(
-            merged.get("original_max_position_embeddings")
-            or raw.get("max_position_embeddings")
-            or 8192
-        ),
+        original_max_position_embeddings=_original_context(raw, merged),
+        **(_longrope(raw, merged) if rope_type in ("longrope", "su") else {}),
     )
+
+
+def _original_context(raw: Mapping[str, Any], merged: Mapping[str, Any]) -> int:
+    return int(
+        merged.get("original_max_position_embeddings")
+        or raw.get("original_max_position_embeddings")
+        or raw.get("max_position_embeddings")
+        or 8192
+    )
+
+
+def _longrope(raw: Mapping[str, Any], merged: Mapping[str, Any]) -> dict[str, Any]:
+    """Phi-3's longrope ('su' in older configs) as transformers computes it: the attention
+    factor from ``factor``, else from max / original context."""
+    original = _original_context(raw, merged)
+    factor = merged.get("factor") or int(raw.get("max_position_embeddings") or original) / original
+    attention = merged.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return {
+        "short_factor": tuple(float(f) for f in merged["short_factor"]),
+        "long_factor": tuple(float(f) for f in merged["long_factor"]),
+        "attention_factor": float(attention),
+    }
 
 
 def _hf_windows(raw: Mapping[str, Any], family: str, layers: int) -> tuple[int, ...]:
     window = raw.get("sliding_window")
-    if family in ("mistral", "mixtral"):
+    if family in ("mistral", "mixtral", "phi3"):
         return (int(window or 0),) * layers
     if family == "gemma3":
         return gemma3_windows(layers, int(window or 4096), raw.get("layer_types"))

@@ -110,17 +110,22 @@ def layer_tensors(
     params = {
         name: vector(p + hf_name + ".weight", h) for name, hf_name in norms.items()
     }  # [H] each
-    params.update(
-        {
-            "wqkv": projection(
-                (attn + "q_proj.weight", q, h),
-                (attn + "k_proj.weight", kv, h),
-                (attn + "v_proj.weight", kv, h),
-            ),  # [H, Q + 2KV]
-            "wo": projection((attn + "o_proj.weight", h, q)),  # [Q, H]
-        }
+    fused = c.family == "phi3"  # checkpoints with qkv_proj and gate_up_proj
+    qkv = (
+        [(attn + "qkv_proj.weight", q + 2 * kv, h)]
+        if fused
+        else [
+            (attn + "q_proj.weight", q, h),
+            (attn + "k_proj.weight", kv, h),
+            (attn + "v_proj.weight", kv, h),
+        ]
     )
-    if c.num_experts:
+    params["wqkv"] = projection(*qkv)  # [H, Q + 2KV]
+    params["wo"] = projection((attn + "o_proj.weight", h, q))  # [Q, H]
+    if fused:
+        params["w_gate_up"] = projection((mlp + "gate_up_proj.weight", 2 * f, h))  # [H, 2F]
+        params["w_down"] = projection((mlp + "down_proj.weight", h, f))  # [F, H]
+    elif c.num_experts:
         params.update(_expert_tensors(c, reader, index, quantized))
     else:
         params["w_gate_up"] = projection(

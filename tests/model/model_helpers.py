@@ -70,6 +70,24 @@ CASES = {
             "tie_word_embeddings": False,
         },
     ),
+    # fused qkv_proj and gate_up_proj; longrope within its original context (short factors,
+    # attention factor sqrt(1 + ln 4 / ln 64) from max / original positions)
+    "phi3": (
+        "Phi3Config",
+        {
+            "max_position_embeddings": 256,
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                "original_max_position_embeddings": 64,
+            },
+            "tie_word_embeddings": False,
+            "pad_token_id": None,
+        },
+    ),
     "gemma3_softcap": (
         "Gemma3TextConfig",
         {
@@ -84,13 +102,14 @@ CASES = {
 }
 
 
-def build_reference(case: str, seed: int = 0):
-    """A random transformers model (float32, eval mode) for one case."""
+def build_reference(case: str, seed: int = 0, **changes):
+    """A random transformers model (float32, eval mode) for one case (config ``changes``
+    on top)."""
     import torch
     import transformers
 
     class_name, overrides = CASES[case]
-    config = getattr(transformers, class_name)(**{**BASE, **overrides})
+    config = getattr(transformers, class_name)(**{**BASE, **overrides, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():

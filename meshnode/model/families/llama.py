@@ -1,8 +1,9 @@
-"""Llama, Mistral, Qwen2 and Qwen3 blocks: pre-norm, RMSNorm, SwiGLU.
+"""Llama, Mistral, Qwen2, Qwen3 and Phi-3 blocks: pre-norm, RMSNorm, SwiGLU.
 
 They differ only in what the config says: biases on q/k/v (Qwen2) or on all
 projections (Llama ``attention_bias``), a sliding window (Mistral, some Qwen2
-layers), per-head RMSNorm of q and k (Qwen3).
+layers), per-head RMSNorm of q and k (Qwen3), longrope (Phi-3, whose fused
+checkpoint projections the loader splits nowhere: they are already our form).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from meshnode.model.layers.attention import Attention, AttentionSpec
 from meshnode.model.layers.block import DecoderBlock
 from meshnode.model.layers.mlp import GatedMLP
 from meshnode.model.layers.norms import RMSNorm
-from meshnode.model.rope import layer_frequencies
+from meshnode.model.rope import layer_frequencies, long_frequencies
 
 
 def head_spec(config: ModelConfig) -> HeadSpec:
@@ -29,6 +30,9 @@ def attention_spec(config: ModelConfig, index: int) -> AttentionSpec:
         window=config.layer_windows[index],
         scale=None if config.query_pre_attn_scalar is None else config.query_pre_attn_scalar**-0.5,
         softcap=config.attn_softcap,
+        inv_freq_long=long_frequencies(config),
+        long_after=config.rope.original_max_position_embeddings if long_frequencies(config) else 0,
+        rope_scale=config.rope.attention_factor,
     )
 
 

@@ -29,6 +29,7 @@ def family(config: ModelConfig) -> ModuleType:
         "qwen3": llama,
         "gemma3": gemma3,
         "mixtral": mixtral,
+        "phi3": llama,
     }
     if config.family not in modules:
         raise UnknownArchitecture(f"no block builder for family {config.family!r}")

@@ -46,6 +46,11 @@ class AttentionSpec:
     scale: float | None = None
     #: scores -> tanh(scores / softcap) * softcap; None = no cap
     softcap: float | None = None
+    #: longrope: frequencies used when a call reaches past ``long_after`` positions
+    inv_freq_long: tuple[float, ...] = ()
+    long_after: int = 0
+    #: cos and sin multiplied by this (longrope's attention factor)
+    rope_scale: float = 1.0
 
     @property
     def q_size(self) -> int:
@@ -121,7 +126,11 @@ class Attention(nnx.Module):
         v = v.reshape(batch, length, kv_heads, dim)  # [B, T, K, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope_tables(jnp.asarray(spec.inv_freq, jnp.float32), positions)  # [T, D] x2
+        inv_freq = jnp.asarray(spec.inv_freq, jnp.float32)  # [D/2]
+        if spec.inv_freq_long:
+            long = jnp.max(positions) + 1 > spec.long_after
+            inv_freq = jnp.where(long, jnp.asarray(spec.inv_freq_long, jnp.float32), inv_freq)
+        cos, sin = rope_tables(inv_freq, positions, spec.rope_scale)  # [T, D] x2
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         at = (cache.layer, 0, cache.start, 0, 0)
