@@ -1,6 +1,6 @@
 """GGUF files: config from metadata, and tensors dequantized under Hugging Face names.
 
-``GGUFFile`` memory-maps the file with ``gguf.GGUFReader``; a tensor is
+``GGUFFile`` memory-maps the file (meshnode/model/gguf_reader.py); a tensor is
 dequantized (``gguf.quants.dequantize``: F32, F16, BF16, Q4_0, Q4_1, Q5_*, Q8_0,
 the K-quants...) only when read, so a span touches only its blocks.
 
@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from meshnode.errors import ConfigError, MissingWeights, ModelError, UnknownArchitecture
 from meshnode.model.config import ModelConfig, RopeConfig, gemma3
+from meshnode.model.gguf_reader import GGUFHeader
 from meshnode.model.quant import QuantizedMatrix, from_gguf
 
 #: GGUF general.architecture -> engine family
@@ -123,22 +124,19 @@ class GGUFFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._reader = GGUFReader(str(self.path))
+            self._header = GGUFHeader(self.path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.path}: not a readable GGUF file: {exc}") from exc
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors = {t.name: t for t in self._header.tensors}
         self.architecture = str(self.value("general.architecture", ""))
         self._config: ModelConfig | None = None
 
     def value(self, key: str, default: Any = None) -> Any:
         """A metadata value (arrays as lists), or default when absent."""
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self._header.fields.get(key, default)
 
     def has_key(self, key: str) -> bool:
-        return key in self._reader.fields
+        return key in self._header.fields
 
     def tensor(self, gguf_name: str) -> Any:
         """A tensor by its GGUF name (``rope_freqs.weight``), as gguf's ReaderTensor."""

@@ -141,3 +141,24 @@ def test_mixtral_gguf_keeps_experts_quantized_and_matches(tmp_path):
     hidden, _ = model.runner.forward(model.head.embed([ids]), 0, model.runner.new_cache(16))
     ours = np.asarray(model.head.all_logits(hidden))[0]  # [T, V]
     assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_fast_header_reads_what_gguf_reader_reads():
+    """When both real GGUF files are read by GGUFHeader and by gguf.GGUFReader, then every
+    metadata value and every tensor (name, type, shape, bytes) are the same."""
+    from meshnode.model.gguf_reader import GGUFHeader
+    from meshnode.model.source import gemma3_270m_path, smollm2_path
+
+    for path in (smollm2_path(), gemma3_270m_path()):
+        ours, theirs = GGUFHeader(path), gguf.GGUFReader(str(path))
+        fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert set(ours.fields) == set(fields)
+        for key, field in fields.items():
+            assert ours.fields[key] == field.contents(), key
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for mine, reference in zip(ours.tensors, theirs.tensors):
+            assert mine.tensor_type == reference.tensor_type
+            assert list(mine.shape) == reference.shape.tolist()
+            assert mine.data.dtype == reference.data.dtype
+            assert np.array_equal(mine.data, reference.data), mine.name
