@@ -11,6 +11,7 @@ Modules:
 - ``head``        ClientHead / ClientParams: embedding, final norm, LM head
 - ``sampling``    SamplingOptions, Sampler: greedy, temperature, top-k, top-p
 - ``checkpoint``  lazy safetensors reading of Hugging Face folders
+- ``gguf_reader`` GGUFHeader: a fast GGUF header reader, tensors as memory-mapped views
 - ``gguf_file``   GGUF metadata, dequantized tensors, llama.cpp q/k un-permutation
 - ``weights``     named tensors -> fused, stacked parameter trees, with shape checks
 - ``tokenizer``   Tokenizer: tokenizer.json or GGUF BPE, chat templates
