@@ -8,10 +8,10 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 VPY="$ROOT/.venv/bin/python"
-# Reinstall only when pyproject.toml changed since the last install. "compat" editable mode puts
+# Reinstall only when pyproject.toml or this script changed since the last install. "compat" editable mode puts
 # the checkout itself on sys.path: new modules are seen at once, and twistd finds twisted/plugins.
 STAMP=".venv/.meshnode-install-$1"
-HASH="$(sha256sum pyproject.toml | cut -c1-16)"
+HASH="$(cat pyproject.toml scripts/_venv.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$HASH" ]; then
     "$VPY" -m pip install -q --upgrade pip
     if [ "$1" = test ]; then
