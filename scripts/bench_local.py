@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Local speed: meshnode's engine against transformers eager, same model, same run.
 
-    .venv/bin/python scripts/bench_local.py [--model smollm2] [--prompt-tokens 128]
-                                            [--decode-tokens 64] [--repeats 3] [--json]
+    .venv/bin/python scripts/bench_local.py [--model smollm2|gemma3-270m|F.gguf]
+                                            [--prompt-tokens 128] [--decode-tokens 64]
+                                            [--repeats 3] [--no-transformers] [--json]
 
 Both compute in float32 on this machine's CPU over the same weight values:
 transformers loads the GGUF with ``gguf_file=`` and dequantizes it to float32
@@ -35,7 +36,7 @@ from meshnode import native
 from meshnode.model.decoding import generate_tokens
 from meshnode.model.generate import LocalBlocks, LocalModel
 from meshnode.model.sampling import Sampler
-from meshnode.model.source import open_model, smollm2_path
+from meshnode.model.source import gemma3_270m_path, open_model, smollm2_path
 
 
 def bench_meshnode(
@@ -102,14 +103,20 @@ def bench_transformers(gguf: Path, prompt: list[int], decode_tokens: int, repeat
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2", help="a .gguf file or 'smollm2'")
+    parser.add_argument(
+        "--model", default="smollm2", help="a .gguf file, 'smollm2' or 'gemma3-270m'"
+    )
+    parser.add_argument(
+        "--no-transformers", action="store_true", help="meshnode rows only (no reference run)"
+    )
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    gguf = smollm2_path() if args.model == "smollm2" else Path(args.model)
+    packaged = {"smollm2": smollm2_path, "gemma3-270m": gemma3_270m_path}
+    gguf = packaged[args.model]() if args.model in packaged else Path(args.model)
     source = open_model(gguf)
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, source.config.vocab_size, size=args.prompt_tokens).tolist()
@@ -117,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ours = bench_meshnode(source, prompt, args.decode_tokens, args.repeats, None)
     ours["blocks_kept"] = native.load()
     floats = bench_meshnode(source, prompt, args.decode_tokens, args.repeats, False)
-    theirs = bench_transformers(gguf, prompt, args.decode_tokens, args.repeats)
+    if args.no_transformers:
+        theirs = {"prefill_s": float("nan"), "decode_tok_s": float("nan"), "threads": 0}
+    else:
+        theirs = bench_transformers(gguf, prompt, args.decode_tokens, args.repeats)
     report = {
         "model": source.name,
         "prompt_tokens": args.prompt_tokens,

@@ -93,7 +93,8 @@ def _answer(mesh: Any, args: argparse.Namespace) -> int:
     client = background_client(bootstrap, args.model)
     route = call(client.wait_for_route, COVERAGE_TIMEOUT)
     _say("every block covered; route: " + _route_text(route.describe()))
-    options = {"chat": True, "max_new_tokens": args.max_new_tokens}
+    # a base model without a chat template (Gemma 3 270M) continues the prompt as text
+    options = {"chat": _has_chat_template(args.model), "max_new_tokens": args.max_new_tokens}
     if not args.no_warmup:
         # Each new shape compiles once (seconds on a small CPU, then cached on disk):
         # a first pass over the same prompt makes the figures below the steady ones.
@@ -108,6 +109,12 @@ def _answer(mesh: Any, args: argparse.Namespace) -> int:
         f"decode {result.decode_tok_s:.1f} tok/s, route {_route_text(result.route)}"
     )
     return 0
+
+
+def _has_chat_template(model: str) -> bool:
+    from meshnode.model.source import open_model
+
+    return open_model(model).tokenizer().chat_template is not None
 
 
 def _route_text(route: Any) -> str:

@@ -1,15 +1,17 @@
-"""The model engine: Llama-family decoder blocks in JAX, weights, tokenizers, generation.
+"""The model engine: decoder blocks as Flax NNX modules, weights, tokenizers, generation.
 
 Modules:
 
-- ``config``      ModelConfig from config.json or GGUF metadata (llama, mistral, qwen2)
+- ``config``      ModelConfig from config.json or GGUF metadata, named presets
 - ``dtypes``      storage dtypes, compute dtype per device
 - ``rope``        rotary frequencies (default, linear, llama3) and their application
-- ``layers``      the decoder block as pure functions (RMSNorm, attention, SwiGLU)
-- ``span``        SpanRunner / SpanParams / KVCache: blocks [start, end) over lax.scan
+- ``layers``      generic NNX layers: RMSNorm, Attention, GatedMLP, DecoderBlock, DecoderStack
+- ``families``    per-family composition of the layers (llama/mistral/qwen2/qwen3, gemma3)
+- ``span``        SpanRunner / SpanParams / KVCache: split once, run as a pure jitted function
 - ``head``        ClientHead / ClientParams: embedding, final norm, LM head
 - ``sampling``    SamplingOptions, Sampler: greedy, temperature, top-k, top-p
 - ``checkpoint``  lazy safetensors reading of Hugging Face folders
+- ``gguf_reader`` GGUFHeader: a fast GGUF header reader, tensors as memory-mapped views
 - ``gguf_file``   GGUF metadata, dequantized tensors, llama.cpp q/k un-permutation
 - ``weights``     named tensors -> fused, stacked parameter trees, with shape checks
 - ``tokenizer``   Tokenizer: tokenizer.json or GGUF BPE, chat templates

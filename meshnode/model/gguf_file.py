@@ -1,6 +1,6 @@
 """GGUF files: config from metadata, and tensors dequantized under Hugging Face names.
 
-``GGUFFile`` memory-maps the file with ``gguf.GGUFReader``; a tensor is
+``GGUFFile`` memory-maps the file (meshnode/model/gguf_reader.py); a tensor is
 dequantized (``gguf.quants.dequantize``: F32, F16, BF16, Q4_0, Q4_1, Q5_*, Q8_0,
 the K-quants...) only when read, so a span touches only its blocks.
 
@@ -8,6 +8,13 @@ llama.cpp's converter permutes the rows of q/k projections of ``llama``
 architecture files from Hugging Face's half-rotation layout to interleaved
 pairs; reading undoes it exactly as transformers' ``LlamaTensorProcessor`` does
 (``reverse_permute``), so both layouts meet the same rotary code.
+
+Gemma files store every norm weight plus one (llama.cpp's converter adds 1 so
+that its plain RMSNorm computes Gemma's ``(1 + w)``); reading subtracts it
+again, as transformers' ``Gemma2TensorProcessor`` does. GGUF does not say
+which Gemma 3 layers are global: every 6th one is, as in llama.cpp and
+transformers (``sliding_window_pattern`` 6), and the local layers' rope base
+is 10000.
 """
 
 from __future__ import annotations
@@ -17,15 +24,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from meshnode.errors import ConfigError, MissingWeights, ModelError, UnknownArchitecture
-from meshnode.model.config import ModelConfig, RopeConfig
+from meshnode.model.config import ModelConfig, RopeConfig, gemma3
+from meshnode.model.gguf_reader import GGUFHeader
 from meshnode.model.quant import QuantizedMatrix, from_gguf
 
 #: GGUF general.architecture -> engine family
-_FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma3": "gemma3",
+}
 #: architectures whose q/k rows llama.cpp permutes
 _PERMUTED = {"llama", "mistral"}
 
@@ -44,10 +58,23 @@ _LAYER_NAMES = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "block_sparse_moe.gate": "ffn_gate_inp",
 }
+#: per architecture, names that differ from the llama ones (Gemma's sandwich norms)
+_ARCH_LAYER_NAMES = {
+    "gemma3": {
+        "post_attention_layernorm": "post_attention_norm",
+        "pre_feedforward_layernorm": "ffn_norm",
+        "post_feedforward_layernorm": "post_ffw_norm",
+    }
+}
+#: architectures whose norm weights are stored plus one
+_NORM_PLUS_ONE = {"gemma", "gemma2", "gemma3"}
 
 
-def gguf_name(hf_name: str) -> str | None:
+def gguf_name(hf_name: str, architecture: str = "llama") -> str | None:
     """The GGUF tensor name of a Hugging Face one, or None if it has none."""
     if hf_name in _GLOBAL_NAMES:
         return _GLOBAL_NAMES[hf_name]
@@ -55,9 +82,33 @@ def gguf_name(hf_name: str) -> str | None:
     if len(parts) < 5 or parts[:2] != ["model", "layers"]:
         return None
     index, stem, kind = parts[2], ".".join(parts[3:-1]), parts[-1]
-    if stem not in _LAYER_NAMES:
+    names = {**_LAYER_NAMES, **_ARCH_LAYER_NAMES.get(architecture, {})}
+    if stem not in names:
         return None
-    return f"blk.{index}.{_LAYER_NAMES[stem]}.{kind}"
+    return f"blk.{index}.{names[stem]}.{kind}"
+
+
+#: Mixtral's per-expert weights -> llama.cpp's tensors stacking every expert of a layer
+_EXPERT_NAMES = {"w1": "ffn_gate_exps", "w2": "ffn_down_exps", "w3": "ffn_up_exps"}
+
+
+def expert_tensor(hf_name: str) -> tuple[str, int] | None:
+    """(GGUF stacked tensor, expert index) of ``model.layers.N.block_sparse_moe.experts.E.wK
+    .weight``; None for other names."""
+    parts = hf_name.split(".")
+    if (
+        len(parts) != 8
+        or parts[:2] != ["model", "layers"]
+        or parts[3:5]
+        != [
+            "block_sparse_moe",
+            "experts",
+        ]
+    ):
+        return None
+    if parts[6] not in _EXPERT_NAMES or parts[7] != "weight" or not parts[5].isdigit():
+        return None
+    return f"blk.{parts[2]}.{_EXPERT_NAMES[parts[6]]}.weight", int(parts[5])
 
 
 def reverse_permute(weights: np.ndarray, heads: int) -> np.ndarray:
@@ -73,22 +124,19 @@ class GGUFFile:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         try:
-            self._reader = GGUFReader(str(self.path))
+            self._header = GGUFHeader(self.path)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{self.path}: not a readable GGUF file: {exc}") from exc
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors = {t.name: t for t in self._header.tensors}
         self.architecture = str(self.value("general.architecture", ""))
         self._config: ModelConfig | None = None
 
     def value(self, key: str, default: Any = None) -> Any:
         """A metadata value (arrays as lists), or default when absent."""
-        field = self._reader.fields.get(key)
-        if field is None:
-            return default
-        return field.contents()
+        return self._header.fields.get(key, default)
 
     def has_key(self, key: str) -> bool:
-        return key in self._reader.fields
+        return key in self._header.fields
 
     def tensor(self, gguf_name: str) -> Any:
         """A tensor by its GGUF name (``rope_freqs.weight``), as gguf's ReaderTensor."""
@@ -105,16 +153,31 @@ class GGUFFile:
         return self._config
 
     def has(self, name: str) -> bool:
-        target = gguf_name(name)
+        expert = expert_tensor(name)
+        if expert is not None:
+            return expert[0] in self._tensors
+        target = gguf_name(name, self.architecture)
         return target is not None and target in self._tensors
 
     def read(self, name: str) -> np.ndarray:
+        expert = expert_tensor(name)
+        if expert is not None:
+            return read_tensor(self._expert_stack(name, expert[0]))[expert[1]]
         target = self._target(name)
-        return self._unpermute(target, read_tensor(self._tensors[target]))
+        values = self._unpermute(target, read_tensor(self._tensors[target]))
+        if self.architecture in _NORM_PLUS_ONE and target.endswith("norm.weight"):
+            values = values - np.float32(1.0)
+        return values
 
     def read_quantized(self, name: str) -> QuantizedMatrix | None:
         """A 2-D tensor still in its blocks (see meshnode/model/quant.py), or None when its
-        type has no such form (the caller then reads it dequantized)."""
+        type has no such form (the caller then reads it dequantized). One expert of a
+        stacked ``ffn_*_exps`` tensor is its [out, in] slice, still in its blocks."""
+        expert = expert_tensor(name)
+        if expert is not None:
+            tensor = self._expert_stack(name, expert[0])
+            raw = np.asarray(tensor.data)[expert[1]]  # [out, row bytes] of this expert
+            return from_gguf(GGMLQuantizationType(tensor.tensor_type), raw, int(tensor.shape[1]))
         target = self._target(name)
         tensor = self._tensors[target]
         if len(tensor.shape) != 2:
@@ -125,8 +188,13 @@ class GGUFFile:
             return None
         return matrix.map(lambda a: self._unpermute(target, a))
 
+    def _expert_stack(self, name: str, target: str) -> Any:
+        if target not in self._tensors:
+            raise MissingWeights(f"{self.path}: no tensor for {name!r}")
+        return self._tensors[target]
+
     def _target(self, name: str) -> str:
-        target = gguf_name(name)
+        target = gguf_name(name, self.architecture)
         if target is None or target not in self._tensors:
             raise MissingWeights(f"{self.path}: no tensor for {name!r}")
         return target
@@ -183,23 +251,41 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         rope = dataclasses.replace(rope, freq_factors=_rope_freqs(file, key))
     eos = file.value("tokenizer.ggml.eos_token_id")
     qkv_bias = arch == "qwen2" or "blk.0.attn_q.bias" in file.tensor_types()
-    return ModelConfig(
-        family=_FAMILIES[arch],
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_layers=int(key("block_count")),
-        num_heads=heads,
-        num_kv_heads=int(key("attention.head_count_kv", heads)),
-        head_dim=int(key("attention.key_length", hidden // heads)),
-        vocab_size=vocab,
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope=rope,
-        max_position_embeddings=int(key("context_length", 2048)),
-        tie_word_embeddings="output.weight" not in file.tensor_types(),
-        qkv_bias=qkv_bias,
-        bos_token_id=_maybe_int(file.value("tokenizer.ggml.bos_token_id")),
-        eos_token_ids=() if eos is None else (int(eos),),
-    )
+    fields = {
+        "hidden_size": hidden,
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_layers": int(key("block_count")),
+        "num_heads": heads,
+        "num_kv_heads": int(key("attention.head_count_kv", heads)),
+        "head_dim": int(key("attention.key_length", hidden // heads)),
+        "vocab_size": vocab,
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope": rope,
+        "max_position_embeddings": int(key("context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in file.tensor_types(),
+        "qkv_bias": qkv_bias,
+        "bos_token_id": _maybe_int(file.value("tokenizer.ggml.bos_token_id")),
+        "eos_token_ids": () if eos is None else (int(eos),),
+    }
+    if arch == "gemma3":
+        del fields["qkv_bias"]
+        return gemma3(
+            num_layers=fields.pop("num_layers"),
+            rope_theta=rope.theta,
+            sliding_window=int(key("attention.sliding_window")),
+            **fields,
+        )
+    experts = int(file.value(f"{arch}.expert_count", 0) or 0)
+    if experts:  # llama.cpp files Mixtral under the llama architecture
+        del fields["intermediate_size"]
+        return ModelConfig(
+            family="mixtral",
+            intermediate_size=int(key("expert_feed_forward_length", key("feed_forward_length"))),
+            num_experts=experts,
+            experts_per_token=int(key("expert_used_count")),
+            **fields,
+        )
+    return ModelConfig(family=_FAMILIES[arch], qk_norm=arch == "qwen3", **fields)
 
 
 def _rope_freqs(file: GGUFFile, key: Any) -> tuple[float, ...]:

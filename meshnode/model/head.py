@@ -4,6 +4,10 @@
 takes; ``ClientHead.logits`` turns the last block's output into float32 logits
 of the last position. A tied model has no ``lm_head`` and reuses the embedding.
 The embedding and head may be ``QuantizedMatrix`` [V, H] (meshnode/model/quant.py).
+Family quirks come from the family's ``HeadSpec`` (meshnode/model/families/):
+Gemma scales the embedding by sqrt(hidden) (cast to the compute dtype first,
+as transformers casts it to the weights' dtype), its final norm scales by
+``(1 + w)``; a config's ``final_softcap`` caps the logits with tanh.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import numpy as np
 
 from meshnode.errors import ShapeMismatch
 from meshnode.model.config import ModelConfig
-from meshnode.model.layers import rms_norm
+from meshnode.model.families.registry import head_spec
+from meshnode.model.layers.norms import normalize, rms_norm
 from meshnode.model.quant import is_quantized, linear, take_rows
 
 
@@ -40,6 +45,14 @@ class ClientHead:
     ) -> None:
         self.config = config
         self.compute_dtype = jnp.dtype(compute_dtype)
+        spec = head_spec(config)
+        self._static = {
+            "eps": config.rms_norm_eps,
+            "norm_offset": spec.norm_offset,
+            "softcap": config.final_softcap,
+            "compute_dtype": self.compute_dtype.name,
+        }
+        self._embed_scale = spec.embed_scale
         self._params = jax.device_put({"embed": params.embed, "final_norm": params.final_norm})
         if params.lm_head is not None:
             self._params["lm_head"] = jax.device_put(params.lm_head)
@@ -51,7 +64,12 @@ class ClientHead:
             raise ShapeMismatch(f"token ids must be [batch, length], got shape {ids.shape}")
         if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
             raise ShapeMismatch(f"token id out of range [0, {self.config.vocab_size})")
-        return _embed(self._params["embed"], ids, compute_dtype=self.compute_dtype.name)
+        return _embed(
+            self._params["embed"],
+            ids,
+            scale=self._embed_scale,
+            compute_dtype=self.compute_dtype.name,
+        )
 
     def logits(self, hidden: Any) -> jax.Array:
         """hidden [B, T, H] -> float32 logits [B, V] of the last position."""
@@ -60,31 +78,45 @@ class ClientHead:
             raise ShapeMismatch(
                 f"hidden states must be [batch, length, {self.config.hidden_size}], got {shape}"
             )
-        return _logits(
-            self._params,
-            hidden,
-            eps=self.config.rms_norm_eps,
-            compute_dtype=self.compute_dtype.name,
-        )
+        return _logits(self._params, hidden, **self._static)
 
     def all_logits(self, hidden: Any) -> jax.Array:
         """hidden [B, T, H] -> float32 logits [B, T, V] of every position (for checks)."""
-        return _all_logits(
-            self._params,
-            hidden,
-            eps=self.config.rms_norm_eps,
-            compute_dtype=self.compute_dtype.name,
-        )
+        return _all_logits(self._params, hidden, **self._static)
 
 
-@functools.partial(jax.jit, static_argnames=("compute_dtype",))
-def _embed(embed: jax.Array, ids: jax.Array, *, compute_dtype: str) -> jax.Array:
-    return take_rows(embed, ids).astype(compute_dtype)  # [B, T, H]
+@functools.partial(jax.jit, static_argnames=("scale", "compute_dtype"))
+def _embed(
+    embed: jax.Array, ids: jax.Array, *, scale: float | None, compute_dtype: str
+) -> jax.Array:
+    rows = take_rows(embed, ids).astype(compute_dtype)  # [B, T, H]
+    if scale is None:
+        return rows
+    return rows * jnp.asarray(scale, dtype=compute_dtype)  # [B, T, H]
 
 
-def _project(params: dict, hidden: jax.Array, eps: float, compute_dtype: str) -> jax.Array:
+def _project(
+    params: dict,
+    hidden: jax.Array,
+    eps: float,
+    norm_offset: float,
+    softcap: float | None,
+    compute_dtype: str,
+) -> jax.Array:
     dtype = jnp.dtype(compute_dtype)
-    x = rms_norm(hidden.astype(dtype), params["final_norm"], eps)  # [..., H]
+    x = hidden.astype(dtype)  # [..., H]
+    if norm_offset:
+        weight = norm_offset + params["final_norm"].astype(jnp.float32)  # [H]
+        x = (normalize(x, eps) * weight).astype(dtype)  # [..., H]
+    else:
+        x = rms_norm(x, params["final_norm"], eps)  # [..., H]
+    logits = _head(params, x, dtype)  # [..., V]
+    if softcap is not None:
+        logits = jnp.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _head(params: dict, x: jax.Array, dtype: Any) -> jax.Array:
     head = params.get("lm_head", params["embed"])
     if is_quantized(head):  # [V, H]
         return linear(x.astype(jnp.float32), head)  # [..., V]
@@ -97,11 +129,14 @@ def _project(params: dict, hidden: jax.Array, eps: float, compute_dtype: str) ->
     )  # [..., V]
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "compute_dtype"))
-def _logits(params: dict, hidden: jax.Array, *, eps: float, compute_dtype: str) -> jax.Array:
-    return _project(params, hidden[:, -1], eps, compute_dtype)  # [B, V]
+_STATIC = ("eps", "norm_offset", "softcap", "compute_dtype")
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "compute_dtype"))
-def _all_logits(params: dict, hidden: jax.Array, *, eps: float, compute_dtype: str) -> jax.Array:
-    return _project(params, hidden, eps, compute_dtype)  # [B, T, V]
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _logits(params: dict, hidden: jax.Array, **static: Any) -> jax.Array:
+    return _project(params, hidden[:, -1], **static)  # [B, V]
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _all_logits(params: dict, hidden: jax.Array, **static: Any) -> jax.Array:
+    return _project(params, hidden, **static)  # [B, T, V]

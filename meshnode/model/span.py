@@ -1,13 +1,21 @@
 """The span runner: blocks [start, end) over a fixed-size, donated KV cache.
 
-A span's parameters arrive as one dict per layer. On accelerators they are
-stacked on a leading axis and run with ``lax.scan``: one compiled step serves
-the whole span and its compile time does not grow with the span. On CPU,
-scan's per-layer weight slices are copies (decode ran 2x slower), so the layers
-are unrolled over each layer's own device arrays instead (and layers may differ
-in form: some weights quantized, some not). The runner keeps only the device
-copy of the weights, and ``sub_runner`` serves any part of the span from that
-same copy.
+The blocks are Flax NNX modules composed per family (meshnode/model/families/)
+from the generic layers (meshnode/model/layers/). The runner builds them once,
+``nnx.split``s them once, and runs a pure ``jax.jit``-ed function of (state
+leaves, hidden, start, cache) that merges the state back inside the trace:
+the weights are jit arguments, never static, the cache is donated, and a call
+pays no NNX bookkeeping (``nnx.jit`` would cost 25-34 ms a call).
+
+On CPU the layers are unrolled over each layer's own device arrays (scan's
+per-layer weight slices are copies there: decode ran 2x slower), so layers
+may differ in form (some weights quantized, some not). On accelerators runs
+of consecutive layers of the same kind (Gemma 3's local layers between its
+global ones are two kinds) are stacked on a leading axis and run with
+``lax.scan``: one compiled layer per kind whatever the span length. The runner
+keeps only the device copy of the weights, and ``sub_runner`` serves any part
+of the span from that same copy; ``module`` is the span as an ordinary NNX
+module (a ``DecoderStack``) for use in other Flax code.
 Shapes stay static: the cache is allocated once at its max
 length rounded up to a bucket; prefill lengths are padded to a bucket (the pad
 positions are written past the real ones and never attended to before being
@@ -28,14 +36,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import lax
 
 from meshnode.errors import CacheOverflow, ShapeMismatch
 from meshnode.model import quant
 from meshnode.model.config import ModelConfig
-from meshnode.model.layers import attention_mask, decoder_block
+from meshnode.model.families.llama import attention_spec
+from meshnode.model.families.registry import build_stack, family
+from meshnode.model.layers.attention import CacheView
+from meshnode.model.layers.block import DecoderStack, positions_from
 from meshnode.model.quant import is_quantized
-from meshnode.model.rope import inverse_frequencies, rope_tables
 
 #: prefill lengths are padded up to the next of these (then to multiples of the last)
 LENGTH_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -126,21 +137,44 @@ class SpanRunner:
     ) -> None:
         scan = jax.default_backend() != "cpu" if scan is None else scan
         if scan:
-            layers: Any = jax.device_put(params.stacked())
+            programs = tuple(
+                _Program.of(
+                    family(config).build_block(
+                        config, params.start + i, SpanParams(i, j, params.layers[i:j]).stacked()
+                    ),
+                    scanned=j - i,
+                    first=i,
+                )
+                for i, j in _runs(config, params.start, params.end)
+            )
         else:
-            layers = [jax.device_put(layer) for layer in params.layers]
-        self._setup(config, params.start, params.end, compute_dtype, scan, layers)
+            stack = build_stack(config, params.start, params.layers)
+            programs = (_Program.of(stack),)
+        self._setup(config, params.start, params.end, compute_dtype, programs)
 
     def _setup(
-        self, config: ModelConfig, start: int, end: int, compute_dtype: Any, scan: bool, layers: Any
+        self,
+        config: ModelConfig,
+        start: int,
+        end: int,
+        compute_dtype: Any,
+        programs: tuple[_Program, ...],
     ) -> None:
         self.config = config
         self.start, self.end = start, end
         self.num_layers = end - start
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self.scan = scan
-        self._windows = tuple(config.layer_windows[start:end])
-        self._layers = layers  # device arrays: stacked (scan) or one dict per layer
+        self.scan = programs[0].scanned > 0
+        self._programs = programs  # device arrays: one stack (unrolled) or one per run (scan)
+        self._step = _step_function(tuple(p.key for p in programs))
+
+    @property
+    def module(self) -> nnx.Module:
+        """The blocks as one NNX module (a DecoderStack over the device weights; for scan
+        layouts, one stacked block per run of layers of the same kind)."""
+        if not self.scan:
+            return self._programs[0].module()
+        return DecoderStack([p.module() for p in self._programs])
 
     def sub_runner(self, start: int, end: int) -> SpanRunner:
         """Blocks [start, end) of this span, sharing this runner's device weights."""
@@ -150,11 +184,16 @@ class SpanRunner:
             )
         i, j = start - self.start, end - self.start
         if self.scan:
-            layers: Any = {name: a[i:j] for name, a in self._layers.items()}
+            programs = tuple(
+                p.slice(max(i, p.first), min(j, p.first + p.scanned), i)
+                for p in self._programs
+                if p.first < j and i < p.first + p.scanned
+            )
         else:
-            layers = self._layers[i:j]
+            blocks = list(self._programs[0].module().blocks)[i:j]
+            programs = (_Program.of(DecoderStack(blocks), device=False),)
         runner = object.__new__(SpanRunner)
-        runner._setup(self.config, start, end, self.compute_dtype, self.scan, layers)
+        runner._setup(self.config, start, end, self.compute_dtype, programs)
         return runner
 
     def new_cache(self, max_length: int, batch: int = 1) -> KVCache:
@@ -198,22 +237,66 @@ class SpanRunner:
             buffer[:, :length] = np.asarray(hidden)
             hidden = buffer
         kv_length = min(cache.max_length, bucket_length(start_position + padded))
-        static = {
-            "config": self.config,
-            "kv_length": kv_length,
-            "compute_dtype": self.compute_dtype.name,
-        }
-        start = np.int32(start_position)
-        if self.scan:
-            windows = np.asarray(self._windows, dtype=np.int32)  # [L]
-            out, k, v = _scan_step(self._layers, windows, hidden, start, cache.k, cache.v, **static)
-        else:
-            out, k, v = _unrolled_step(
-                self._layers, hidden, start, cache.k, cache.v, windows=self._windows, **static
-            )
+        out, k, v = self._step(
+            tuple(p.leaves for p in self._programs),
+            hidden,
+            np.int32(start_position),
+            cache.k,
+            cache.v,
+            kv_length=kv_length,
+            compute_dtype=self.compute_dtype.name,
+        )
         if padded != length:
             out = out[:, :length]
         return out, KVCache(k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """One split module: its graph and tree structure (static) and its state's leaves (device
+    arrays); ``scanned`` > 0: a block whose leaves are stacked over that many layers, the
+    first being span layer ``first``."""
+
+    graphdef: Any
+    treedef: Any
+    leaves: tuple[Any, ...]
+    scanned: int = 0
+    first: int = 0
+
+    @classmethod
+    def of(
+        cls, module: nnx.Module, scanned: int = 0, first: int = 0, device: bool = True
+    ) -> _Program:
+        graphdef, state = nnx.split(module)
+        leaves, treedef = jax.tree.flatten(state)
+        if device:
+            leaves = jax.device_put(leaves)
+        return cls(graphdef, treedef, tuple(leaves), scanned, first)
+
+    @property
+    def key(self) -> tuple[Any, Any, int, int]:
+        """What the compiled step depends on (never the weights' values)."""
+        return self.graphdef, self.treedef, self.scanned, self.first
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, jax.tree.unflatten(self.treedef, list(self.leaves)))
+
+    def slice(self, begin: int, end: int, offset: int) -> _Program:
+        """Stacked layers [begin, end) of the span, renumbered from ``offset``."""
+        a, b = begin - self.first, end - self.first
+        leaves = tuple(leaf[a:b] for leaf in self.leaves)
+        return _Program(self.graphdef, self.treedef, leaves, end - begin, begin - offset)
+
+
+def _runs(config: ModelConfig, start: int, end: int) -> list[tuple[int, int]]:
+    """[i, j) ranges (span-relative) of consecutive layers whose blocks are of one kind."""
+    kinds = [attention_spec(config, index) for index in range(start, end)]
+    runs, first = [], 0
+    for i in range(1, len(kinds) + 1):
+        if i == len(kinds) or kinds[i] != kinds[first]:
+            runs.append((first, i))
+            first = i
+    return runs
 
 
 def _check_input(config: ModelConfig, hidden: Any, cache: KVCache) -> tuple[int, int, int]:
@@ -230,82 +313,33 @@ def _check_input(config: ModelConfig, hidden: Any, cache: KVCache) -> tuple[int,
     return batch, length, width
 
 
-def _prologue(hidden, start, config: ModelConfig, compute_dtype: str):
-    x = hidden.astype(compute_dtype)  # [B, T, H]
-    positions = start + jnp.arange(x.shape[1], dtype=jnp.int32)  # [T]
-    rope = rope_tables(jnp.asarray(inverse_frequencies(config)), positions)  # [T, D] x2
-    return x, positions, rope
+@functools.lru_cache(maxsize=256)
+def _step_function(keys: tuple[tuple[Any, Any, int, int], ...]):
+    """The jitted step for programs of these structures (shared by equal runners)."""
 
+    def step(leaves, hidden, start, k_cache, v_cache, *, kv_length: int, compute_dtype: str):
+        x = hidden.astype(compute_dtype)  # [B, T, H]
+        positions = positions_from(start, x.shape[1])  # [T]
+        cache = CacheView(k_cache, v_cache, layer=0, start=start, length=kv_length)
+        for (graphdef, treedef, scanned, first), program_leaves in zip(keys, leaves):
+            state = jax.tree.unflatten(treedef, list(program_leaves))
+            if not scanned:
+                x, cache = nnx.merge(graphdef, state)(x, positions, cache)
+                continue
 
-def _cast(layer: dict, compute_dtype: str) -> dict:
-    """Float weights in the compute dtype; quantized ones stay as they are."""
-    return {name: p if is_quantized(p) else p.astype(compute_dtype) for name, p in layer.items()}
+            def body(carry, xs, graphdef=graphdef):
+                x, k, v = carry
+                layer_state, layer = xs
+                block = nnx.merge(graphdef, layer_state)
+                view = CacheView(k, v, layer=layer, start=start, length=kv_length)
+                x, view = block(x, positions, view)
+                return (x, view.k, view.v), None
 
+            layers = jnp.arange(first, first + scanned, dtype=jnp.int32)  # [L_run]
+            (x, k, v), _ = lax.scan(body, (x, cache.k, cache.v), (state, layers))
+            cache = dataclasses.replace(cache, k=k, v=v)
+        return x, cache.k, cache.v
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "windows", "kv_length", "compute_dtype"),
-    donate_argnames=("k_cache", "v_cache"),
-)
-def _unrolled_step(
-    layers: list[dict],
-    hidden: jax.Array,
-    start: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    *,
-    config: ModelConfig,
-    windows: tuple[int, ...],
-    kv_length: int,
-    compute_dtype: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One Python-level layer after another over per-layer weight arrays."""
-    x, positions, rope = _prologue(hidden, start, config, compute_dtype)
-    cache = (k_cache, v_cache)
-    for index, (layer, window) in enumerate(zip(layers, windows)):
-        mask = attention_mask(positions, kv_length, window)  # [T, A]
-        x, cache = decoder_block(
-            config, _cast(layer, compute_dtype), x, rope, mask, cache, (index, start), window
-        )
-    return x, *cache
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("config", "kv_length", "compute_dtype"),
-    donate_argnames=("k_cache", "v_cache"),
-)
-def _scan_step(
-    layers: dict,
-    windows: jax.Array,
-    hidden: jax.Array,
-    start: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    *,
-    config: ModelConfig,
-    kv_length: int,
-    compute_dtype: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """lax.scan over stacked weights: one compiled layer whatever the span length."""
-    x, positions, rope = _prologue(hidden, start, config, compute_dtype)
-    indices = jnp.arange(windows.shape[0], dtype=jnp.int32)  # [L]
-
-    def body(carry, xs):
-        x, k_cache, v_cache = carry
-        layer, index, window = xs
-        mask = attention_mask(positions, kv_length, window)  # [T, A]
-        x, (k_cache, v_cache) = decoder_block(
-            config,
-            _cast(layer, compute_dtype),
-            x,
-            rope,
-            mask,
-            (k_cache, v_cache),
-            (index, start),
-            window,
-        )
-        return (x, k_cache, v_cache), None
-
-    (x, k_cache, v_cache), _ = lax.scan(body, (x, k_cache, v_cache), (layers, indices, windows))
-    return x, k_cache, v_cache
+    return jax.jit(
+        step, static_argnames=("kv_length", "compute_dtype"), donate_argnames=("k_cache", "v_cache")
+    )

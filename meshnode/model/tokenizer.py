@@ -22,7 +22,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
@@ -51,6 +51,8 @@ _PRE_SPLITS = {
 _DIGIT_SPLIT_PRES = {"smollm", "starcoder", "refact"}
 
 _CONTROL, _USER_DEFINED = 3, 4
+#: GGUF architectures whose SentencePiece vocabulary is rebuilt the Gemma way
+_GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 class Tokenizer:
@@ -195,7 +197,10 @@ def tokenizer_from_gguf(metadata: Any) -> Tokenizer:
         scores = list(metadata.value("tokenizer.ggml.scores") or [])
         if not tokens or len(scores) != len(tokens):
             raise TokenizerError("GGUF metadata lacks tokenizer.ggml.tokens or their scores")
-        backend = _sentencepiece_bpe(tokens, scores, types)
+        if metadata.value("general.architecture") in _GEMMA_ARCHITECTURES:
+            backend = _gemma_sentencepiece_bpe(tokens, types)
+        else:
+            backend = _sentencepiece_bpe(tokens, scores, types)
     else:
         raise TokenizerError(
             f"GGUF tokenizer model {model!r} is not supported "
@@ -314,6 +319,47 @@ def _sentencepiece_bpe(tokens: list[str], scores: list[float], types: list[int])
             AddedToken(t, normalized=False, special=False)
             for t, k in zip(tokens, types)
             if k == _USER_DEFINED
+        ]
+    )
+    return backend
+
+
+def _gemma_sentencepiece_bpe(tokens: list[str], types: list[int]) -> Backend:
+    """Gemma's SentencePiece BPE as transformers' GGUF integration rebuilds it
+    (``gemma_tokenizer``, ``GemmaTokenizer``): tokens of only spaces respelled with "▁",
+    merges ordered by position in the file (Gemma's scores do not follow its merge
+    order), spaces as "▁" with no prefix added, split after each space, byte fallback."""
+    spelled = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {t: i for i, t in enumerate(spelled)}
+    order = [-float(i) for i in range(len(spelled))]
+    backend = Backend(
+        BPE(
+            vocab=vocab,
+            merges=_merges_from_scores(vocab, spelled, order),
+            fuse_unk=True,
+            unk_token="<unk>" if "<unk>" in vocab else None,
+            byte_fallback=True,
+        )
+    )
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(
+        pattern=" ", behavior="merged_with_previous", invert=False
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    backend.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, k in zip(tokens, types)
+            if k == _CONTROL
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types)
+            if k == _USER_DEFINED and t in vocab
         ]
     )
     return backend

@@ -38,6 +38,18 @@ class TensorReader(Protocol):
     def read(self, name: str) -> np.ndarray: ...
 
 
+#: per family: the block's norms, engine name -> Hugging Face name (under model.layers.N.)
+_NORMS = {
+    "llama": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "gemma3": {
+        "attn_norm": "input_layernorm",
+        "post_attn_norm": "post_attention_layernorm",
+        "mlp_norm": "pre_feedforward_layernorm",
+        "post_mlp_norm": "post_feedforward_layernorm",
+    },
+}
+
+
 def layer_prefix(index: int) -> str:
     return f"model.layers.{index}."
 
@@ -94,20 +106,35 @@ def layer_tensors(
     def projection(*parts: tuple[str, int, int]) -> np.ndarray | QuantizedMatrix:
         return _projection(reader, list(parts), quantized)
 
+    norms = _NORMS.get(c.family, _NORMS["llama"])
     params = {
-        "attn_norm": vector(p + "input_layernorm.weight", h),
-        "wqkv": projection(
+        name: vector(p + hf_name + ".weight", h) for name, hf_name in norms.items()
+    }  # [H] each
+    fused = c.family == "phi3"  # checkpoints with qkv_proj and gate_up_proj
+    qkv = (
+        [(attn + "qkv_proj.weight", q + 2 * kv, h)]
+        if fused
+        else [
             (attn + "q_proj.weight", q, h),
             (attn + "k_proj.weight", kv, h),
             (attn + "v_proj.weight", kv, h),
-        ),  # [H, Q + 2KV]
-        "wo": projection((attn + "o_proj.weight", h, q)),  # [Q, H]
-        "mlp_norm": vector(p + "post_attention_layernorm.weight", h),
-        "w_gate_up": projection(
+        ]
+    )
+    params["wqkv"] = projection(*qkv)  # [H, Q + 2KV]
+    params["wo"] = projection((attn + "o_proj.weight", h, q))  # [Q, H]
+    if fused:
+        params["w_gate_up"] = projection((mlp + "gate_up_proj.weight", 2 * f, h))  # [H, 2F]
+        params["w_down"] = projection((mlp + "down_proj.weight", h, f))  # [F, H]
+    elif c.num_experts:
+        params.update(_expert_tensors(c, reader, index, quantized))
+    else:
+        params["w_gate_up"] = projection(
             (mlp + "gate_proj.weight", f, h), (mlp + "up_proj.weight", f, h)
-        ),  # [H, 2F]
-        "w_down": projection((mlp + "down_proj.weight", h, f)),  # [F, H]
-    }
+        )  # [H, 2F]
+        params["w_down"] = projection((mlp + "down_proj.weight", h, f))  # [F, H]
+    if c.qk_norm:
+        params["q_norm"] = vector(attn + "q_norm.weight", c.head_dim)  # [D]
+        params["k_norm"] = vector(attn + "k_norm.weight", c.head_dim)  # [D]
     if c.qkv_bias:
         params["bqkv"] = np.concatenate(
             [
@@ -118,6 +145,33 @@ def layer_tensors(
         )  # [Q + 2KV]
     if c.o_bias:
         params["bo"] = vector(attn + "o_proj.bias", h)
+    return params
+
+
+def expert_name(expert: int, name: str) -> str:
+    """The flat parameter name of one expert's weight: ``expert.3.w_down``."""
+    return f"expert.{expert}.{name}"
+
+
+def _expert_tensors(
+    config: ModelConfig, reader: TensorReader, index: int, quantized: bool
+) -> dict[str, Any]:
+    """A mixture-of-experts layer: router [H, E] float32, and per expert its gate/up
+    [H, 2F] and down [F, H] (QuantizedMatrix [out, in] with ``quantized`` where they
+    can be). Checkpoints name experts as Mixtral's ``block_sparse_moe.experts.E.w1/w3/w2``
+    (GGUF files map their stacked ``ffn_*_exps`` tensors onto these names)."""
+    h, f = config.hidden_size, config.intermediate_size
+    moe = layer_prefix(index) + "block_sparse_moe."
+    router = _fetch(reader, moe + "gate.weight", (config.num_experts, h)).astype(np.float32)
+    params: dict[str, Any] = {"router": np.ascontiguousarray(router.T)}  # [H, E]
+    for e in range(config.num_experts):
+        expert = f"{moe}experts.{e}."
+        params[expert_name(e, "w_gate_up")] = _projection(
+            reader, [(expert + "w1.weight", f, h), (expert + "w3.weight", f, h)], quantized
+        )  # [H, 2F]
+        params[expert_name(e, "w_down")] = _projection(
+            reader, [(expert + "w2.weight", h, f)], quantized
+        )  # [F, H]
     return params
 
 

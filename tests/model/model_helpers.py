@@ -49,16 +49,67 @@ CASES = {
     "llama_head_dim": ("LlamaConfig", {"head_dim": 32}),
     "mistral_window": ("MistralConfig", {"sliding_window": 8, "head_dim": 16}),
     "qwen2": ("Qwen2Config", {"tie_word_embeddings": False}),
+    "qwen3": ("Qwen3Config", {"head_dim": 32, "tie_word_embeddings": False}),
+    # local (window 8, rope 1e4) and global (rope 1e6) layers; a scalar that is not head_dim
+    "gemma3": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "query_pre_attn_scalar": 24,
+        },
+    ),
+    # 4 experts, 2 per position, sliding window shorter than the prompt
+    "mixtral": (
+        "MixtralConfig",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 8,
+            "tie_word_embeddings": False,
+        },
+    ),
+    # fused qkv_proj and gate_up_proj; longrope within its original context (short factors,
+    # attention factor sqrt(1 + ln 4 / ln 64) from max / original positions)
+    "phi3": (
+        "Phi3Config",
+        {
+            "max_position_embeddings": 256,
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [2.0 + 0.5 * i for i in range(8)],
+                "original_max_position_embeddings": 64,
+            },
+            "tie_word_embeddings": False,
+            "pad_token_id": None,
+        },
+    ),
+    "gemma3_softcap": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 6,
+            "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+            "attn_logit_softcapping": 4.0,  # transformers' Gemma 3 ignores it; so must we
+            "final_logit_softcapping": 6.0,
+            "tie_word_embeddings": False,
+        },
+    ),
 }
 
 
-def build_reference(case: str, seed: int = 0):
-    """A random transformers model (float32, eval mode) for one case."""
+def build_reference(case: str, seed: int = 0, **changes):
+    """A random transformers model (float32, eval mode) for one case (config ``changes``
+    on top)."""
     import torch
     import transformers
 
     class_name, overrides = CASES[case]
-    config = getattr(transformers, class_name)(**{**BASE, **overrides})
+    config = getattr(transformers, class_name)(**{**BASE, **overrides, **changes})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
@@ -137,12 +188,19 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
+    experts = getattr(config, "num_local_experts", 0)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     expected = {}
     for name, tensor in model.state_dict().items():
         values = tensor.float().numpy()
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        target = gguf_name(name)
+        if ".mlp.experts." in name:
+            expected[name] = _write_experts(writer, name, values, qtype)
+            continue
+        target = gguf_name(name.replace(".mlp.gate.", ".block_sparse_moe.gate."))
         assert target is not None, name
         stored = values
         if ".attn_q." in target:
@@ -175,6 +233,31 @@ def write_llama_gguf(model, path: Path, qtype_name: str = "F32") -> dict[str, np
     writer.write_tensors_to_file()
     writer.close()
     return expected
+
+
+def _write_experts(writer, name: str, values: np.ndarray, qtype) -> np.ndarray:
+    """transformers' fused experts (gate_up_proj [E, 2F, H], down_proj [E, H, F]) as
+    llama.cpp's stacked ffn_gate_exps / ffn_up_exps / ffn_down_exps; returns what a loader
+    reads back, in the fused layout."""
+    import gguf
+
+    layer = name.split(".")[2]
+    if name.endswith("gate_up_proj"):
+        half = values.shape[1] // 2
+        parts = {"ffn_gate_exps": values[:, :half], "ffn_up_exps": values[:, half:]}
+    else:
+        parts = {"ffn_down_exps": values}
+    back = []
+    for target, stored in parts.items():
+        stored = np.ascontiguousarray(stored)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(f"blk.{layer}.{target}.weight", stored)
+            back.append(stored)
+            continue
+        raw = gguf.quants.quantize(stored, qtype)
+        writer.add_tensor(f"blk.{layer}.{target}.weight", raw, raw_dtype=qtype)
+        back.append(gguf.quants.dequantize(raw, qtype).reshape(stored.shape))
+    return np.concatenate(back, axis=1)
 
 
 def llama3_rope_factors(config) -> np.ndarray | None:

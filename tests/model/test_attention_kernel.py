@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from meshnode import native
-from meshnode.model.layers import decode_attention
+from meshnode.model.layers.attention import decode_attention
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
@@ -68,7 +68,7 @@ def test_native_decode_attention_rejects_a_position_outside_the_cache():
 _VECTOR_PATHS_SCRIPT = """
 import gguf, jax, numpy as np
 from meshnode import native
-from meshnode.model.layers import decode_attention
+from meshnode.model.layers.attention import decode_attention
 from meshnode.model.quant import QuantizedMatrix, from_gguf, linear
 assert native.load(), native.unavailable_reason()
 rng = np.random.default_rng(0)

@@ -110,3 +110,58 @@ def test_q4_k_blocks_decode_to_known_values(tmp_path):
         tmp_path / "q4k.gguf", "w", gguf.GGMLQuantizationType.Q4_K, np.tile(block, 2), rows=1
     )
     np.testing.assert_array_equal(read_tensor(tensor), np.full((1, 512), 1.5, dtype=np.float32))
+
+
+def test_mixtral_gguf_keeps_experts_quantized_and_matches(tmp_path):
+    """When a tiny Mixtral is written as llama.cpp does (architecture llama, experts stacked
+    in ffn_*_exps, Q8_0), then the config says mixtral, a span's experts load as
+    QuantizedMatrix, and its logits match transformers over the same (round-tripped)
+    weights."""
+    import torch
+    from model_helpers import reference_logits
+
+    from meshnode.model.generate import LocalModel
+    from meshnode.model.quant import QuantizedMatrix
+
+    reference = build_reference("mixtral")
+    path = tmp_path / "tiny-mixtral-Q8_0.gguf"
+    expected = write_llama_gguf(reference, path, "Q8_0")
+    source = open_model(path)
+    assert (source.config.family, source.config.num_experts) == ("mixtral", 4)
+    assert source.config.experts_per_token == 2
+    layer = source.load_span_params(1, 2, quantized=True).layers[0]
+    assert isinstance(layer["expert.3.w_gate_up"], QuantizedMatrix)
+    assert isinstance(layer["expert.3.w_down"], QuantizedMatrix)
+    assert isinstance(layer["router"], np.ndarray)
+    with torch.no_grad():
+        reference.load_state_dict(
+            {name: torch.from_numpy(np.asarray(v)) for name, v in expected.items()},
+            strict=False,
+        )
+    model = LocalModel.load(source, quantized=True)
+    # GGUF has no sliding window: stay within the reference's window of 8
+    ids = np.random.default_rng(4).integers(0, 96, size=8).tolist()
+    hidden, _ = model.runner.forward(model.head.embed([ids]), 0, model.runner.new_cache(16))
+    ours = np.asarray(model.head.all_logits(hidden))[0]  # [T, V]
+    assert relative_error(ours, reference_logits(reference, ids)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_fast_header_reads_what_gguf_reader_reads():
+    """When both real GGUF files are read by GGUFHeader and by gguf.GGUFReader, then every
+    metadata value and every tensor (name, type, shape, bytes) are the same."""
+    from meshnode.model.gguf_reader import GGUFHeader
+    from meshnode.model.source import gemma3_270m_path, smollm2_path
+
+    for path in (smollm2_path(), gemma3_270m_path()):
+        ours, theirs = GGUFHeader(path), gguf.GGUFReader(str(path))
+        fields = {k: f for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+        assert set(ours.fields) == set(fields)
+        for key, field in fields.items():
+            assert ours.fields[key] == field.contents(), key
+        assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+        for mine, reference in zip(ours.tensors, theirs.tensors):
+            assert mine.tensor_type == reference.tensor_type
+            assert list(mine.shape) == reference.shape.tolist()
+            assert mine.data.dtype == reference.data.dtype
+            assert np.array_equal(mine.data, reference.data), mine.name

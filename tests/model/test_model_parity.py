@@ -2,8 +2,10 @@
 
 Each case is written with ``save_pretrained`` and read back through
 ``open_model``: Llama, Llama 3 rope scaling, untied embeddings, an explicit
-head_dim, Mistral with a sliding window shorter than the prompt, and Qwen2 with
-q/k/v biases. Logits must agree within 1e-4 of the largest reference logit.
+head_dim, Mistral with a sliding window shorter than the prompt, Qwen2 with q/k/v
+biases, Qwen3 (qk-norm), Gemma 3 (local and global layers, untied with a
+final softcap), Mixtral (4 experts, top 2) and Phi-3 (fused projections,
+longrope). Logits must agree within 1e-4 of the largest reference logit.
 """
 
 from __future__ import annotations
@@ -67,3 +69,16 @@ def test_greedy_tokens_match_transformers(case):
     result = model.generate(prompt_ids=ids, max_new_tokens=32)
     assert list(result.token_ids) == reference_greedy(reference, ids, 32), name
     assert result.stop_reason == "length"
+
+
+def test_longrope_past_the_original_context_matches_transformers(tmp_path):
+    """When a Phi-3 prompt runs past longrope's original context (16 positions), then the
+    long factors apply to the whole call, as in transformers, and logits match."""
+    rope = dict(CASES["phi3"][1]["rope_parameters"], original_max_position_embeddings=16)
+    reference = build_reference("phi3", rope_parameters=rope, original_max_position_embeddings=16)
+    model = LocalModel.load(open_model(write_checkpoint(reference, tmp_path / "phi3-long")))
+    for length in (12, 20):  # within, then past the original context
+        ids = _ids(length, seed=4)
+        hidden, _ = model.runner.forward(model.head.embed([ids]), 0, model.runner.new_cache(32))
+        ours = np.asarray(model.head.all_logits(hidden))[0]  # [T, V]
+        assert relative_error(ours, reference_logits(reference, ids)) <= TOLERANCE, length

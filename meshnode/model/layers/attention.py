@@ -1,0 +1,189 @@
+"""Self-attention over a fixed-size KV cache, as an NNX module.
+
+``Attention(x [B, T, H], positions [T], cache) -> (out [B, T, H], cache)``:
+fused q/k/v projection (optional biases), optional per-head RMSNorm of q and k
+(qk-norm: Qwen3, Gemma 3) before the rotary embedding, grouped-query heads, a
+sliding window or none, an optional tanh softcap of the scores, and a scale
+that defaults to head_dim^-0.5. ``CacheView`` is the span's cache as the
+layer sees it: keys and values of every layer of the span [L, B, S, K, D],
+the layer this module writes, where the new positions start, and how many
+cache positions attention reads (a bucket, so early decode steps of a long
+session do not pay for the whole cache). One float32 position (a decode step)
+goes to the native kernel where it runs, which reads the cache in place.
+Scores and softmax are float32 whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from meshnode import native
+from meshnode.model.layers.linear import add_bias, project
+from meshnode.model.rope import apply_rope, rope_tables
+
+#: additive mask value; finite so fully masked (padding) rows stay NaN-free
+MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """What one attention layer computes; hashable (it is part of the compiled program)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    #: rotary inverse frequencies, float32 values [head_dim // 2]
+    inv_freq: tuple[float, ...]
+    #: attend to at most this many most recent positions (itself included); 0 = all
+    window: int = 0
+    #: score multiplier; None = head_dim ** -0.5
+    scale: float | None = None
+    #: scores -> tanh(scores / softcap) * softcap; None = no cap
+    softcap: float | None = None
+    #: longrope: frequencies used when a call reaches past ``long_after`` positions
+    inv_freq_long: tuple[float, ...] = ()
+    long_after: int = 0
+    #: cos and sin multiplied by this (longrope's attention factor)
+    rope_scale: float = 1.0
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def score_scale(self) -> float:
+        return self.head_dim**-0.5 if self.scale is None else self.scale
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheView:
+    """k, v [L, B, S, K, D] of a span; ``layer`` is the one being run, new positions go at
+    ``start``, attention reads the first ``length`` positions."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: Any
+    start: Any
+    length: int
+
+    def at_layer(self, layer: Any) -> CacheView:
+        return dataclasses.replace(self, layer=layer)
+
+
+def attention_mask(q_positions: jnp.ndarray, kv_length: int, window: Any) -> jnp.ndarray:
+    """bool [T, A]: causal, and within ``window`` positions when window > 0."""
+    kv_positions = jnp.arange(kv_length)[None, :]  # [1, A]
+    q = q_positions[:, None]  # [T, 1]
+    causal = kv_positions <= q  # [T, A]
+    in_window = jnp.where(window > 0, kv_positions > q - window, True)  # [T, A]
+    return causal & in_window
+
+
+class Attention(nnx.Module):
+    """wqkv [H, Q + 2KV] (or QuantizedMatrix [Q + 2KV, H]), wo [Q, H]; optional bqkv, bo,
+    and q_norm / k_norm modules over [.., head_dim]."""
+
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        wqkv: Any,
+        wo: Any,
+        *,
+        bqkv: Any = None,
+        bo: Any = None,
+        q_norm: nnx.Module | None = None,
+        k_norm: nnx.Module | None = None,
+    ) -> None:
+        self.spec = spec
+        self.wqkv = nnx.Param(wqkv)
+        self.wo = nnx.Param(wo)
+        self.bqkv = None if bqkv is None else nnx.Param(bqkv)
+        self.bo = None if bo is None else nnx.Param(bo)
+        self.q_norm = q_norm
+        self.k_norm = k_norm
+
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: CacheView
+    ) -> tuple[jax.Array, CacheView]:
+        spec = self.spec
+        batch, length, _ = x.shape
+        heads, kv_heads, dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+
+        qkv = add_bias(project(x, self.wqkv), self.bqkv)  # [B, T, Q + 2KV]
+        q, k, v = jnp.split(qkv, [spec.q_size, spec.q_size + spec.kv_size], axis=-1)
+        q = q.reshape(batch, length, heads, dim)  # [B, T, N, D]
+        k = k.reshape(batch, length, kv_heads, dim)  # [B, T, K, D]
+        v = v.reshape(batch, length, kv_heads, dim)  # [B, T, K, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = jnp.asarray(spec.inv_freq, jnp.float32)  # [D/2]
+        if spec.inv_freq_long:
+            long = jnp.max(positions) + 1 > spec.long_after
+            inv_freq = jnp.where(long, jnp.asarray(spec.inv_freq_long, jnp.float32), inv_freq)
+        cos, sin = rope_tables(inv_freq, positions, spec.rope_scale)  # [T, D] x2
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        at = (cache.layer, 0, cache.start, 0, 0)
+        k_cache = lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
+        v_cache = lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
+        cache = dataclasses.replace(cache, k=k_cache, v=v_cache)
+        if length == 1 and spec.softcap is None and _native_decode(q, k_cache):
+            # the kernel scales by D^-0.5: fold any other scale into q
+            q1 = q[:, 0] * (spec.score_scale * dim**0.5) if spec.scale is not None else q[:, 0]
+            out = decode_attention(q1, k_cache, v_cache, cache.layer, cache.start, spec.window)
+        else:
+            out = self._attend(q, cache, positions)  # [B, T, N, D]
+        out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
+        return add_bias(out, self.bo), cache
+
+    def _attend(self, q: jax.Array, cache: CacheView, positions: jax.Array) -> jax.Array:
+        """q [B, T, N, D] over the first cache.length positions -> [B, T, N, D]."""
+        spec = self.spec
+        batch, length, heads, dim = q.shape
+        kv_heads = spec.num_kv_heads
+        visible = (1, batch, cache.length, kv_heads, dim)
+        keys = lax.dynamic_slice(cache.k, (cache.layer, 0, 0, 0, 0), visible)[0]  # [B, A, K, D]
+        values = lax.dynamic_slice(cache.v, (cache.layer, 0, 0, 0, 0), visible)[0]  # [B, A, K, D]
+        q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)  # [B, T, K, G, D]
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        )  # [B, K, G, T, A]
+        scores = scores * spec.score_scale
+        if spec.softcap is not None:
+            scores = jnp.tanh(scores / spec.softcap) * spec.softcap
+        mask = attention_mask(positions, cache.length, spec.window)  # [T, A]
+        scores = jnp.where(mask[None, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, A]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))  # [B, T, K, G, D]
+        return out.reshape(batch, length, heads, dim)
+
+
+def _native_decode(q: jax.Array, k_cache: jax.Array) -> bool:
+    return q.dtype == k_cache.dtype == jnp.float32 and native.load()
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer_index: Any,
+    position: Any,
+    window: Any,
+) -> jax.Array:
+    """q [B, N, D] of one position over layer ``layer_index`` of the float32 caches
+    [L, B, S, K, D], positions [position - window + 1 (window > 0), position]: the
+    native kernel (meshnode/native/attention.cc). Returns [B, N, D]."""
+    def scalar(value):
+        return jnp.asarray(value, dtype=jnp.int32).reshape(())
+    call = jax.ffi.ffi_call(native.ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_cache, v_cache, scalar(layer_index), scalar(position), scalar(window))
