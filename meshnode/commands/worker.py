@@ -88,9 +88,8 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
 
 
 def make_service(args: argparse.Namespace, reactor: Any) -> WorkerService:
-    from meshnode.model.compile_cache import enable_compile_cache
-
-    enable_compile_cache()
+    """Only builds: JAX, the compile cache and the native kernels start with the service
+    (twistd forks in between, and a fork must not find threads running)."""
     return WorkerService(options_from_args(args), reactor)
 
 

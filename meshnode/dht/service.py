@@ -44,12 +44,18 @@ class DHTService(Service):
     def __init__(self, options: DHTServiceOptions, reactor: Any, out: TextIO | None = None):
         self.options = options
         self.reactor = reactor
-        self.out = out if out is not None else sys.stdout
+        self._out = out
         self.endpoint: Endpoint | None = None
         self.node: DHTNode | None = None
         self.ready: Deferred[PeerAddress] | None = None
         """Fires with our pinned address once listening and bootstrapped."""
         self.failed: Failure | None = None
+
+    @property
+    def out(self) -> TextIO:
+        """Where the address line goes: sys.stdout as it is now (twistd replaces it after
+        ``makeService``, with its log)."""
+        return self._out if self._out is not None else sys.stdout
 
     def startService(self) -> None:
         super().startService()
@@ -69,7 +75,7 @@ class DHTService(Service):
         self.endpoint = Endpoint(self.reactor, identity, {})
         address = await self.endpoint.listen(options.host, options.port)
         self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
-        print(address, file=self.out, flush=True)
+        print(address, file=self.out, flush=True)  # under twistd: a log line
         if options.bootstrap:
             try:
                 size = await self.node.bootstrap(options.bootstrap)

@@ -74,6 +74,10 @@ class SpanCompute:
         """New positions ``[1, T, H]`` through ``span``; the output keeps the input's dtype."""
         return self.call(self._forward, span, hidden, start, cache)
 
+    def warm_up(self, max_length: int) -> Deferred[None]:
+        """Compile the step programs before the first session needs them."""
+        return self.call(self._warm_up, max_length)
+
     def measure_throughput(self) -> Deferred[float]:
         """Tokens per second through the whole span, decoding after a short prefill."""
         return self.call(self._measure_throughput)
@@ -104,9 +108,12 @@ class SpanCompute:
             out = out.astype(wire_dtype)
         return out, cache
 
-    def _measure_throughput(self) -> float:
+    def _warm_up(self, max_length: int) -> None:
+        self._measure_throughput(steps=2)
+
+    def _measure_throughput(self, steps: int = WARMUP_DECODE_STEPS) -> float:
         runner = self._runner(self.span)
-        cache = runner.new_cache(WARMUP_PREFILL + WARMUP_DECODE_STEPS + 1)
+        cache = runner.new_cache(WARMUP_PREFILL + steps + 1)
         rng = np.random.default_rng(0)
         prompt = rng.standard_normal((1, WARMUP_PREFILL, self.hidden_size)).astype(np.float32)
         out, cache = runner.forward(prompt, 0, cache)
@@ -114,8 +121,8 @@ class SpanCompute:
         out, cache = runner.forward(token, WARMUP_PREFILL, cache)  # compile the decode shape
         np.asarray(out)
         began = time.perf_counter()
-        for step in range(1, WARMUP_DECODE_STEPS):
+        for step in range(1, steps):
             out, cache = runner.forward(token, WARMUP_PREFILL + step, cache)
             token = np.asarray(out)
         elapsed = time.perf_counter() - began
-        return (WARMUP_DECODE_STEPS - 1) / max(elapsed, 1e-9)
+        return (steps - 1) / max(elapsed, 1e-9)

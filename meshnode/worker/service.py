@@ -26,6 +26,7 @@ from twisted.logger import Logger
 
 from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
+from meshnode.phases import StartupPhases
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
@@ -69,7 +70,8 @@ class WorkerService(Service):
     def __init__(self, options: WorkerOptions, reactor: Any, out: TextIO | None = None):
         self.options = options
         self.reactor = reactor
-        self.out = out if out is not None else sys.stdout
+        self._out = out
+        self.phases = StartupPhases(self._say, prefix="meshnode worker: ")
         self.thread = ComputeThread(reactor)
         self.endpoint: Any = None
         self.dht: Any = None
@@ -81,6 +83,14 @@ class WorkerService(Service):
         self.failure: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
+
+    @property
+    def out(self) -> TextIO:
+        """sys.stdout as it is now: twistd replaces it (with its log) after ``makeService``."""
+        return self._out if self._out is not None else sys.stdout
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
 
     def startService(self) -> None:
         super().startService()
@@ -97,21 +107,30 @@ class WorkerService(Service):
         from meshnode.wire.endpoint import Endpoint
 
         options = self.options
+        phases = self.phases
         options.data_dir.mkdir(parents=True, exist_ok=True)
         identity = Identity.load_or_create(options.data_dir)
         self.endpoint = Endpoint(self.reactor, identity, {})
         address = await self.endpoint.listen(options.host, options.port)
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
-        if options.bootstrap:
-            await self.dht.bootstrap(options.bootstrap)
-        source = await self.thread.call(_open_model, options.model)
+        with phases.phase("join DHT"):
+            if options.bootstrap:
+                await self.dht.bootstrap(options.bootstrap)
+        with phases.phase("open model"):
+            # JAX, the compile cache and the native kernels start here, after twistd's fork
+            dtype = await self.thread.call(_prepare_runtime)
+            source = await self.thread.call(_open_model, options.model)
         self.span = await self._choose_span(source)
-        dtype = await self.thread.call(_compute_dtype)
         compute = SpanCompute(self.thread, source, self.span, dtype)
-        await compute.load()
-        self.throughput = await compute.measure_throughput()
+        with phases.phase(f"load span {self.span}"):
+            await compute.load()
+        with phases.phase("compile"):
+            await compute.warm_up(min(options.max_length, source.config.max_position_embeddings))
+        with phases.phase("measure speed"):
+            self.throughput = await compute.measure_throughput()
         self._serve(source, compute)
-        await self.announcer.start()
+        with phases.phase("announce"):
+            await self.announcer.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
         self._report(address, source)
         return address
@@ -194,13 +213,16 @@ class WorkerService(Service):
         (self.options.data_dir / ADDRESS_FILE).unlink(missing_ok=True)
 
 
+def _prepare_runtime() -> Any:
+    """On the compute thread: the compile cache and native kernels on, the compute dtype."""
+    from meshnode.model.compile_cache import enable_compile_cache
+    from meshnode.model.dtypes import default_compute_dtype
+
+    enable_compile_cache()
+    return default_compute_dtype()
+
+
 def _open_model(spec: str) -> Any:
     from meshnode.model.source import open_model
 
     return open_model(spec)
-
-
-def _compute_dtype() -> Any:
-    from meshnode.model.dtypes import default_compute_dtype
-
-    return default_compute_dtype()
