@@ -100,4 +100,6 @@ def run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 1 if service.failure is not None or service.endpoint is None else 0
+    if service.failure is not None:  # a named error (bad flags, no peer answered): 2
+        return 2 if service.failure.check(MeshError) else 1
+    return 0 if service.endpoint is not None else 1

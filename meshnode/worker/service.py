@@ -26,14 +26,14 @@ from twisted.logger import Logger
 
 from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
+from meshnode.inference.directory import fetch_block_records, keys_for
+from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.phases import StartupPhases
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
-from meshnode.inference.directory import fetch_block_records, keys_for
-from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
 from meshnode.worker.span_choice import choose_span
 
@@ -165,7 +165,8 @@ class WorkerService(Service):
 
         def info(state: WorkerState) -> ServerInfo:
             return ServerInfo(str(self.endpoint.address), self.span, state, self.throughput,
-                              self.table.budget.free, dtype, source.fingerprint)
+                              self.table.budget.free, dtype, source.fingerprint,
+                              max_length=max_length)
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,
