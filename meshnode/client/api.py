@@ -45,7 +45,7 @@ from meshnode.client.generate import (
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
-from meshnode.errors import ClientError, MeshError, ModelError
+from meshnode.errors import ClientError, GenerationInterrupted, MeshError, ModelError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.model.decoding import TextStream, prompt_token_ids
 from meshnode.inference.directory import fetch_block_records, keys_for
@@ -198,15 +198,25 @@ class MeshClient:
         chain = InferenceChain(self.endpoint, route, self.source.fingerprint, max_length,
                                self.step_timeout, recovery)
         await chain.open()
-        callback = None
-        if on_token is not None:
-            def callback(token: int) -> None:
-                self.reactor.callFromThread(on_token, token)
+        produced: list[int] = []  # kept for GenerationInterrupted
+
+        def delivered(token: int) -> None:
+            produced.append(token)
+            if on_token is not None:
+                on_token(token)
+
+        def callback(token: int) -> None:
+            self.reactor.callFromThread(delivered, token)
         try:
             loop_result = await deferToThreadPool(
                 self.reactor, self._pool, run_generation, self.reactor, self.head, chain,
                 prompt_ids, options, self._stop_ids(), callback,
             )
+        except MeshError as error:
+            if not produced:
+                raise
+            text = self.tokenizer.decode(produced) if self.tokenizer else ""
+            raise GenerationInterrupted(error, tuple(produced), text) from error
         finally:
             await chain.close()
         text = self.tokenizer.decode(list(loop_result.token_ids)) if self.tokenizer else ""

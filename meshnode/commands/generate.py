@@ -16,6 +16,9 @@ import sys
 from meshnode.commands.options import add_bootstrap_option, add_model_option
 from meshnode.errors import ModelError
 
+#: as ``meshnode.client.recovery.ROUTE_WAIT`` (not imported: it pulls in the client)
+ROUTE_WAIT = 30.0
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local", action="store_true", help="run every block in this process")
@@ -35,6 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print one JSON object at the end")
     add_bootstrap_option(parser, "a DHT node to join (repeatable; mesh mode); #ID pins its node id")
+    parser.add_argument(
+        "--recovery-wait",
+        type=float,
+        default=ROUTE_WAIT,
+        metavar="S",
+        help="when a span's last worker fails, wait up to S seconds for another "
+        f"(default: {ROUTE_WAIT:g})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
