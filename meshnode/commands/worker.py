@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_listen_options(parser, "node key and state (default: a new temporary folder)")
     _add_session_limits(parser)
+    parser.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="do not compile the step programs of common prompt lengths in the background",
+    )
 
 
 def _add_session_limits(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +89,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         cache_tokens=args.cache_tokens,
         max_length=args.max_length,
         idle_timeout=args.idle_timeout,
+        precompile=not args.no_precompile,
     )
 
 

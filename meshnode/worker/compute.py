@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from meshnode.inference.records import BlockSpan
+from meshnode.worker.precompile import session_cache_length
 
 T = TypeVar("T")
 #: positions of the prompt used to measure throughput at start
@@ -66,7 +67,8 @@ class SpanCompute:
         return self.call(self._load)
 
     def new_cache(self, span: BlockSpan, max_length: int) -> Deferred[Any]:
-        return self.call(lambda: self._runner(span).new_cache(max_length))
+        length = session_cache_length(max_length)  # the programs compiled ahead: see precompile
+        return self.call(lambda: self._runner(span).new_cache(length))
 
     def forward(
         self, span: BlockSpan, hidden: np.ndarray, start: int, cache: Any
@@ -88,6 +90,10 @@ class SpanCompute:
         # The host copy of the weights is dropped once the runner holds them on the device.
         params = self._source.load_span_params(self.span.start, self.span.end, self.compute_dtype)
         self._runners[self.span] = SpanRunner(self._source.config, params, self.compute_dtype)
+
+    def runner(self, span: BlockSpan) -> Any:
+        """The runner of ``span`` (built on first use); call it on the compute thread."""
+        return self._runner(span)
 
     def _runner(self, span: BlockSpan) -> Any:
         runner = self._runners.get(span)
@@ -113,7 +119,7 @@ class SpanCompute:
 
     def _measure_throughput(self, steps: int = WARMUP_DECODE_STEPS) -> float:
         runner = self._runner(self.span)
-        cache = runner.new_cache(WARMUP_PREFILL + steps + 1)
+        cache = runner.new_cache(session_cache_length(WARMUP_PREFILL + steps + 1))
         rng = np.random.default_rng(0)
         prompt = rng.standard_normal((1, WARMUP_PREFILL, self.hidden_size)).astype(np.float32)
         out, cache = runner.forward(prompt, 0, cache)

@@ -5,7 +5,15 @@ pinned address, the DHT joined through the bootstrap nodes, the model opened,
 the span chosen (``--blocks`` or ``choose_span`` over the DHT's records), its
 blocks loaded and warmed up on the compute thread (which measures
 throughput), the ``infer.*`` handlers installed, the blocks announced. Then
-the address is printed and written to ``<data dir>/address`` for launchers.
+the address is printed and written to ``<data dir>/address`` for launchers,
+and the step programs of common sessions compile in the background
+(``meshnode.worker.precompile``). Each phase prints one line with its time
+(``StartupPhases``): on the terminal, or in the log under ``twistd``.
+
+Nothing here starts a thread before ``startService``: twistd forks between
+``makeService`` and ``startService``, and JAX (imported and initialised on
+the compute thread, with the compile cache and the native kernels) must not
+be running in a process that forks.
 
 A clean stop announces ``offline``, closes sessions, the Endpoint and the DHT
 and joins the compute thread.
@@ -34,6 +42,7 @@ from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
 from meshnode.worker.span_choice import choose_span
 
@@ -60,6 +69,7 @@ class WorkerOptions:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     announce_interval: float = DEFAULT_INTERVAL
     announce_ttl: float = DEFAULT_TTL
+    precompile: bool = True
 
 
 class WorkerService(Service):
@@ -73,6 +83,8 @@ class WorkerService(Service):
         self._out = out
         self.phases = StartupPhases(self._say, prefix="meshnode worker: ")
         self.thread = ComputeThread(reactor)
+        self.precompiler = Precompiler(reactor)
+        self.precompiled: Deferred[None] | None = None
         self.endpoint: Any = None
         self.dht: Any = None
         self.announcer: Announcer | None = None
@@ -133,7 +145,20 @@ class WorkerService(Service):
             await self.announcer.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
         self._report(address, source)
+        self._precompile(compute, min(options.max_length, source.config.max_position_embeddings))
         return address
+
+    def _precompile(self, compute: SpanCompute, max_length: int) -> None:
+        """The step programs of common sessions, compiled on a thread of their own."""
+        if not self.options.precompile:
+            return
+        shapes = step_shapes(max_length)
+        done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)
+        done.addCallback(lambda seconds: self._say(
+            f"meshnode worker: precompiled {len(shapes)} step programs in the background: "
+            f"{seconds:.1f} s"))
+        done.addErrback(lambda failure: self.log.failure("precompiling failed", failure))
+        self.precompiled = done
 
     async def _choose_span(self, source: Any) -> BlockSpan:
         layers = source.config.num_layers
@@ -148,10 +173,8 @@ class WorkerService(Service):
 
     def _serve(self, source: Any, compute: SpanCompute) -> None:
         options = self.options
-        from meshnode.model.span import cache_length
-
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
-                                  options.idle_timeout, cache_positions=cache_length)
+                                  options.idle_timeout, cache_positions=session_cache_length)
         dtype = str(compute.compute_dtype)
         # a session can never be longer than the positions the model was trained for
         max_length = min(options.max_length, source.config.max_position_embeddings)
@@ -210,6 +233,7 @@ class WorkerService(Service):
             await self.dht.stop().addErrback(lambda _: None)
         if self.endpoint is not None:
             await self.endpoint.close().addErrback(lambda _: None)
+        self.precompiler.stop()
         self.thread.stop()
         (self.options.data_dir / ADDRESS_FILE).unlink(missing_ok=True)
 

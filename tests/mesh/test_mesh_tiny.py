@@ -95,7 +95,8 @@ async def test_no_capacity_is_a_clear_error(tiny_checkpoint, tmp_path):
     fingerprint = open_model(str(tiny_checkpoint)).fingerprint
     span = BlockSpan(0, 6)
     with LocalMesh(str(tiny_checkpoint), root=tmp_path) as mesh:
-        node = mesh.start_worker("0:6", extra=["--cache-tokens", "64"])
+        # one session's cache (at least MIN_SESSION_CACHE positions) takes the whole budget
+        node = mesh.start_worker("0:6", extra=["--cache-tokens", "256"])
         client = Endpoint(reactor, Identity.ephemeral())
         try:
             first = await with_timeout(
