@@ -21,9 +21,10 @@ import sys
 from meshnode.client.api import background_client, call, generate, options_from
 from meshnode.errors import BadAddress, ClientError, GenerationInterrupted
 from meshnode.identity import PeerAddress
+from meshnode.phases import StartupPhases
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace, phases: StartupPhases | None = None) -> int:
     if not args.bootstrap:
         raise ClientError("mesh generation needs --bootstrap HOST:PORT[#ID] (or --local)")
     try:
@@ -38,7 +39,9 @@ def run_generate(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "chat": args.chat,
     }
-    client = background_client(bootstrap, args.model)
+    phases = phases or StartupPhases(lambda line: None)
+    with phases.phase("join the DHT and load the model's head"):
+        client = background_client(bootstrap, args.model)
     client.recovery_options = dataclasses.replace(
         client.recovery_options, route_wait=args.recovery_wait
     )

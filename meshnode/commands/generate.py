@@ -15,6 +15,10 @@ import sys
 
 from meshnode.commands.options import add_bootstrap_option, add_model_option
 from meshnode.errors import ModelError
+from meshnode.phases import StartupPhases
+
+#: start-up phases at least this long (seconds) are said on stderr
+SLOW_PHASE = 1.0
 
 #: as ``meshnode.client.recovery.ROUTE_WAIT`` (not imported: it pulls in the client)
 ROUTE_WAIT = 30.0
@@ -51,14 +55,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise ModelError("give --prompt TEXT or --prompt-ids 1,2,3")
-    from meshnode.model.compile_cache import enable_compile_cache
+    phases = startup_phases()
+    with phases.phase("start JAX (compile cache, native kernels)"):
+        from meshnode.model.compile_cache import enable_compile_cache
 
-    enable_compile_cache()
+        enable_compile_cache()
     if not args.local:
         from meshnode.client.commandline import run_generate
 
-        return run_generate(args)
-    return _run_local(args)
+        return run_generate(args, phases)
+    return _run_local(args, phases)
+
+
+def startup_phases() -> StartupPhases:
+    """Start-up phases of ``generate``, said on stderr when one takes a second or more."""
+    return StartupPhases(_say, prefix="meshnode generate: ", quiet_below=SLOW_PHASE)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def sampling_options(args: argparse.Namespace):  # -> SamplingOptions
@@ -70,11 +85,12 @@ def sampling_options(args: argparse.Namespace):  # -> SamplingOptions
     )
 
 
-def _run_local(args: argparse.Namespace) -> int:
+def _run_local(args: argparse.Namespace, phases: StartupPhases) -> int:
     from meshnode.model.generate import LocalModel
     from meshnode.model.source import open_model
 
-    model = LocalModel.load(open_model(args.model))
+    with phases.phase("load model"):
+        model = LocalModel.load(open_model(args.model))
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)
