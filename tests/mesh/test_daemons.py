@@ -17,13 +17,12 @@ from mesh_helpers import prompts
 
 from meshnode.testing.processes import LocalMesh
 
-pytestmark = pytest.mark.slow
-
 PROCESS_TIMEOUT = 180
 #: seconds a daemon may take to exit after SIGTERM
 STOP_BOUND = 30.0
 
 
+@pytest.mark.slow
 def test_daemons_serve_and_stop_on_sigterm(tiny_checkpoint, tiny_local, tmp_path):
     """When a bootstrap node and two workers run as twistd daemons, then generation through
     them equals local generation, and SIGTERM to each pidfile's pid stops it within 30 s and
@@ -56,3 +55,27 @@ def test_daemons_serve_and_stop_on_sigterm(tiny_checkpoint, tiny_local, tmp_path
             node.signal(signal.SIGTERM)
             assert node.wait_exit(STOP_BOUND), f"{node.name} (pid {pid}) still runs"
             assert not node.pid_path.exists(), f"{node.name} left its pidfile"
+
+
+MAKE_SERVICE = """
+import os, sys
+from meshnode import tap
+options = tap.Options()
+options.parseOptions(sys.argv[1:])
+before = len(os.listdir("/proc/self/task"))  # numpy's BLAS may hold a thread: fork-safe
+service = tap.makeService(options)
+print(len(os.listdir("/proc/self/task")) - before, "jax" in sys.modules, bool(service.running))
+"""
+
+
+@pytest.mark.parametrize("kind", ["worker", "bootstrap"])
+def test_make_service_starts_no_thread(tiny_checkpoint, tmp_path, kind):
+    """When twistd builds a worker or a bootstrap service (before it forks), then no thread
+    is started and JAX is not even imported."""
+    argv = ["--data-dir", str(tmp_path / kind)]
+    if kind == "worker":
+        argv += ["--model", str(tiny_checkpoint), "--blocks", "0:3"]
+    done = subprocess.run([sys.executable, "-c", MAKE_SERVICE, kind, *argv],
+                          capture_output=True, text=True, timeout=PROCESS_TIMEOUT, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "False", "False"]
