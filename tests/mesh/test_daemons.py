@@ -68,6 +68,7 @@ print(len(os.listdir("/proc/self/task")) - before, "jax" in sys.modules, bool(se
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["worker", "bootstrap"])
 def test_make_service_starts_no_thread(tiny_checkpoint, tmp_path, kind):
     """When twistd builds a worker or a bootstrap service (before it forks), then no thread
