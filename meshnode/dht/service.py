@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from meshnode.dht.network import DHTNode
 from meshnode.errors import DHTError
 from meshnode.identity import Identity, PeerAddress
+from meshnode.phases import say
 from meshnode.wire.endpoint import Endpoint
 
 
@@ -51,12 +52,6 @@ class DHTService(Service):
         """Fires with our pinned address once listening and bootstrapped."""
         self.failed: Failure | None = None
 
-    @property
-    def out(self) -> TextIO:
-        """Where the address line goes: sys.stdout as it is now (twistd replaces it after
-        ``makeService``, with its log)."""
-        return self._out if self._out is not None else sys.stdout
-
     def startService(self) -> None:
         super().startService()
         self.ready = Deferred.fromCoroutine(self._start())
@@ -75,7 +70,7 @@ class DHTService(Service):
         self.endpoint = Endpoint(self.reactor, identity, {})
         address = await self.endpoint.listen(options.host, options.port)
         self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
-        print(address, file=self.out, flush=True)  # under twistd: a log line
+        say(str(address), self._out)  # stdout as it is now: under twistd, its log too
         if options.bootstrap:
             try:
                 size = await self.node.bootstrap(options.bootstrap)

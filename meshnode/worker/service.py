@@ -36,7 +36,7 @@ from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
-from meshnode.phases import StartupPhases
+from meshnode.phases import StartupPhases, say
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
@@ -96,13 +96,8 @@ class WorkerService(Service):
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
-    @property
-    def out(self) -> TextIO:
-        """sys.stdout as it is now: twistd replaces it (with its log) after ``makeService``."""
-        return self._out if self._out is not None else sys.stdout
-
     def _say(self, line: str) -> None:
-        print(line, file=self.out, flush=True)
+        say(line, self._out)  # stdout as it is when said: twistd replaces it after makeService
 
     def startService(self) -> None:
         super().startService()
@@ -197,8 +192,8 @@ class WorkerService(Service):
 
     def _report(self, address: PeerAddress, source: Any) -> None:
         """Print the ready line, then write the address file (launchers wait for either)."""
-        print(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
-              f"({self.throughput:.1f} tokens/s)", file=self.out, flush=True)
+        self._say(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
+                  f"({self.throughput:.1f} tokens/s)")
         path = self.options.data_dir / ADDRESS_FILE
         partial = path.with_suffix(".partial")
         partial.write_text(f"{address}\n")
