@@ -2,13 +2,23 @@
 
 Each subcommand lives in ``meshnode/commands/<name>.py`` and exposes
 ``add_arguments(parser)`` and ``run(args) -> int``. This module only dispatches.
+
+Exit status: the command's own; 2 for usage and connection errors (any
+``MeshError``, as argparse does for bad flags); 130 on Ctrl-C; 1 for a bug
+(with its traceback). Run as the program (no ``argv``), the process ends with
+``os._exit`` once stdout and stderr are flushed: the client's reactor and
+compute threads may still be inside JAX or XLA, and letting the interpreter
+tear them down at exit aborts the process (SIGABRT, "FATAL: exception not
+rethrown") after the right message was printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
 from meshnode.errors import MeshError
 
@@ -41,6 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status (ends the process when ``argv`` is None)."""
+    if argv is not None:
+        return _dispatch(argv)
+    try:
+        code = _dispatch(None)
+    except SystemExit as exc:  # argparse's usage errors and --help
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    _exit_now(code)
+    return code  # not reached
+
+
+def _dispatch(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
@@ -49,3 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except Exception:  # noqa: BLE001 - a bug: its traceback, and a status of its own
+        traceback.print_exc()
+        return 1
+
+
+def _exit_now(code: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+    os._exit(code)

@@ -1,10 +1,13 @@
 """``twistd meshnode``: options and ``makeService``, nothing else.
 
-    twistd -n --pidfile= meshnode worker --bootstrap 127.0.0.1:7000#<id> --blocks 0:10
+    twistd --pidfile=w1.pid --logfile=w1.log meshnode worker --bootstrap 127.0.0.1:7000#<id> \
+        --blocks 0:10 --data-dir w1
     twistd -n --pidfile= meshnode bootstrap --port 7000
 
 Each subcommand's flags are the ones of ``meshnode <subcommand>`` (defined once,
 in ``meshnode/commands/<name>.py``); twistd passes them through untouched.
+``makeService`` only builds the service: without ``-n`` twistd forks after it,
+so nothing may start a thread (JAX, thread pools) before ``startService``.
 """
 
 from __future__ import annotations

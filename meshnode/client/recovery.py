@@ -35,9 +35,10 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
 from meshnode.client.chain import SpanSession
+from meshnode.client.defaults import ROUTE_WAIT
 from meshnode.client.routing.discovery import ROUTE_POLL_INTERVAL, discover_route, wait_for_route
 from meshnode.client.routing.route import NodeID, Route
-from meshnode.errors import ClientError, MeshError
+from meshnode.errors import ClientError, MeshError, RouteNotFound
 from meshnode.inference.directory import KeyFor
 from meshnode.inference.records import BlockSpan
 
@@ -49,8 +50,6 @@ MAX_BAN = 600.0
 FORGET_AFTER = 600.0
 #: replacements tried for one failure before giving up
 MAX_ATTEMPTS = 6
-#: seconds to wait for the mesh to cover a span again before ``RouteNotFound``
-ROUTE_WAIT = 30.0
 #: seconds a best-effort close of an abandoned session may take
 ABANDONED_CLOSE_TIMEOUT = 2.0
 
@@ -179,7 +178,14 @@ class SpanRecovery:
         inputs = failed.inputs() if failed.history else None
         deadline = self.clock.seconds() + self.options.route_wait
         for _ in range(self.options.max_attempts):
-            route = await self.wait_for_span_route(failed.span, failed.max_length, deadline)
+            try:
+                route = await self.wait_for_span_route(failed.span, failed.max_length, deadline)
+            except RouteNotFound as exc:
+                raise RouteNotFound(
+                    f"the worker of blocks {failed.span} failed ({_said(error)}) and no other "
+                    f"took them over within {self.options.route_wait:g} s: {exc}",
+                    exc.missing,
+                ) from error
             sessions = [
                 SpanSession(self.endpoint, hop, failed.max_length, timeout) for hop in route.hops
             ]
@@ -219,7 +225,7 @@ class SpanRecovery:
             "worker {worker} failed on span {span} ({error}); banned for {ban:g} s",
             worker=session.hop.node_id.hex()[:12],
             span=str(session.span),
-            error=str(error) or type(error).__name__,
+            error=_said(error),
             ban=duration,
         )
         _abandon(session, abandoned)
@@ -233,6 +239,10 @@ class SpanRecovery:
                 if not recoverable(result.value):
                     result.raiseException()
                 raise _HopFailed(session, result.value)
+
+
+def _said(error: BaseException) -> str:
+    return str(error) or type(error).__name__
 
 
 def _abandon(session: SpanSession, abandoned: list[SpanSession]) -> None:

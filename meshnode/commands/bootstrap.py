@@ -41,4 +41,4 @@ def run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 1 if service.failed is not None else 0
+    return 2 if service.failed is not None else 0  # it could not listen

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import re
 import shutil
 import signal
 import sys
@@ -22,6 +23,8 @@ from typing import Any
 from meshnode.commands.options import DEFAULT_MODEL
 
 DEFAULT_PROMPT = "What is the capital of France?"
+#: a worker's start-up phase line in its log
+PHASE_LINE = re.compile(r"meshnode worker: ([a-zA-Z :0-9]+?): ([0-9.]+) s$")
 #: seconds to wait for the DHT to show every block covered
 COVERAGE_TIMEOUT = 120.0
 
@@ -83,6 +86,9 @@ def _start(mesh: Any, args: argparse.Namespace) -> None:
     nodes = mesh.start_workers(spans)
     for span, node in zip(spans, nodes):
         _say(f"worker blocks {span}: {node.address} (pid {node.pid})")
+        phases = _worker_phases(node)
+        if phases:
+            _say(f"  start-up: {phases}")
     _say(f"{len(nodes)} workers up in {time.monotonic() - began:.1f} s")
 
 
@@ -90,7 +96,9 @@ def _answer(mesh: Any, args: argparse.Namespace) -> int:
     from meshnode.client.api import background_client, call, generate
 
     bootstrap = [mesh.join_address]
+    began = time.monotonic()
     client = background_client(bootstrap, args.model)
+    _say(f"client: joined the DHT and loaded the model's head in {time.monotonic() - began:.1f} s")
     route = call(client.wait_for_route, COVERAGE_TIMEOUT)
     _say("every block covered; route: " + _route_text(route.describe()))
     # a base model without a chat template (Gemma 3 270M) continues the prompt as text
@@ -115,6 +123,21 @@ def _has_chat_template(model: str) -> bool:
     from meshnode.model.source import open_model
 
     return open_model(model).tokenizer().chat_template is not None
+
+
+def _worker_phases(node: Any) -> str:
+    """A worker's start-up phase lines (``meshnode worker: <phase>: <t> s``), on one line."""
+    found = []
+    for path in (node.log_path, node.folder / "stdout.log"):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            match = PHASE_LINE.search(line)
+            if match and match.group(1) not in dict(found):
+                found.append((match.group(1), match.group(2)))
+    return ", ".join(f"{name} {seconds} s" for name, seconds in found)
 
 
 def _route_text(route: Any) -> str:

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from meshnode.client.defaults import DEFAULT_VERIFY_RATE
+from meshnode.client.defaults import DEFAULT_VERIFY_RATE, ROUTE_WAIT
 from meshnode.commands.options import (
     add_bootstrap_option,
     add_client_identity_options,
@@ -21,6 +21,10 @@ from meshnode.commands.options import (
     add_verify_option,
 )
 from meshnode.errors import ModelError
+from meshnode.phases import StartupPhases
+
+#: start-up phases at least this long (seconds) are said on stderr
+SLOW_PHASE = 1.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +47,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_bootstrap_option(parser, "a DHT node to join (repeatable; mesh mode); #ID pins its node id")
     add_client_identity_options(parser)
     add_verify_option(parser, DEFAULT_VERIFY_RATE)
+    parser.add_argument(
+        "--recovery-wait",
+        type=float,
+        default=ROUTE_WAIT,
+        metavar="S",
+        help="when a span's last worker fails, wait up to S seconds for another "
+        f"(default: {ROUTE_WAIT:g})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     if args.prompt is None and args.prompt_ids is None:
         raise ModelError("give --prompt TEXT or --prompt-ids 1,2,3")
-    from meshnode.model.compile_cache import enable_compile_cache
+    phases = startup_phases()
+    with phases.phase("start JAX (compile cache, native kernels)"):
+        from meshnode.model.compile_cache import enable_compile_cache
 
-    enable_compile_cache()
+        enable_compile_cache()
     if not args.local:
         from meshnode.client.commandline import run_generate
 
-        return run_generate(args)
-    return _run_local(args)
+        return run_generate(args, phases)
+    return _run_local(args, phases)
+
+
+def startup_phases() -> StartupPhases:
+    """Start-up phases of ``generate``, said on stderr when one takes a second or more."""
+    return StartupPhases(_say, prefix="meshnode generate: ", quiet_below=SLOW_PHASE)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def sampling_options(args: argparse.Namespace):  # -> SamplingOptions
@@ -67,11 +90,12 @@ def sampling_options(args: argparse.Namespace):  # -> SamplingOptions
     )
 
 
-def _run_local(args: argparse.Namespace) -> int:
+def _run_local(args: argparse.Namespace, phases: StartupPhases) -> int:
     from meshnode.model.generate import LocalModel
     from meshnode.model.source import open_model
 
-    model = LocalModel.load(open_model(args.model))
+    with phases.phase("load model"):
+        model = LocalModel.load(open_model(args.model))
 
     def stream(piece: str) -> None:
         sys.stdout.write(piece)

@@ -46,6 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_listen_options(parser, "node key and state (default: a new temporary folder)")
     _add_session_limits(parser)
     add_swarm_option(parser)
+    parser.add_argument(
+        "--no-precompile",
+        action="store_true",
+        help="do not compile the step programs of common prompt lengths in the background",
+    )
 
 
 def _add_session_limits(parser: argparse.ArgumentParser) -> None:
@@ -106,13 +111,13 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         swarm=args.swarm,
         reclaim_idle=args.reclaim_after,
         open_wait=args.open_wait,
+        precompile=not args.no_precompile,
     )
 
 
 def make_service(args: argparse.Namespace, reactor: Any) -> WorkerService:
-    from meshnode.model.compile_cache import enable_compile_cache
-
-    enable_compile_cache()
+    """Only builds: JAX, the compile cache and the native kernels start with the service
+    (twistd forks in between, and a fork must not find threads running)."""
     return WorkerService(options_from_args(args), reactor)
 
 
@@ -123,4 +128,6 @@ def run(args: argparse.Namespace) -> int:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 1 if service.failure is not None or service.endpoint is None else 0
+    if service.failure is not None:  # a named error (bad flags, no peer answered): 2
+        return 2 if service.failure.check(MeshError) else 1
+    return 0 if service.endpoint is not None else 1

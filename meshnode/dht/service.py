@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from meshnode.dht.network import DHTNode
 from meshnode.errors import DHTError
 from meshnode.identity import Identity, PeerAddress
+from meshnode.phases import say
 from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.wire.endpoint import Endpoint
 
@@ -46,7 +47,7 @@ class DHTService(Service):
     def __init__(self, options: DHTServiceOptions, reactor: Any, out: TextIO | None = None):
         self.options = options
         self.reactor = reactor
-        self.out = out if out is not None else sys.stdout
+        self._out = out
         self.endpoint: Endpoint | None = None
         self.node: DHTNode | None = None
         self.ready: Deferred[PeerAddress] | None = None
@@ -74,7 +75,7 @@ class DHTService(Service):
         start_swarm(self.swarm, self.reactor)
         address = await self.endpoint.listen(options.host, options.port)
         self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
-        print(address, file=self.out, flush=True)
+        say(str(address), self._out)  # stdout as it is now: under twistd, its log too
         if options.bootstrap:
             try:
                 size = await self.node.bootstrap(options.bootstrap)

@@ -90,6 +90,8 @@ class ServerInfo:
     dtype: str
     model: str
     version: int = PROTOCOL_VERSION
+    #: the longest session the worker accepts (positions); None in records from before it
+    max_length: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The CBOR-able DHT value (``server-info`` in the CDDL)."""
@@ -102,6 +104,7 @@ class ServerInfo:
             "cache_tokens": int(self.cache_tokens),
             "dtype": self.dtype,
             "model": self.model,
+            **({} if self.max_length is None else {"max_length": int(self.max_length)}),
         }
 
     @classmethod
@@ -119,6 +122,7 @@ class ServerInfo:
                 dtype=_typed(value, "dtype", str),
                 model=_typed(value, "model", str),
                 version=_typed(value, "v", int),
+                max_length=None if "max_length" not in value else _typed(value, "max_length", int),
             )
         except ValueError as exc:
             raise BadRequest(f"bad server info: {exc}") from exc

@@ -55,10 +55,29 @@ class NodeProcess:
     process: subprocess.Popen
     address: PeerAddress | None = None
     args: list[str] = field(default_factory=list)
+    daemon: bool = False
+    """Started without ``-n``: ``process`` is the launcher, which exits once twistd forked;
+    the daemon's pid is in the pidfile."""
 
     @property
     def pid(self) -> int:
+        if self.daemon:
+            pid = self.daemon_pid()
+            if pid is None:
+                raise NodeFailed(f"{self.name}: no pid in {self.pid_path}")
+            return pid
         return self.process.pid
+
+    @property
+    def pid_path(self) -> Path:
+        return self.folder / "twistd.pid"
+
+    def daemon_pid(self) -> int | None:
+        """The pid twistd wrote to the pidfile (None while there is none)."""
+        try:
+            return int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
 
     @property
     def data_dir(self) -> Path:
@@ -69,12 +88,28 @@ class NodeProcess:
         return self.folder / "twistd.log"
 
     def alive(self) -> bool:
+        if self.daemon:
+            pid = self.daemon_pid()
+            return pid is not None and _pid_alive(pid) or self.process.poll() is None
         return self.process.poll() is None
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` (e.g. SIGKILL, SIGSTOP, SIGCONT) if the process is still there."""
-        if self.alive():
+        if self.daemon:
+            pid = self.daemon_pid()
+            if pid is not None and _pid_alive(pid):
+                os.kill(pid, signum)
+        elif self.alive():
             self.process.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> bool:
+        """Poll until the process (the daemon, for a daemon) is gone; False after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                return True
+            time.sleep(POLL_INTERVAL)
+        return not self.alive()
 
     def log_tail(self, lines: int = 30) -> str:
         """The end of the twistd log and of the process's own output."""
@@ -97,13 +132,20 @@ class NodeProcess:
                 return address
             if not self.alive():
                 raise NodeFailed(
-                    f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}"
+                    f"{self.name} exited with {self.process.poll()}:\n{self.log_tail()}"
                 )
             time.sleep(POLL_INTERVAL)
         raise NodeFailed(f"{self.name} not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> int | None:
         """SIGTERM (and SIGCONT, in case it was stopped), then SIGKILL after ``timeout``."""
+        if self.daemon:
+            self.signal(signal.SIGTERM)
+            self.signal(signal.SIGCONT)
+            if not self.wait_exit(timeout):
+                self.signal(signal.SIGKILL)
+                self.wait_exit(timeout)
+            return self.process.wait()
         if self.alive():
             self.process.send_signal(signal.SIGTERM)
             self.process.send_signal(signal.SIGCONT)
@@ -136,9 +178,12 @@ class LocalMesh:
         python: str = sys.executable,
         extra_env: dict[str, str] | None = None,
         swarm: Path | None = None,
+        daemon: bool = False,
     ):
+        """``daemon``: start nodes as real twistd daemons (no ``-n``; they fork and detach)."""
         self.model = model
         self.swarm = swarm
+        self.daemon = daemon
         self._owned_root = root is None
         self.root = root or Path(tempfile.mkdtemp(prefix="meshnode-mesh-"))
         self.python = python
@@ -211,6 +256,9 @@ class LocalMesh:
             node.signal(signal.SIGCONT)
         deadline = time.monotonic() + timeout
         for node in self.nodes:
+            if node.daemon:
+                node.stop(max(0.0, deadline - time.monotonic()))
+                continue
             try:
                 node.process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -242,7 +290,7 @@ class LocalMesh:
             self.python,
             "-c",
             preamble + "from twisted.scripts.twistd import run; run()",
-            "-n",
+            *([] if self.daemon else ["-n"]),
             f"--pidfile={folder / 'twistd.pid'}",
             f"--logfile={folder / 'twistd.log'}",
             "meshnode",
@@ -257,9 +305,24 @@ class LocalMesh:
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
             )
-        node = NodeProcess(name, folder, process, args=args)
+        node = NodeProcess(name, folder, process, args=args, daemon=self.daemon)
         self.nodes.append(node)
         return node
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _child_env(extra: dict[str, str] | None) -> dict[str, str]:

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
 from meshnode.inference.records import BlockSpan
+from meshnode.worker.precompile import session_cache_length
 
 T = TypeVar("T")
 #: positions of the prompt used to measure throughput at start
@@ -66,13 +67,18 @@ class SpanCompute:
         return self.call(self._load)
 
     def new_cache(self, span: BlockSpan, max_length: int) -> Deferred[Any]:
-        return self.call(lambda: self._runner(span).new_cache(max_length))
+        length = session_cache_length(max_length)  # the programs compiled ahead: see precompile
+        return self.call(lambda: self._runner(span).new_cache(length))
 
     def forward(
         self, span: BlockSpan, hidden: np.ndarray, start: int, cache: Any
     ) -> Deferred[tuple[np.ndarray, Any]]:
         """New positions ``[1, T, H]`` through ``span``; the output keeps the input's dtype."""
         return self.call(self._forward, span, hidden, start, cache)
+
+    def warm_up(self, max_length: int) -> Deferred[None]:
+        """Compile the step programs before the first session needs them."""
+        return self.call(self._warm_up, max_length)
 
     def measure_throughput(self) -> Deferred[float]:
         """Tokens per second through the whole span, decoding after a short prefill."""
@@ -84,6 +90,10 @@ class SpanCompute:
         # The host copy of the weights is dropped once the runner holds them on the device.
         params = self._source.load_span_params(self.span.start, self.span.end, self.compute_dtype)
         self._runners[self.span] = SpanRunner(self._source.config, params, self.compute_dtype)
+
+    def runner(self, span: BlockSpan) -> Any:
+        """The runner of ``span`` (built on first use); call it on the compute thread."""
+        return self._runner(span)
 
     def _runner(self, span: BlockSpan) -> Any:
         runner = self._runners.get(span)
@@ -104,9 +114,12 @@ class SpanCompute:
             out = out.astype(wire_dtype)
         return out, cache
 
-    def _measure_throughput(self) -> float:
+    def _warm_up(self, max_length: int) -> None:
+        self._measure_throughput(steps=2)
+
+    def _measure_throughput(self, steps: int = WARMUP_DECODE_STEPS) -> float:
         runner = self._runner(self.span)
-        cache = runner.new_cache(WARMUP_PREFILL + WARMUP_DECODE_STEPS + 1)
+        cache = runner.new_cache(session_cache_length(WARMUP_PREFILL + steps + 1))
         rng = np.random.default_rng(0)
         prompt = rng.standard_normal((1, WARMUP_PREFILL, self.hidden_size)).astype(np.float32)
         out, cache = runner.forward(prompt, 0, cache)
@@ -114,8 +127,8 @@ class SpanCompute:
         out, cache = runner.forward(token, WARMUP_PREFILL, cache)  # compile the decode shape
         np.asarray(out)
         began = time.perf_counter()
-        for step in range(1, WARMUP_DECODE_STEPS):
+        for step in range(1, steps):
             out, cache = runner.forward(token, WARMUP_PREFILL + step, cache)
             token = np.asarray(out)
         elapsed = time.perf_counter() - began
-        return (WARMUP_DECODE_STEPS - 1) / max(elapsed, 1e-9)
+        return (steps - 1) / max(elapsed, 1e-9)

@@ -5,7 +5,15 @@ pinned address, the DHT joined through the bootstrap nodes, the model opened,
 the span chosen (``--blocks`` or ``choose_span`` over the DHT's records), its
 blocks loaded and warmed up on the compute thread (which measures
 throughput), the ``infer.*`` handlers installed, the blocks announced. Then
-the address is printed and written to ``<data dir>/address`` for launchers.
+the address is printed and written to ``<data dir>/address`` for launchers,
+and the step programs of common sessions compile in the background
+(``meshnode.worker.precompile``). Each phase prints one line with its time
+(``StartupPhases``): on the terminal, or in the log under ``twistd``.
+
+Nothing here starts a thread before ``startService``: twistd forks between
+``makeService`` and ``startService``, and JAX (imported and initialised on
+the compute thread, with the compile cache and the native kernels) must not
+be running in a process that forks.
 
 A clean stop announces ``offline``, closes sessions, the Endpoint and the DHT
 and joins the compute thread.
@@ -28,6 +36,7 @@ from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.phases import StartupPhases, say
 from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
@@ -35,6 +44,7 @@ from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
 from meshnode.worker.span_choice import choose_span
 
@@ -64,6 +74,7 @@ class WorkerOptions:
     swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
     reclaim_idle: float = DEFAULT_RECLAIM_IDLE
     open_wait: float = DEFAULT_OPEN_WAIT
+    precompile: bool = True
 
 
 class WorkerService(Service):
@@ -74,8 +85,11 @@ class WorkerService(Service):
     def __init__(self, options: WorkerOptions, reactor: Any, out: TextIO | None = None):
         self.options = options
         self.reactor = reactor
-        self.out = out if out is not None else sys.stdout
+        self._out = out
+        self.phases = StartupPhases(self._say, prefix="meshnode worker: ")
         self.thread = ComputeThread(reactor)
+        self.precompiler = Precompiler(reactor)
+        self.precompiled: Deferred[None] | None = None
         self.endpoint: Any = None
         self.dht: Any = None
         self.announcer: Announcer | None = None
@@ -87,6 +101,9 @@ class WorkerService(Service):
         self.swarm: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
+
+    def _say(self, line: str) -> None:
+        say(line, self._out)  # stdout as it is when said: twistd replaces it after makeService
 
     def startService(self) -> None:
         super().startService()
@@ -103,6 +120,7 @@ class WorkerService(Service):
         from meshnode.wire.endpoint import Endpoint
 
         options = self.options
+        phases = self.phases
         options.data_dir.mkdir(parents=True, exist_ok=True)
         identity = Identity.load_or_create(options.data_dir)
         identity, self.swarm = join_swarm(options.swarm, identity, options.data_dir, self.reactor)
@@ -110,19 +128,40 @@ class WorkerService(Service):
         start_swarm(self.swarm, self.reactor)
         address = await self.endpoint.listen(options.host, options.port)
         self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
-        if options.bootstrap:
-            await self.dht.bootstrap(options.bootstrap)
-        source = await self.thread.call(_open_model, options.model)
+        with phases.phase("join DHT"):
+            if options.bootstrap:
+                await self.dht.bootstrap(options.bootstrap)
+        with phases.phase("open model"):
+            # JAX, the compile cache and the native kernels start here, after twistd's fork
+            dtype = await self.thread.call(_prepare_runtime)
+            source = await self.thread.call(_open_model, options.model)
         self.span = await self._choose_span(source)
-        dtype = await self.thread.call(_compute_dtype)
         compute = SpanCompute(self.thread, source, self.span, dtype)
-        await compute.load()
-        self.throughput = await compute.measure_throughput()
+        with phases.phase(f"load span {self.span}"):
+            await compute.load()
+        with phases.phase("compile"):
+            await compute.warm_up(min(options.max_length, source.config.max_position_embeddings))
+        with phases.phase("measure speed"):
+            self.throughput = await compute.measure_throughput()
         self._serve(source, compute)
-        await self.announcer.start()
+        with phases.phase("announce"):
+            await self.announcer.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
         self._report(address, source)
+        self._precompile(compute, min(options.max_length, source.config.max_position_embeddings))
         return address
+
+    def _precompile(self, compute: SpanCompute, max_length: int) -> None:
+        """The step programs of common sessions, compiled on a thread of their own."""
+        if not self.options.precompile:
+            return
+        shapes = step_shapes(max_length)
+        done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)
+        done.addCallback(lambda seconds: self._say(
+            f"meshnode worker: precompiled {len(shapes)} step programs in the background: "
+            f"{seconds:.1f} s"))
+        done.addErrback(lambda failure: self.log.failure("precompiling failed", failure))
+        self.precompiled = done
 
     async def _choose_span(self, source: Any) -> BlockSpan:
         layers = source.config.num_layers
@@ -137,10 +176,8 @@ class WorkerService(Service):
 
     def _serve(self, source: Any, compute: SpanCompute) -> None:
         options = self.options
-        from meshnode.model.span import cache_length
-
         self.table = SessionTable(CacheBudget(options.cache_tokens), self.reactor,
-                                  options.idle_timeout, cache_positions=cache_length,
+                                  options.idle_timeout, cache_positions=session_cache_length,
                                   reclaim_idle=options.reclaim_idle)
         dtype = str(compute.compute_dtype)
         # a session can never be longer than the positions the model was trained for
@@ -156,7 +193,8 @@ class WorkerService(Service):
 
         def info(state: WorkerState) -> ServerInfo:
             return ServerInfo(str(self.endpoint.address), self.span, state, self.throughput,
-                              self.table.budget.free, dtype, source.fingerprint)
+                              self.table.budget.free, dtype, source.fingerprint,
+                              max_length=max_length)
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,
@@ -164,8 +202,8 @@ class WorkerService(Service):
 
     def _report(self, address: PeerAddress, source: Any) -> None:
         """Print the ready line, then write the address file (launchers wait for either)."""
-        print(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
-              f"({self.throughput:.1f} tokens/s)", file=self.out, flush=True)
+        self._say(f"meshnode worker {address} serving blocks {self.span} of {source.name} "
+                  f"({self.throughput:.1f} tokens/s)")
         path = self.options.data_dir / ADDRESS_FILE
         partial = path.with_suffix(".partial")
         partial.write_text(f"{address}\n")
@@ -202,17 +240,21 @@ class WorkerService(Service):
             await self.dht.stop().addErrback(lambda _: None)
         if self.endpoint is not None:
             await self.endpoint.close().addErrback(lambda _: None)
+        self.precompiler.stop()
         self.thread.stop()
         (self.options.data_dir / ADDRESS_FILE).unlink(missing_ok=True)
+
+
+def _prepare_runtime() -> Any:
+    """On the compute thread: the compile cache and native kernels on, the compute dtype."""
+    from meshnode.model.compile_cache import enable_compile_cache
+    from meshnode.model.dtypes import default_compute_dtype
+
+    enable_compile_cache()
+    return default_compute_dtype()
 
 
 def _open_model(spec: str) -> Any:
     from meshnode.model.source import open_model
 
     return open_model(spec)
-
-
-def _compute_dtype() -> Any:
-    from meshnode.model.dtypes import default_compute_dtype
-
-    return default_compute_dtype()

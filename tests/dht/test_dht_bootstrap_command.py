@@ -131,5 +131,5 @@ def test_a_taken_port_is_an_error() -> None:
         )
     finally:
         terminate(first)
-    assert taken.returncode == 1
+    assert taken.returncode == 2  # a usage error, as argparse gives
     assert "error" in taken.stderr and taken.stdout == ""

@@ -99,8 +99,9 @@ async def test_no_capacity_is_a_clear_error(tiny_checkpoint, tmp_path):
     fingerprint = open_model(str(tiny_checkpoint)).fingerprint
     span = BlockSpan(0, 6)
     with LocalMesh(str(tiny_checkpoint), root=tmp_path) as mesh:
+        # one session's cache (at least MIN_SESSION_CACHE positions) takes the whole budget;
         # no reclaim, no wait: the refusal itself is under test (test_reclaim.py: the policy)
-        node = mesh.start_worker("0:6", extra=["--cache-tokens", "64", "--reclaim-after", "600",
+        node = mesh.start_worker("0:6", extra=["--cache-tokens", "256", "--reclaim-after", "600",
                                                "--open-wait", "0"])
         client = Endpoint(reactor, Identity.ephemeral())
         try:

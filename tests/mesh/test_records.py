@@ -68,3 +68,20 @@ def test_span_parse_and_contains():
     assert str(span) == "10:20"
     with pytest.raises(BadRequest):
         BlockSpan.parse("10-20")
+
+
+def test_max_length_round_trips_and_is_optional():
+    """When a worker announces its max length, then the record carries it; when a record
+    from before the field has none, then it still parses, with max_length None."""
+    info = make_info(max_length=256)
+    assert info.to_record()["max_length"] == 256
+    assert ServerInfo.from_record(info.to_record()) == info
+    old = make_info().to_record()
+    assert "max_length" not in old
+    assert ServerInfo.from_record(old).max_length is None
+
+
+def test_max_length_of_the_wrong_type_is_refused():
+    """When max_length is not an integer, then the record is refused."""
+    with pytest.raises(BadRequest):
+        ServerInfo.from_record({**make_info().to_record(), "max_length": "long"})

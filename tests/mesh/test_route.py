@@ -6,12 +6,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshnode.client.routing.route import candidates_from_records, find_route
+from meshnode.client.routing.route import (
+    candidates_from_records,
+    find_route,
+    span_route,
+    span_text,
+)
 from meshnode.errors import RouteNotFound
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 
 
-def worker(start, end, throughput=100.0, model="m", online=True, cache=1000) -> ServerInfo:
+def worker(
+    start, end, throughput=100.0, model="m", online=True, cache=1000, max_length=None
+) -> ServerInfo:
     return ServerInfo(
         address=f"127.0.0.1:{start}{end}",
         span=BlockSpan(start, end),
@@ -20,6 +27,7 @@ def worker(start, end, throughput=100.0, model="m", online=True, cache=1000) -> 
         cache_tokens=cache,
         dtype="float32",
         model=model,
+        max_length=max_length,
     )
 
 
@@ -82,7 +90,7 @@ def test_missing_blocks_named():
     with pytest.raises(RouteNotFound) as info:
         find_route(workers, 30, "m")
     assert info.value.missing == tuple(range(10, 15))
-    assert "10-14" in str(info.value)
+    assert "blocks 10:15" in str(info.value)
 
 
 def test_candidates_merge_per_block_records():
@@ -118,3 +126,58 @@ def test_route_covers_or_names_missing(raw):
         assert covered(route, 12)
         for hop in route.hops:
             assert hop.info.span.contains(hop.span)
+
+
+def test_spans_are_written_as_blocks_takes_them():
+    """When blocks are named in a message, then they read as --blocks spans, end exclusive."""
+    assert span_text((0, 1, 2, 5)) == "0:3, 5:6"
+    assert span_text(range(15, 30)) == "15:30"
+
+
+def test_no_worker_accepts_the_length():
+    """When every worker of a span accepts at most 256 positions and the session needs 1064,
+    then the error says so, with the largest max length, not that nobody serves the blocks."""
+    workers = {nid(1): worker(0, 15, cache=5000), nid(2): worker(15, 30, max_length=256),
+               nid(3): worker(15, 30, max_length=128)}
+    with pytest.raises(RouteNotFound) as info:
+        find_route(workers, 30, "m", min_cache_tokens=1064)
+    assert str(info.value) == (
+        "the session needs 1064 positions and no worker of blocks 15:30 accepts more than 256"
+    )
+    assert info.value.missing == tuple(range(15, 30))
+
+
+def test_no_free_cache_says_retry_later():
+    """When both workers of a span are up but their caches are taken, then the error says
+    they have no free cache now and to retry later."""
+    workers = {nid(1): worker(0, 15), nid(2): worker(15, 30, cache=10),
+               nid(3): worker(15, 30, cache=40)}
+    with pytest.raises(RouteNotFound) as info:
+        find_route(workers, 30, "m", min_cache_tokens=100)
+    message = str(info.value)
+    assert "workers of blocks 15:30 have no free cache now" in message
+    assert "the most free is 40 tokens" in message and "retry later" in message
+
+
+def test_mixed_reasons_name_each_candidate():
+    """When the candidates of a span are left out for different reasons, then the error
+    names each one with its reason (length, capacity, banned, unreachable)."""
+    workers = {nid(1): worker(0, 6), nid(2): worker(6, 12, max_length=16),
+               nid(3): worker(6, 12, cache=1), nid(4): worker(6, 12), nid(5): worker(6, 12)}
+    with pytest.raises(RouteNotFound) as info:
+        span_route(workers, BlockSpan(0, 12), "m", banned={nid(4)}, unreachable={nid(5)},
+                   min_cache_tokens=64)
+    message = str(info.value)
+    assert message.startswith("no usable worker serves blocks 6:12: ")
+    assert f"{nid(2).hex()[:12]} (blocks 6:12): accepts at most 16 positions, 64 needed" in message
+    assert f"{nid(3).hex()[:12]} (blocks 6:12): no free cache now" in message
+    assert f"{nid(4).hex()[:12]} (blocks 6:12): banned" in message
+    assert f"{nid(5).hex()[:12]} (blocks 6:12): does not answer" in message
+    assert nid(1).hex()[:12] not in message
+
+
+def test_old_records_without_max_length_are_not_left_out_for_length():
+    """When a worker's record has no max length (an older worker), then length does not
+    exclude it."""
+    route = find_route({nid(1): worker(0, 30)}, 30, "m", min_cache_tokens=900)
+    assert [h.node_id for h in route.hops] == [nid(1)]

@@ -18,7 +18,7 @@ from meshnode.errors import RemoteError
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
 
-SMALL_BUDGET = 64
+SMALL_BUDGET = 256  # one session's cache (MIN_SESSION_CACHE positions at least)
 ROOMY_BUDGET = 16384
 SPAN = BlockSpan(0, 6)
 SESSIONS = 500
@@ -61,7 +61,7 @@ async def test_a_full_budget_refuses_with_a_clear_error_and_the_client_falls_bac
         with pytest.raises(RemoteError) as caught:
             await with_timeout(refused.open(model))
         assert caught.value.code == "no_capacity"
-        assert "64 cache tokens asked, 0 of 64 free" in caught.value.message
+        assert "256 cache tokens asked, 0 of 256 free" in caught.value.message
         ids = prompts(1, 128, seed=77)[0]
         options = GenerationOptions(max_new_tokens=8)
         result = await with_timeout(client.generate_ids(ids, options, route=route))

@@ -2,9 +2,10 @@
 
 The async half of routing (the pure half is ``route``): fetch the records of
 the blocks to cover (``meshnode.inference.directory``), keep the eligible
-workers that are not banned, ping them with ``infer.info`` to measure round
-trips (those that do not answer are left out), and hand all that to
-``span_route`` (the whole model, or one span for recovery).
+workers, ping those not banned with ``infer.info`` to measure round trips
+(those that do not answer are unreachable), and hand all that to
+``span_route`` (the whole model, or one span for recovery), which says why
+each candidate was left out when no route exists.
 This is the one discovery path: ``MeshClient`` and ``SpanRecovery`` both use
 it, and ``wait_for_route`` is the one poll loop over it.
 """
@@ -77,15 +78,17 @@ async def discover_route(
     workers = {
         node_id: info
         for node_id, info in candidates_from_records(records).items()
-        if node_id not in banned and eligible(info, model)
+        if eligible(info, model)
     }
     for node_id, measured in (throughputs or {}).items():
         if node_id in workers:
             workers[node_id] = dataclasses.replace(workers[node_id], throughput=measured)
-    rtts = await measure_rtts(endpoint, clock, workers)
-    unreachable = set(workers) - set(rtts)
+    to_ping = {n: info for n, info in workers.items() if n not in banned}
+    rtts = await measure_rtts(endpoint, clock, to_ping)
+    unreachable = set(to_ping) - set(rtts)
     return span_route(
-        workers, span, model, rtts, banned=unreachable, min_cache_tokens=max_length
+        workers, span, model, rtts, banned=banned, min_cache_tokens=max_length,
+        unreachable=unreachable,
     )
 
 

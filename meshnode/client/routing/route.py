@@ -8,8 +8,12 @@ a worker serving ``[a, b)`` gives an edge ``i -> j`` for every
 
 (its round trip, plus its announced speed over the blocks used), and Dijkstra
 finds the cheapest path from 0 to ``n``. Workers of another model fingerprint,
-offline, banned, or without room for the session's cache are skipped; when no
-path exists, ``RouteNotFound.missing`` names the blocks nobody eligible serves.
+offline, banned, unreachable, accepting fewer positions than the session
+needs or without room for its cache now are skipped; when no path exists,
+``RouteNotFound.missing`` names the blocks nobody usable serves and its
+message says why each candidate for them was left out (``left_out``,
+``no_route_message``). Spans are written ``A:B`` (end exclusive) in every
+message, as ``--blocks`` takes them.
 """
 
 from __future__ import annotations
@@ -66,6 +70,30 @@ def candidates_from_records(
     return workers
 
 
+#: why a candidate worker was left out of a route (the words of the messages)
+LENGTH, CAPACITY, BANNED, UNREACHABLE = "length", "capacity", "banned", "unreachable"
+
+
+def left_out(
+    node_id: NodeID,
+    info: ServerInfo,
+    length: int,
+    banned: Collection[NodeID] = (),
+    unreachable: Collection[NodeID] = (),
+) -> str | None:
+    """Why an eligible worker (online, this model) cannot take a session of ``length``
+    positions now: ``LENGTH``, ``CAPACITY``, ``BANNED``, ``UNREACHABLE``; None if it can."""
+    if node_id in banned:
+        return BANNED
+    if node_id in unreachable:
+        return UNREACHABLE
+    if info.max_length is not None and info.max_length < length:
+        return LENGTH
+    if info.cache_tokens < length:
+        return CAPACITY
+    return None
+
+
 def find_route(
     workers: Mapping[NodeID, ServerInfo],
     num_layers: int,
@@ -74,15 +102,20 @@ def find_route(
     banned: Collection[NodeID] = (),
     tokens: int = 1,
     min_cache_tokens: int = 0,
+    unreachable: Collection[NodeID] = (),
 ) -> Route:
-    """The least expected-latency chain of workers covering ``[0, num_layers)``."""
+    """The least expected-latency chain of workers covering ``[0, num_layers)``.
+
+    ``min_cache_tokens``: the positions the session needs (its max length).
+    """
     rtts = rtts or {}
+    candidates = {n: i for n, i in workers.items() if eligible(i, model, num_layers)}
     usable = {
         node_id: info
-        for node_id, info in workers.items()
-        if node_id not in banned and eligible(info, model, num_layers, min_cache_tokens)
+        for node_id, info in candidates.items()
+        if left_out(node_id, info, min_cache_tokens, banned, unreachable) is None
     }
-    _check_coverage(usable, num_layers)
+    _check_coverage(usable, candidates, num_layers, min_cache_tokens, banned, unreachable)
     edges = _edges(usable, num_layers, rtts, tokens)
     return _dijkstra(edges, usable, num_layers)
 
@@ -94,6 +127,7 @@ def span_route(
     rtts: Mapping[NodeID, float] | None = None,
     banned: Collection[NodeID] = (),
     min_cache_tokens: int = 0,
+    unreachable: Collection[NodeID] = (),
 ) -> Route:
     """The least-latency chain covering exactly ``span`` (``RouteNotFound`` with absolute
     ``missing`` blocks otherwise).
@@ -114,13 +148,16 @@ def span_route(
         )
     try:
         relative = find_route(
-            clipped, span.length, model, rtts=rtts, banned=banned, min_cache_tokens=min_cache_tokens
+            clipped, span.length, model, rtts=rtts, banned=banned,
+            min_cache_tokens=min_cache_tokens, unreachable=unreachable,
         )
     except RouteNotFound as exc:
         missing = tuple(block + span.start for block in exc.missing)
-        raise RouteNotFound(
-            f"no eligible worker serves blocks {_ranges(missing)}", missing
-        ) from None
+        candidates = {n: workers[n] for n in clipped if eligible(workers[n], model)}
+        message = no_route_message(
+            candidates, missing, min_cache_tokens, banned, unreachable
+        )
+        raise RouteNotFound(message, missing) from None
     hops = tuple(
         RouteHop(
             hop.node_id,
@@ -132,13 +169,74 @@ def span_route(
     return Route(hops, relative.expected_latency)
 
 
-def _check_coverage(usable: Mapping[NodeID, ServerInfo], num_layers: int) -> None:
+def _check_coverage(
+    usable: Mapping[NodeID, ServerInfo],
+    candidates: Mapping[NodeID, ServerInfo],
+    num_layers: int,
+    length: int,
+    banned: Collection[NodeID],
+    unreachable: Collection[NodeID],
+) -> None:
     covered = set()
     for info in usable.values():
         covered.update(info.span.blocks())
     missing = tuple(b for b in range(num_layers) if b not in covered)
     if missing:
-        raise RouteNotFound(f"no eligible worker serves blocks {_ranges(missing)}", missing)
+        message = no_route_message(candidates, missing, length, banned, unreachable)
+        raise RouteNotFound(message, missing)
+
+
+def no_route_message(
+    candidates: Mapping[NodeID, ServerInfo],
+    missing: tuple[int, ...],
+    length: int,
+    banned: Collection[NodeID] = (),
+    unreachable: Collection[NodeID] = (),
+) -> str:
+    """Why nobody serves ``missing`` for a session of ``length`` positions, in words.
+
+    ``candidates``: the eligible workers (online, this model) known. One reason
+    for all of them gets one sentence (no worker accepts that many positions;
+    no free cache now, retry later); several reasons list each candidate.
+    """
+    blocks = span_text(missing)
+    wanted = set(missing)
+    reasons = {
+        node_id: left_out(node_id, info, length, banned, unreachable)
+        for node_id, info in candidates.items()
+        if wanted.intersection(info.span.blocks())
+    }
+    reasons = {n: r for n, r in reasons.items() if r is not None}
+    if not reasons:
+        return f"no worker serves blocks {blocks}"
+    kinds = set(reasons.values())
+    if kinds == {LENGTH}:
+        longest = max(candidates[n].max_length or 0 for n in reasons)
+        return (
+            f"the session needs {length} positions and no worker of blocks {blocks} "
+            f"accepts more than {longest}"
+        )
+    if kinds == {CAPACITY}:
+        most = max(candidates[n].cache_tokens for n in reasons)
+        return (
+            f"the workers of blocks {blocks} have no free cache now for {length} positions "
+            f"(the most free is {most} tokens): retry later"
+        )
+    details = "; ".join(
+        f"{n.hex()[:12]} (blocks {candidates[n].span}): {_reason_text(candidates[n], r, length)}"
+        for n, r in sorted(reasons.items(), key=lambda kv: (candidates[kv[0]].span, kv[0]))
+    )
+    return f"no usable worker serves blocks {blocks}: {details}"
+
+
+def _reason_text(info: ServerInfo, reason: str, length: int) -> str:
+    if reason == LENGTH:
+        return f"accepts at most {info.max_length} positions, {length} needed"
+    if reason == CAPACITY:
+        return f"no free cache now ({info.cache_tokens} tokens free, {length} needed)"
+    if reason == UNREACHABLE:
+        return "does not answer"
+    return "banned after failing"
 
 
 def _edges(
@@ -188,12 +286,12 @@ def _dijkstra(
     return Route(tuple(reversed(hops)), best[num_layers])
 
 
-def _ranges(blocks: tuple[int, ...]) -> str:
-    """``(0, 1, 2, 5)`` -> ``"0-2, 5"``."""
+def span_text(blocks: Collection[int]) -> str:
+    """Blocks as spans, the way ``--blocks`` writes them: ``(0, 1, 2, 5)`` -> ``"0:3, 5:6"``."""
     runs: list[list[int]] = []
-    for block in blocks:
-        if runs and runs[-1][1] == block - 1:
-            runs[-1][1] = block
+    for block in sorted(blocks):
+        if runs and runs[-1][1] == block:
+            runs[-1][1] = block + 1
         else:
-            runs.append([block, block])
-    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in runs)
+            runs.append([block, block + 1])
+    return ", ".join(f"{a}:{b}" for a, b in runs)
