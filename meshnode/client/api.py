@@ -420,9 +420,9 @@ def block_records(bootstrap: Iterable[str | PeerAddress],
 
 def background_client(bootstrap: Iterable[str | PeerAddress],
                       model: str = DEFAULT_MODEL, swarm: Any = None,
-                      data_dir: Any = None) -> MeshClient:
+                      data_dir: Any = None, verify_rate: float = 0.0) -> MeshClient:
     """The started ``MeshClient`` the blocking API uses; call its methods with ``call``."""
-    client = _background.client(bootstrap, model, swarm, data_dir)
+    client = _background.client(bootstrap, model, swarm, data_dir, verify_rate)
     _background.call(client.start)
     return client
 

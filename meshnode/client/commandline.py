@@ -18,7 +18,7 @@ import dataclasses
 import json
 import sys
 
-from meshnode.client.api import background_client, call, generate, options_from
+from meshnode.client.api import background_client, call, options_from
 from meshnode.errors import BadAddress, ClientError, GenerationInterrupted
 from meshnode.identity import PeerAddress
 from meshnode.phases import StartupPhases
@@ -38,13 +38,14 @@ def run_generate(args: argparse.Namespace, phases: StartupPhases | None = None) 
         "top_p": args.top_p,
         "seed": args.seed,
         "chat": args.chat,
-        "swarm": getattr(args, "swarm", None),
-        "data_dir": getattr(args, "data_dir", None),
-        "verify_rate": getattr(args, "verify_rate", 0.0),
     }
     phases = phases or StartupPhases(lambda line: None)
     with phases.phase("join the DHT and load the model's head"):
-        client = background_client(bootstrap, args.model)
+        client = background_client(
+            bootstrap, args.model, swarm=getattr(args, "swarm", None),
+            data_dir=getattr(args, "data_dir", None),
+            verify_rate=getattr(args, "verify_rate", 0.0),
+        )
     client.recovery_options = dataclasses.replace(
         client.recovery_options, route_wait=args.recovery_wait
     )
@@ -58,7 +59,7 @@ def run_generate(args: argparse.Namespace, phases: StartupPhases | None = None) 
                 client.generate_ids, list(args.prompt_ids), options_from(**options), on_token
             )
         else:
-            result = generate(args.prompt, bootstrap, args.model, on_text=on_text, **options)
+            result = call(client.generate, args.prompt, options_from(**options), on_text)
     except GenerationInterrupted as exc:
         _print_partial(exc, args, streamed)
         raise

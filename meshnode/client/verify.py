@@ -44,12 +44,12 @@ import random
 from typing import Any
 
 import numpy as np
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 
 from meshnode.client.chain import InferenceChain, SpanSession
 from meshnode.client.defaults import DEFAULT_VERIFY_RATE  # noqa: F401  (re-exported)
-from meshnode.client.generate import MeshGenerationResult, StopRequest, drive
+from meshnode.client.generate import MeshGenerationResult, StopRequest, drive, interrupted
 from meshnode.client.recovery import BanList, SpanRecovery, recoverable
 from meshnode.client.routing import discovery
 from meshnode.client.routing.route import NodeID, Route
@@ -395,6 +395,14 @@ async def verified_generation(client: Any, prompt_ids: list[int], options: Any,
             if len(honest) >= options.max_new_tokens or (honest and honest[-1] in stop_ids):
                 return _result(client, prompt_ids, honest, None, chain)
             continue
+        except CancelledError:
+            raise
+        except Exception as error:
+            # as an unverified generation: what was delivered so far is kept in the error
+            delivered = tuple(honest + emitted[: flush.flushed])
+            if not delivered:
+                raise
+            raise interrupted(error, delivered, client._text(delivered)) from error
         finally:
             await chain.close()
             await verifier.close()
