@@ -16,10 +16,12 @@ from mesh_helpers import prompts, with_timeout
 from meshnode.client.generate import GenerationOptions
 from meshnode.errors import RemoteError
 from meshnode.inference.records import BlockSpan
+from meshnode.worker.precompile import MIN_SESSION_CACHE
 
 pytestmark = pytest.mark.slow
 THROWAWAYS = 6
-HELD_LENGTH = 64  # cache positions each throwaway session reserves (a bucket: no rounding)
+# cache positions each throwaway session reserves: the least any session reserves
+HELD_LENGTH = MIN_SESSION_CACHE
 NEW_TOKENS = 8
 
 
