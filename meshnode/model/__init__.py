@@ -16,6 +16,7 @@ Modules:
 - ``weights``     named tensors -> fused, stacked parameter trees, with shape checks
 - ``tokenizer``   Tokenizer: tokenizer.json or GGUF BPE, chat templates
 - ``source``      open_model(spec) -> ModelSource, fingerprints
-- ``decoding``    the generation loop over any ``forward(hidden, start_position)``
+- ``decoding``    ``Generation``, the step-driven generation (no I/O, no JAX), and its
+                  synchronous driver ``generate_tokens``
 - ``generate``    LocalModel / generate_local: all blocks in this process
 """

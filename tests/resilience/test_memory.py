@@ -35,7 +35,10 @@ def memory_mesh(tiny_checkpoint, tmp_path_factory):
         # no reclaim, no wait on the small one: its refusal is under test
         small = mesh.start_worker("0:6", extra=["--cache-tokens", str(SMALL_BUDGET),
                                                 "--reclaim-after", "600", "--open-wait", "0"])
-        roomy = mesh.start_worker("0:6", extra=["--cache-tokens", str(ROOMY_BUDGET)])
+        # no background precompiling on the measured one: its programs landing mid-churn
+        # would be counted as growth of what sessions leave behind
+        roomy = mesh.start_worker("0:6", extra=["--cache-tokens", str(ROOMY_BUDGET),
+                                                "--no-precompile"])
         client = make_client(mesh, str(tiny_checkpoint), step_timeout=30.0)
         yield mesh, small, roomy, client
         pytest_twisted.blockon(client.close())
