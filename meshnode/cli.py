@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("status", "show which workers serve which blocks"),
     "demo": ("demo", "start a local mesh and answer a prompt through it"),
     "bench": ("bench", "measure local and mesh decode speed"),
+    "serve": ("serve", "serve an OpenAI-compatible HTTP API, a swarm monitor and metrics"),
 }
 
 

@@ -2,6 +2,7 @@
 
     twistd -n --pidfile= meshnode worker --bootstrap 127.0.0.1:7000#<id> --blocks 0:10
     twistd -n --pidfile= meshnode bootstrap --port 7000
+    twistd -n --pidfile= meshnode serve --bootstrap 127.0.0.1:7000#<id> --port 8000
 
 Each subcommand's flags are the ones of ``meshnode <subcommand>`` (defined once,
 in ``meshnode/commands/<name>.py``); twistd passes them through untouched.
@@ -17,7 +18,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 #: twistd subcommands -> the meshnode command module that defines their flags
-SERVICES = {"worker": "worker", "bootstrap": "bootstrap"}
+SERVICES = {"worker": "worker", "bootstrap": "bootstrap", "serve": "serve"}
 
 
 class _PassThrough(usage.Options):
@@ -45,15 +46,20 @@ class BootstrapOptions(_PassThrough):
     command = "bootstrap"
 
 
+class ServeOptions(_PassThrough):
+    command = "serve"
+
+
 class Options(usage.Options):
     subCommands: ClassVar[list] = [
         ["worker", None, WorkerOptions, "serve a span of transformer blocks"],
         ["bootstrap", None, BootstrapOptions, "run a DHT node that others join"],
+        ["serve", None, ServeOptions, "serve the OpenAI-compatible HTTP API and monitor"],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a subcommand: worker or bootstrap")
+            raise usage.UsageError("give a subcommand: worker, bootstrap or serve")
 
 
 def makeService(options: Options) -> IService:
