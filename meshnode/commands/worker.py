@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_listen_options(parser, "node key and state (default: a new temporary folder)")
     _add_session_limits(parser)
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                        help="serve Prometheus metrics at http://HOST:N/metrics (0: ephemeral)")
 
 
 def _add_session_limits(parser: argparse.ArgumentParser) -> None:
@@ -84,6 +86,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         cache_tokens=args.cache_tokens,
         max_length=args.max_length,
         idle_timeout=args.idle_timeout,
+        metrics_port=args.metrics_port,
     )
 
 

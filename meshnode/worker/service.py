@@ -31,6 +31,7 @@ from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.metrics import WorkerMetrics, metrics_site
 from meshnode.inference.directory import fetch_block_records, keys_for
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, SessionTable
@@ -59,6 +60,7 @@ class WorkerOptions:
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     announce_interval: float = DEFAULT_INTERVAL
     announce_ttl: float = DEFAULT_TTL
+    metrics_port: int | None = None  # serve /metrics there (0: ephemeral)
 
 
 class WorkerService(Service):
@@ -79,6 +81,8 @@ class WorkerService(Service):
         self.throughput = 0.0
         self.ready: Deferred[PeerAddress] | None = None
         self.failure: Any = None
+        self.metrics = WorkerMetrics()
+        self.metrics_port: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -107,10 +111,11 @@ class WorkerService(Service):
         source = await self.thread.call(_open_model, options.model)
         self.span = await self._choose_span(source)
         dtype = await self.thread.call(_compute_dtype)
-        compute = SpanCompute(self.thread, source, self.span, dtype)
+        compute = SpanCompute(self.thread, source, self.span, dtype, self.metrics)
         await compute.load()
         self.throughput = await compute.measure_throughput()
         self._serve(source, compute)
+        await self._listen_metrics()
         await self.announcer.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
         self._report(address, source)
@@ -138,7 +143,8 @@ class WorkerService(Service):
         max_length = min(options.max_length, source.config.max_position_embeddings)
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
-                                     FairQueue())
+                                     FairQueue(), self.metrics)
+        self.metrics.watch(self.table)
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
         # a client whose connection dropped cannot step its sessions: free their caches
@@ -151,6 +157,18 @@ class WorkerService(Service):
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,
                                    ttl=options.announce_ttl, interval=options.announce_interval)
+
+    async def _listen_metrics(self) -> None:
+        if self.options.metrics_port is None:
+            return
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        endpoint = TCP4ServerEndpoint(self.reactor, self.options.metrics_port,
+                                      interface=self.options.host)
+        self.metrics_port = await endpoint.listen(metrics_site(self.metrics))
+        port = self.metrics_port.getHost().port
+        print(f"meshnode worker metrics on http://{self.options.host}:{port}/metrics",
+              file=self.out, flush=True)
 
     def _report(self, address: PeerAddress, source: Any) -> None:
         """Print the ready line, then write the address file (launchers wait for either)."""
@@ -184,6 +202,8 @@ class WorkerService(Service):
             offline = self.announcer.stop()
             offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)
             await offline.addErrback(lambda _: None)
+        if self.metrics_port is not None:
+            await self.metrics_port.stopListening()
         if self.table is not None:
             self.table.close_all()
         if self.dht is not None:
