@@ -33,7 +33,7 @@ def api_mesh(chat_checkpoint, tmp_path_factory):
     mesh = LocalMesh(str(chat_checkpoint), root=tmp_path_factory.mktemp("api-mesh"))
     try:
         mesh.start_bootstrap()
-        mesh.start_workers(SPANS)
+        mesh.start_workers(SPANS, extra=["--metrics-port", "0"])
     except BaseException:
         mesh.stop()
         raise

@@ -20,6 +20,7 @@ from mesh_helpers import write_tiny_checkpoint
 #: seconds ``meshnode serve`` may take to join the mesh and load the head
 SERVE_START_TIMEOUT = 120.0
 LISTENING = re.compile(r"listening on (http://[\d.]+:\d+)")
+WORKER_METRICS = re.compile(r"metrics on (http://[\d.]+:\d+/metrics)")
 #: a ChatML template, as SmolLM2's
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
@@ -48,6 +49,30 @@ def write_tiny_chat_checkpoint(folder: Path, seed: int = 0) -> Path:
         "chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "unk_token": "<unk>",
     }))
     return folder
+
+
+def metrics_url(node) -> str:
+    """Where a worker started with ``--metrics-port`` serves its metrics (from its output)."""
+
+    def found() -> str | None:
+        for path in (node.folder / "stdout.log", node.log_path):
+            match = WORKER_METRICS.search(path.read_text(errors="replace")) if path.exists() \
+                else None
+            if match:
+                return match.group(1)
+        return None
+
+    return str(wait_until(found, 30, f"metrics of {node.name} announced"))
+
+
+def scrape(url: str) -> dict[tuple, float]:
+    """Every sample at ``url``, parsed by prometheus_client, by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str,

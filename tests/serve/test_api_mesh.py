@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MODEL_NAME
-from serve_helpers import ServeProcess, wait_until
+from serve_helpers import ServeProcess, metrics_url, scrape, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -194,12 +194,13 @@ def test_uncovered_model_is_503_with_the_reason(api_mesh, tmp_path):
         server.stop()
 
 
-def test_disconnect_mid_stream_frees_the_sessions(openai_client, api_server):
+def test_disconnect_mid_stream_frees_the_sessions(openai_client, api_server, api_mesh):
     """When a client drops a stream mid-way, then the server cancels it and every worker's
-    session is closed at once (long before the idle timeout), as the monitor's info shows."""
+    session is closed at once (long before the idle timeout), as the workers' metrics show."""
+    urls = [metrics_url(node) for node in api_mesh.workers()]
+
     def sessions() -> list:
-        snapshot = api_server.get_json("/api/swarm")
-        return [w["sessions"] for w in snapshot["models"][0]["workers"]]
+        return [scrape(url)[("meshnode_worker_sessions", ())] for url in urls]
 
     wait_until(lambda: sessions() and all(s == 0 for s in sessions()), 60, "idle before")
     stream = chat(openai_client, PROMPTS[6], stream=True, max_tokens=400)
