@@ -166,7 +166,7 @@ class SwarmMonitor:
                 PeerAddress.parse(view.info.address), messages.build_info(),
                 timeout=self._ping_timeout)
         except (MeshError, ConnectError, OSError):  # no answer: unreachable from here, now
-            view.reachable, view.rtt = False, None
+            view.reachable, view.rtt, view.sessions = False, None, None
             return
         now = self._reactor.seconds()
         view.reachable, view.rtt, view.last_seen = True, now - began, now
