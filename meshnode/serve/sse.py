@@ -46,6 +46,10 @@ class EventStream:
             request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
+            # one small write a token: send each at once, not after the last one's ACK
+            transport = getattr(request.channel, "transport", None)
+            if hasattr(transport, "setTcpNoDelay"):
+                transport.setTcpNoDelay(True)
 
     def done(self) -> None:
         """``data: [DONE]`` and the end of the response."""
