@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from meshnode.errors import ApiError, InvalidParameter, Unauthorized, UnknownModel
+from meshnode.errors import ApiError, Unauthorized, UnknownModel
 from meshnode.serve import schema
 from meshnode.serve.completions import CompletionOutcome, CompletionRun, api_error
 from meshnode.serve.metrics import ServerMetrics
@@ -235,8 +235,11 @@ class Completions(Resource):
         """Anything not already answered: a 500 with the reason, logged."""
         log.failure("completion failed", failure)
         error = api_error(failure.value)
-        if isinstance(failure.value, InvalidParameter):
-            error = failure.value
+        if request.startedWriting:  # a stream under way: end it
+            if not request.finished and not _gone(request):
+                request.finish()
+            self._count(error.status)
+            return
         self._answer(request, error.status, schema.error_object(error))
 
 

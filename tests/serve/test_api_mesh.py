@@ -143,6 +143,26 @@ def test_bad_parameters_are_400_naming_them(openai_client):
     assert raised.value.body["param"] == "messages[0].role"
 
 
+def test_too_long_for_the_workers_is_400_on_max_tokens(openai_client):
+    """When prompt plus max_tokens is longer than the workers accept, then it is a 400 that
+    names max_tokens."""
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as raised:
+        chat(openai_client, "hi", max_tokens=5000)
+    assert raised.value.body["param"] == "max_tokens"
+
+
+def test_an_unknown_path_is_a_json_404(api_server):
+    """When a /v1 path does not exist, then the answer is an OpenAI error object, 404."""
+    import urllib.error
+
+    with pytest.raises(urllib.error.HTTPError) as raised:
+        api_server.get("/v1/engines")
+    assert raised.value.code == 404
+    assert json.loads(raised.value.read())["error"]["code"] == "not_found"
+
+
 def test_missing_or_wrong_key_is_401(api_server):
     """When --api-key is set and a request has no key or a wrong one, then it is a 401."""
     import openai
