@@ -1,6 +1,9 @@
 """``SwarmMonitor``: what the monitor page shows, polled from the swarm by this server.
 
-Every ``interval`` seconds it reads the model's block records from the DHT
+Every ``interval`` seconds, while someone watches (``snapshot()`` was asked
+for within ``watch_time`` seconds: a polled DHT costs the reactor a lookup and
+signature checks per block, which generations would pay for), it reads the
+model's block records from the DHT
 (``MeshClient.block_records``) and asks each announced worker ``infer.info``
 over the client's endpoint: the answer gives its open sessions and free cache
 tokens now, its round trip time gives the RTT; a worker that does not answer
@@ -29,6 +32,8 @@ from meshnode.inference.records import ServerInfo, WorkerState
 REFRESH_INTERVAL = 2.0
 #: seconds a worker has to answer ``infer.info`` before it counts as unreachable
 PING_TIMEOUT = 2.0
+#: seconds the monitor keeps polling after the last ``snapshot()``
+WATCH_TIME = 30.0
 
 
 @dataclass
@@ -111,12 +116,15 @@ class SwarmMonitor:
     log = Logger()
 
     def __init__(self, client: Any, reactor: Any, model_id: str,
-                 interval: float = REFRESH_INTERVAL, ping_timeout: float = PING_TIMEOUT):
+                 interval: float = REFRESH_INTERVAL, ping_timeout: float = PING_TIMEOUT,
+                 watch_time: float = WATCH_TIME):
         self._client = client
         self._reactor = reactor
         self._model_id = model_id
         self._interval = interval
         self._ping_timeout = ping_timeout
+        self._watch_time = watch_time
+        self._watched_until = float("-inf")
         self._workers: dict[bytes, WorkerView] = {}
         self._polled: float | None = None
         self._loop = LoopingCall(self._poll)
@@ -132,11 +140,15 @@ class SwarmMonitor:
             self._loop.stop()
 
     def snapshot(self) -> dict[str, Any]:
+        """The swarm as last polled; asking keeps the polls going for ``watch_time``."""
+        self._watched_until = self._reactor.seconds() + self._watch_time
         layers = self._client.source.config.num_layers
         return swarm_snapshot(self._model_id, layers, list(self._workers.values()),
                               self._reactor.seconds(), self._polled)
 
-    def _poll(self) -> Deferred[None]:
+    def _poll(self) -> Deferred[None] | None:
+        if self._reactor.seconds() > self._watched_until:
+            return None  # nobody watches: leave the reactor to the generations
         d = Deferred.fromCoroutine(self._refresh())
         # one failed poll (a DHT lookup timing out) must not stop the monitor
         return d.addErrback(lambda f: self.log.warn("swarm poll failed: {e}",

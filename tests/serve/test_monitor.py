@@ -35,3 +35,48 @@ def test_only_serving_workers_cover_blocks():
     first = model["workers"][0]
     assert (first["rtt_ms"], first["sessions"], first["cache_tokens"]) == (2.0, 1, 900)
     assert first["last_seen_ago_s"] == 2.0 and snapshot["polled_ago_s"] == 1.0
+
+
+class FakeClient:
+    """Counts block record reads; one worker announced."""
+
+    def __init__(self):
+        from twisted.internet.defer import fail
+
+        self.reads = 0
+        self.source = type("S", (), {"config": type("C", (), {"num_layers": 6})()})()
+        self.endpoint = type("E", (), {"request": lambda *a, **k: fail(OSError("down"))})()
+
+    def block_records(self):
+        from twisted.internet.defer import succeed
+
+        self.reads += 1
+        return succeed({0: {b"\x01": view(0, 6, b"\x01").info}})
+
+
+def test_the_monitor_polls_only_while_watched():
+    """When nobody asked for a snapshot lately, then the monitor does not poll the swarm;
+    when one is asked, then it polls every interval for ``watch_time``, and a worker that
+    does not answer its ping shows as unreachable."""
+    from twisted.internet.task import Clock
+
+    from meshnode.serve.monitor import SwarmMonitor
+
+    clock, client = Clock(), FakeClient()
+    monitor = SwarmMonitor(client, clock, "m", interval=2.0, watch_time=10.0)
+    monitor.start()
+    clock.advance(4.0)
+    assert client.reads == 0
+    monitor.snapshot()
+    clock.advance(2.0)
+    assert client.reads == 1
+    worker = monitor.snapshot()["models"][0]["workers"][0]
+    assert (worker["state"], worker["reachable"], worker["sessions"]) == ("unreachable", False,
+                                                                          None)
+    clock.advance(2.0)
+    clock.advance(2.0)
+    assert client.reads == 3
+    for _ in range(10):
+        clock.advance(2.0)
+    assert client.reads == 6  # polls at 12, 14, 16; none after 16 = 6 + watch_time
+    monitor.stop()
