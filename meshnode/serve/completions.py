@@ -122,7 +122,7 @@ class CompletionRun:
         self._text = TextStream(tokenizer, stop_ids)
         request = self._request
         options = GenerationOptions(
-            max_new_tokens=request.max_tokens or DEFAULT_MAX_TOKENS,
+            max_new_tokens=self._max_new_tokens(client.source.config.max_position_embeddings),
             sampling=SamplingOptions(temperature=request.temperature, top_p=request.top_p,
                                      seed=request.seed),
         )
@@ -155,6 +155,23 @@ class CompletionRun:
         if not ids:
             raise InvalidParameter("prompt", "the prompt holds no tokens")
         return ids
+
+    def _max_new_tokens(self, context: int) -> int:
+        """max_tokens, or the default within the model's context; refused here when over it
+        (a worker would refuse the session, and the client would ban it for that)."""
+        room = context - len(self.prompt_ids)
+        if room < 1:
+            raise InvalidParameter("messages" if self._request.chat else "prompt",
+                                   f"the prompt has {len(self.prompt_ids)} tokens; the model's "
+                                   f"context is {context}")
+        wanted = self._request.max_tokens
+        if wanted is None:
+            return min(DEFAULT_MAX_TOKENS, room)
+        if wanted > room:
+            raise InvalidParameter("max_tokens", f"{len(self.prompt_ids)} prompt tokens plus "
+                                   f"max_tokens {wanted} is over the model's context of "
+                                   f"{context}")
+        return wanted
 
     def _token(self, token: int) -> None:
         if self._finished:

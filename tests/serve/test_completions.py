@@ -49,6 +49,7 @@ class FakeTokenizer:
 
 class FakeConfig:
     eos_token_ids = ()
+    max_position_embeddings = 64
 
 
 class FakeSource:
@@ -165,6 +166,17 @@ def test_mesh_errors_become_api_errors(error, status, param):
     assert (failure.value.status, failure.value.param) == (status, param)
     assert str(error) in str(failure.value)
     assert api_error(error).status == status
+
+
+def test_max_tokens_over_the_context_is_refused_and_the_default_fits():
+    """When prompt plus max_tokens is over the model's context, then it is a 400 on
+    max_tokens before any mesh session; without max_tokens, the default fits the context."""
+    client = FakeClient("")
+    _, _, outcomes, _ = run(client, chat_request(max_tokens=62))
+    assert outcomes[0].value.param == "max_tokens" and client.prompt_ids is None
+    client = FakeClient("")
+    run(client, chat_request())
+    assert client.options.max_new_tokens == 64 - 3
 
 
 def test_a_model_without_tokenizer_is_refused():

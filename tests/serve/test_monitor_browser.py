@@ -86,10 +86,19 @@ def screenshot(driver, folder: Path, name: str) -> Path:
 
 
 def states(driver) -> dict[str, str]:
-    from selenium.webdriver.common.by import By
+    """Worker id -> shown state, read in one script (the page redraws every 2 s, so element
+    handles go stale)."""
+    return dict(driver.execute_script(
+        "return Array.from(document.querySelectorAll('tr.worker'))"
+        ".map(r => [r.dataset.id, r.dataset.state]);"))
 
-    return {row.get_attribute("data-id"): row.get_attribute("data-state")
-            for row in driver.find_elements(By.CSS_SELECTOR, "tr.worker")}
+
+def text_of(driver, selector: str) -> str:
+    return driver.execute_script(f"return document.querySelector('{selector}').textContent;")
+
+
+def count_of(driver, selector: str) -> int:
+    return driver.execute_script(f"return document.querySelectorAll('{selector}').length;")
 
 
 def node_id_of(node) -> str:
@@ -127,8 +136,8 @@ def test_the_page_shows_the_mesh_chats_and_drops_a_killed_worker(
     expected = {node_id_of(n) for n in monitor_mesh.workers()}
     wait.until(lambda d: set(states(d)) == expected
                and set(states(d).values()) == {"serving"})
-    assert browser.find_element(By.CSS_SELECTOR, ".gaps").text == "every block is served"
-    assert len(browser.find_elements(By.CSS_SELECTOR, ".coverage .block")) == 6
+    assert text_of(browser, ".gaps") == "every block is served"
+    assert count_of(browser, ".coverage .block") == 6
 
     browser.find_element(By.ID, "chat-input").send_keys("Hello")
     browser.find_element(By.ID, "chat-send").click()
@@ -143,7 +152,7 @@ def test_the_page_shows_the_mesh_chats_and_drops_a_killed_worker(
     victim.signal(signal.SIGKILL)
     victim.process.wait(30)
     wait.until(lambda d: states(d).get(node_id_of(victim), "gone") != "serving")
-    assert browser.find_element(By.CSS_SELECTOR, ".gaps").text == "every block is served"
+    assert text_of(browser, ".gaps") == "every block is served"
     others = {k: v for k, v in states(browser).items() if k != node_id_of(victim)}
     assert set(others.values()) == {"serving"}
     path = screenshot(browser, tmp_path, "monitor-killed.png")
