@@ -209,7 +209,20 @@ def api_error(exc: BaseException) -> ApiError:
         return exc
     code = getattr(exc, "code", None)
     if code in UNAVAILABLE_CODES:
-        return SwarmUnavailable(f"the swarm cannot serve this request now: {exc}")
+        return SwarmUnavailable(f"the swarm cannot serve this request now: {_reasons(exc)}")
     if code == "length_limit":
         return InvalidParameter("max_tokens", f"prompt plus max_tokens is too long: {exc}")
-    return ApiError(f"generation failed: {exc}")
+    return ApiError(f"generation failed: {_reasons(exc)}")
+
+
+def _reasons(exc: BaseException, depth: int = 4) -> str:
+    """``exc``'s message, then those of what it was raised from or while handling (a
+    worker's refusal behind "no route", say)."""
+    parts: list[str] = []
+    seen: BaseException | None = exc
+    while seen is not None and len(parts) < depth:
+        text = str(seen) or type(seen).__name__
+        if text not in parts:
+            parts.append(text)
+        seen = seen.__cause__ or seen.__context__
+    return parts[0] + "".join(f" (after: {p})" for p in parts[1:])

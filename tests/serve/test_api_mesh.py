@@ -232,3 +232,30 @@ def test_disconnect_mid_stream_frees_the_sessions(openai_client, api_server, api
     wait_until(lambda: all(s == 0 for s in sessions()), 30, "sessions closed")
     metrics = api_server.get("/metrics").decode()
     assert 'meshnode_api_requests_total{endpoint="chat.completions",status="499"}' in metrics
+
+
+def test_no_capacity_is_503_with_the_reason(chat_checkpoint, tmp_path):
+    """When the only worker has no cache room for the session, then a completion is a 503
+    whose message says which blocks nobody can serve (the client bans a worker that refuses
+    for want of room, then finds no route; it does not pass the worker's own reason on)."""
+    import openai
+
+    from meshnode.testing.processes import LocalMesh
+
+    with LocalMesh(str(chat_checkpoint), root=tmp_path / "mesh") as mesh:
+        mesh.start_bootstrap()
+        mesh.start_worker("0:6", extra=["--cache-tokens", "64"])
+        server = ServeProcess(tmp_path / "serve", ["--bootstrap", str(mesh.join_address),
+                                                   "--model", str(chat_checkpoint),
+                                                   "--model-name", "small"])
+        try:
+            server.wait_ready()
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+            with pytest.raises(openai.InternalServerError) as raised:
+                client.completions.create(model="small", prompt="hello", max_tokens=300)
+            assert raised.value.status_code == 503
+            assert "blocks 0-5" in raised.value.body["message"], raised.value.body
+            assert raised.value.body["code"] == "swarm_unavailable"
+            client.close()
+        finally:
+            server.stop()

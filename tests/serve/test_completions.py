@@ -179,6 +179,19 @@ def test_max_tokens_over_the_context_is_refused_and_the_default_fits():
     assert client.options.max_new_tokens == 64 - 3
 
 
+def test_a_503_gives_the_reasons_behind_it():
+    """When the mesh error was raised from another, then the 503's message gives both."""
+    try:
+        try:
+            raise NoCapacity("64 cache tokens free, 300 asked")
+        except NoCapacity as cause:
+            raise RouteNotFound("no eligible worker serves blocks 0-5") from cause
+    except RouteNotFound as exc:
+        error = api_error(exc)
+    assert error.status == 503
+    assert str(error).endswith("blocks 0-5 (after: 64 cache tokens free, 300 asked)")
+
+
 def test_a_model_without_tokenizer_is_refused():
     """When the model has no tokenizer, then a text request is a 400 on ``model``."""
     client = FakeClient("")
