@@ -244,8 +244,11 @@ class Completions(Resource):
 
 
 def _gone(request: Any) -> bool:
-    """Whether the client closed the connection (twisted.web keeps no public flag)."""
-    return getattr(request, "_disconnected", False) or request.channel is None
+    """Whether the client closed the connection: twisted.web keeps no public flag (a
+    ``Request`` drops its channel once the connection is lost)."""
+    if getattr(request, "_disconnected", False):
+        return True
+    return hasattr(request, "channel") and request.channel is None
 
 
 def _completion_id(chat: bool) -> str:

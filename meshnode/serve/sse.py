@@ -47,7 +47,7 @@ class EventStream:
             request.setHeader(b"cache-control", b"no-cache")
             request.setHeader(b"x-accel-buffering", b"no")
             # one small write a token: send each at once, not after the last one's ACK
-            transport = getattr(request.channel, "transport", None)
+            transport = getattr(getattr(request, "channel", None), "transport", None)
             if hasattr(transport, "setTcpNoDelay"):
                 transport.setTcpNoDelay(True)
 
