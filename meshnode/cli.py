@@ -31,6 +31,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "start a local mesh and answer a prompt through it"),
     "bench": ("bench", "measure local and mesh decode speed"),
     "swarm": ("swarm", "create a private swarm, admit or revoke its members"),
+    "serve": ("serve", "serve an OpenAI-compatible HTTP API, a swarm monitor and metrics"),
 }
 
 

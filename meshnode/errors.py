@@ -299,3 +299,53 @@ class GenerationInterrupted(ClientError):
         code = getattr(cause, "code", None)
         if isinstance(code, str):
             self.code = code
+
+
+# --- HTTP API (meshnode/serve) -------------------------------------------------
+
+
+class ApiError(MeshError):
+    """Base of the errors ``meshnode serve`` answers with an OpenAI error object;
+    ``status`` is the HTTP status, ``param`` the request field at fault (or None)."""
+
+    code = "api_error"
+    status = 500
+    kind = "server_error"
+    param: str | None = None
+
+
+class InvalidParameter(ApiError):
+    """A request's JSON body is malformed or one of its fields is bad; names the field."""
+
+    code = "invalid_parameter"
+    status = 400
+    kind = "invalid_request_error"
+
+    def __init__(self, param: str | None, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownModel(ApiError):
+    """A request names a model this server does not serve."""
+
+    code = "model_not_found"
+    status = 404
+    kind = "invalid_request_error"
+    param = "model"
+
+
+class Unauthorized(ApiError):
+    """``--api-key`` is set and a request has no ``Authorization: Bearer`` key, or a wrong one."""
+
+    code = "invalid_api_key"
+    status = 401
+    kind = "invalid_request_error"
+
+
+class SwarmUnavailable(ApiError):
+    """The swarm cannot serve a request now (blocks not covered, no capacity); says why."""
+
+    code = "swarm_unavailable"
+    status = 503
+    kind = "service_unavailable"

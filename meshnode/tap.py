@@ -3,6 +3,7 @@
     twistd --pidfile=w1.pid --logfile=w1.log meshnode worker --bootstrap 127.0.0.1:7000#<id> \
         --blocks 0:10 --data-dir w1
     twistd -n --pidfile= meshnode bootstrap --port 7000
+    twistd -n --pidfile= meshnode serve --bootstrap 127.0.0.1:7000#<id> --port 8000
 
 Each subcommand's flags are the ones of ``meshnode <subcommand>`` (defined once,
 in ``meshnode/commands/<name>.py``); twistd passes them through untouched.
@@ -20,7 +21,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 #: twistd subcommands -> the meshnode command module that defines their flags
-SERVICES = {"worker": "worker", "bootstrap": "bootstrap"}
+SERVICES = {"worker": "worker", "bootstrap": "bootstrap", "serve": "serve"}
 
 
 class _PassThrough(usage.Options):
@@ -48,15 +49,20 @@ class BootstrapOptions(_PassThrough):
     command = "bootstrap"
 
 
+class ServeOptions(_PassThrough):
+    command = "serve"
+
+
 class Options(usage.Options):
     subCommands: ClassVar[list] = [
         ["worker", None, WorkerOptions, "serve a span of transformer blocks"],
         ["bootstrap", None, BootstrapOptions, "run a DHT node that others join"],
+        ["serve", None, ServeOptions, "serve the OpenAI-compatible HTTP API and monitor"],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("give a subcommand: worker or bootstrap")
+            raise usage.UsageError("give a subcommand: worker, bootstrap or serve")
 
 
 def makeService(options: Options) -> IService:

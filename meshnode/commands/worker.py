@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not compile the step programs of common prompt lengths in the background",
     )
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="N",
+                        help="serve Prometheus metrics at http://HOST:N/metrics (0: ephemeral)")
 
 
 def _add_session_limits(parser: argparse.ArgumentParser) -> None:
@@ -112,6 +114,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         reclaim_idle=args.reclaim_after,
         open_wait=args.open_wait,
         precompile=not args.no_precompile,
+        metrics_port=args.metrics_port,
     )
 
 

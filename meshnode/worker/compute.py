@@ -51,8 +51,11 @@ class ComputeThread:
 class SpanCompute:
     """The model side of a worker: params of ``span`` and runners over its sub-spans."""
 
-    def __init__(self, thread: ComputeThread, source: Any, span: BlockSpan, compute_dtype: Any):
+    def __init__(self, thread: ComputeThread, source: Any, span: BlockSpan, compute_dtype: Any,
+                 metrics: Any = None):
         self._thread = thread
+        # ``meshnode.worker.metrics.WorkerMetrics`` (None: not counted)
+        self._metrics = metrics
         self._source = source
         self.span = span
         self.compute_dtype = compute_dtype
@@ -105,6 +108,7 @@ class SpanCompute:
     def _forward(
         self, span: BlockSpan, hidden: np.ndarray, start: int, cache: Any
     ) -> tuple[np.ndarray, Any]:
+        began = time.perf_counter()
         wire_dtype = hidden.dtype
         # numpy -> jax: zero copy when the wire's buffer is aligned and already f32
         x = hidden if hidden.dtype == np.float32 else hidden.astype(np.float32)
@@ -112,6 +116,9 @@ class SpanCompute:
         out = np.asarray(out)  # [1, T, H]
         if out.dtype != wire_dtype:
             out = out.astype(wire_dtype)
+        if self._metrics is not None:
+            rows, positions = hidden.shape[0], hidden.shape[0] * hidden.shape[1]
+            self._metrics.forward_done(rows, positions, time.perf_counter() - began)
         return out, cache
 
     def _warm_up(self, max_length: int) -> None:

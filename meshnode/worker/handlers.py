@@ -14,13 +14,14 @@ at once (``meshnode.worker.admission``).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, maybeDeferred
 
-from meshnode.errors import BadRequest, LengthLimit, SpanNotServed
+from meshnode.errors import BadRequest, LengthLimit, MeshError, SpanNotServed
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
 from meshnode.wire.message import Handler, Message, PeerInfo
@@ -48,6 +49,7 @@ class InferenceHandlers:
         throughput: Callable[[], float] = lambda: 0.0,
         queue: Any = None,
         admission: Any = None,
+        metrics: Any = None,
     ):
         self.limits = limits
         # ``meshnode.worker.admission.OpenAdmission``, or None: a full budget refuses at once
@@ -57,14 +59,38 @@ class InferenceHandlers:
         self._throughput = throughput
         # ``meshnode.worker.fairness.FairQueue``: compute turns round-robin across peers
         self.queue = queue
+        # ``meshnode.worker.metrics.WorkerMetrics`` (None: not counted)
+        self.metrics = metrics
 
     def handlers(self) -> dict[str, Handler]:
-        return {
+        table = {
             messages.INFO: self.info,
             messages.OPEN: self.open,
             messages.STEP: self.step,
             messages.CLOSE: self.close,
         }
+        if self.metrics is None:
+            return table
+        return {name: self._counted(handler) for name, handler in table.items()}
+
+    def _counted(self, handler: Handler) -> Handler:
+        """``handler``, with every refusal counted by its error code."""
+
+        def counted(peer: PeerInfo, message: Message) -> Any:
+            try:
+                result = handler(peer, message)
+            except MeshError as exc:
+                self.metrics.failed(exc)
+                raise
+            if isinstance(result, Deferred):
+                result.addErrback(self._count_failure)
+            return result
+
+        return counted
+
+    def _count_failure(self, failure: Any) -> Any:
+        self.metrics.failed(failure.value)
+        return failure
 
     def info(self, peer: PeerInfo, message: Message) -> Message:
         return messages.build_info_ok(
@@ -124,9 +150,21 @@ class InferenceHandlers:
         return messages.build_close_ok()
 
     def _compute(self, peer: PeerInfo, work: Callable[[], Any]) -> Deferred[Any]:
+        if self.metrics is not None:
+            work = self._timed(work)
         if self.queue is None:
             return maybeDeferred(work)
         return self.queue.submit(peer.node_id, work)
+
+    def _timed(self, work: Callable[[], Any]) -> Callable[[], Any]:
+        """``work``, recording how long it waited for its compute turn."""
+        arrived = time.perf_counter()
+
+        def timed() -> Any:
+            self.metrics.queue_wait.observe(time.perf_counter() - arrived)
+            return work()
+
+        return timed
 
     def _check_open(self, request: messages.OpenRequest) -> None:
         if request.model != self.limits.model:

@@ -44,6 +44,7 @@ from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import ComputeThread, SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.metrics import WorkerMetrics, metrics_site
 from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
 from meshnode.worker.span_choice import choose_span
@@ -75,6 +76,7 @@ class WorkerOptions:
     reclaim_idle: float = DEFAULT_RECLAIM_IDLE
     open_wait: float = DEFAULT_OPEN_WAIT
     precompile: bool = True
+    metrics_port: int | None = None  # serve /metrics there (0: ephemeral)
 
 
 class WorkerService(Service):
@@ -99,6 +101,8 @@ class WorkerService(Service):
         self.ready: Deferred[PeerAddress] | None = None
         self.failure: Any = None
         self.swarm: Any = None
+        self.metrics = WorkerMetrics()
+        self.metrics_port: Any = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -136,7 +140,7 @@ class WorkerService(Service):
             dtype = await self.thread.call(_prepare_runtime)
             source = await self.thread.call(_open_model, options.model)
         self.span = await self._choose_span(source)
-        compute = SpanCompute(self.thread, source, self.span, dtype)
+        compute = SpanCompute(self.thread, source, self.span, dtype, self.metrics)
         with phases.phase(f"load span {self.span}"):
             await compute.load()
         with phases.phase("compile"):
@@ -144,6 +148,7 @@ class WorkerService(Service):
         with phases.phase("measure speed"):
             self.throughput = await compute.measure_throughput()
         self._serve(source, compute)
+        await self._listen_metrics()
         with phases.phase("announce"):
             await self.announcer.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
@@ -185,7 +190,10 @@ class WorkerService(Service):
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
                                      FairQueue(),
-                                     OpenAdmission(self.table, self.reactor, options.open_wait))
+                                     admission=OpenAdmission(self.table, self.reactor,
+                                                             options.open_wait),
+                                     metrics=self.metrics)
+        self.metrics.watch(self.table)
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
         # a client whose connection dropped cannot step its sessions: free their caches
@@ -199,6 +207,18 @@ class WorkerService(Service):
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,
                                    ttl=options.announce_ttl, interval=options.announce_interval)
+
+    async def _listen_metrics(self) -> None:
+        if self.options.metrics_port is None:
+            return
+        from twisted.internet.endpoints import TCP4ServerEndpoint
+
+        endpoint = TCP4ServerEndpoint(self.reactor, self.options.metrics_port,
+                                      interface=self.options.host)
+        self.metrics_port = await endpoint.listen(metrics_site(self.metrics))
+        port = self.metrics_port.getHost().port
+        print(f"meshnode worker metrics on http://{self.options.host}:{port}/metrics",
+              file=self.out, flush=True)
 
     def _report(self, address: PeerAddress, source: Any) -> None:
         """Print the ready line, then write the address file (launchers wait for either)."""
@@ -234,6 +254,8 @@ class WorkerService(Service):
             offline = self.announcer.stop()
             offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)
             await offline.addErrback(lambda _: None)
+        if self.metrics_port is not None:
+            await self.metrics_port.stopListening()
         if self.table is not None:
             self.table.close_all()
         if self.dht is not None:

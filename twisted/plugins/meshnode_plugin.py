@@ -1,4 +1,7 @@
-"""The ``twistd meshnode`` plugin: a worker or a bootstrap DHT node (see ``meshnode/tap.py``)."""
+"""The ``twistd meshnode`` plugin: a worker, a bootstrap DHT node or the HTTP API server.
+
+See ``meshnode/tap.py``.
+"""
 
 from twisted.application.service import ServiceMaker
 

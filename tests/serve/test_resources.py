@@ -1,0 +1,103 @@
+"""The ``/v1`` resources in memory (twisted.web's ``DummyRequest``, a fake mesh client):
+statuses, the event stream's framing, and a disconnect cancelling the generation."""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+
+from test_completions import FakeClient
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.test.requesthelper import DummyRequest
+
+from meshnode.serve.resources import Completions, Models, ServeContext
+
+KEY = "k"
+
+
+def context(client=None) -> ServeContext:
+    return ServeContext(client or FakeClient("hello"), Clock(), ["m"], api_key=KEY)
+
+
+def post(resource, body: dict, key: str | None = KEY) -> DummyRequest:
+    request = DummyRequest([b""])
+    request.method = b"POST"
+    request.content = BytesIO(json.dumps(body).encode())
+    if key is not None:
+        request.requestHeaders.setRawHeaders(b"authorization", [f"Bearer {key}".encode()])
+    result = resource.render(request)
+    if result is not NOT_DONE_YET:
+        request.write(result)
+        request.finish()
+    return request
+
+
+def sample(ctx: ServeContext, name: str, **labels: str) -> float | None:
+    if labels:
+        labels = {"endpoint": "chat.completions", **labels}
+    return ctx.metrics.registry.get_sample_value(name, labels)
+
+
+def body_of(request) -> dict:
+    return json.loads(b"".join(request.written))
+
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def test_statuses_of_refusals():
+    """When the key is missing or wrong, the model unknown or a field bad, then the answer
+    is 401, 404 or 400 with an OpenAI error object, and the refusal is counted."""
+    ctx = context()
+    resource = Completions(ctx, chat=True)
+    for request_body, key, status, code in (
+        (CHAT, None, 401, "invalid_api_key"),
+        (CHAT, "bad", 401, "invalid_api_key"),
+        ({**CHAT, "model": "x"}, KEY, 404, "model_not_found"),
+        ({**CHAT, "top_p": 2}, KEY, 400, "invalid_parameter"),
+    ):
+        request = post(resource, request_body, key)
+        assert request.responseCode == status
+        assert body_of(request)["error"]["code"] == code
+    assert sample(ctx, "meshnode_api_requests_total", status="401") == 2
+    models = DummyRequest([b""])
+    assert Models(ctx).render(models) and models.responseCode == 401
+
+
+def test_a_stream_is_events_then_done():
+    """When a stream completes, then it is a role chunk, text chunks, a finish chunk, the
+    usage chunk, and ``data: [DONE]``, as text/event-stream."""
+    client = FakeClient("hello")
+    request = post(Completions(context(client), chat=True),
+                   {**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    client.emit()
+    assert request.finished
+    assert request.responseHeaders.getRawHeaders(b"content-type")[0].startswith(
+        b"text/event-stream")
+    events = b"".join(request.written).decode().split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "hello"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_a_client_that_leaves_cancels_its_generation():
+    """When the HTTP client goes away mid-stream, then the generation's Deferred is cancelled
+    (which closes its mesh sessions), nothing more is written, and no stream stays open."""
+    client = FakeClient("hello")
+    ctx = context(client)
+    request = post(Completions(ctx, chat=True), {**CHAT, "stream": True})
+    client.on_token(ord("h"))
+    written = len(request.written)
+    request.processingFailed(Failure(ConnectionDone()))
+    assert client.cancelled
+    client.on_token(ord("e"))
+    assert len(request.written) == written
+    assert sample(ctx, "meshnode_api_open_streams") == 0
+    assert sample(ctx, "meshnode_api_requests_total", status="499") == 1
