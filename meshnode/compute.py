@@ -6,8 +6,8 @@ thread never waits on the model and calls run one after another, in the order
 they were made. ``call`` returns a Deferred that fires on the reactor thread;
 cancelling it does not stop the call in flight, it only drops its result.
 
-Neutral ground: ``meshnode.client`` uses it and ``meshnode.worker`` may (its
-``worker.compute.ComputeThread`` is the same piece), and neither imports the other.
+Neutral ground: ``meshnode.client`` and ``meshnode.worker`` both use it, and
+neither imports the other.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``SpanCompute``: a worker's blocks, run by JAX on one dedicated thread.
 
-Every JAX call (loading, cache allocation, forward) goes through a thread pool
-of exactly one thread: the reactor thread never blocks on the model, and
-steps of different sessions run one after another on the device, in the
+Every JAX call (loading, cache allocation, forward) goes through one
+``meshnode.compute.ComputeThread`` (the same piece the client's head uses):
+the reactor thread never blocks on the model, and steps of different sessions run one after another on the device, in the
 order they arrived. A session may cover only part of the worker's span (a
 route may enter or leave it in the middle); a runner per sub-span is built on
 first use from slices of the stacked parameters and kept.
@@ -16,9 +16,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
+from meshnode.compute import ComputeThread
 from meshnode.inference.records import BlockSpan
 from meshnode.worker.precompile import session_cache_length
 
@@ -26,26 +25,6 @@ T = TypeVar("T")
 #: positions of the prompt used to measure throughput at start
 WARMUP_PREFILL = 16
 WARMUP_DECODE_STEPS = 8
-
-
-class ComputeThread:
-    """One dedicated thread for every JAX call of a process (and slow file reads)."""
-
-    def __init__(self, reactor: Any, name: str = "meshnode-compute"):
-        self._reactor = reactor
-        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-
-    def start(self) -> None:
-        self._pool.start()
-
-    def stop(self) -> None:
-        """Join the thread (after the call in flight, if any)."""
-        if self._pool.started:
-            self._pool.stop()
-
-    def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
-        """Run ``function(*args)`` on the compute thread."""
-        return deferToThreadPool(self._reactor, self._pool, function, *args)
 
 
 class SpanCompute:

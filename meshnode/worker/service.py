@@ -32,6 +32,7 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from meshnode.compute import ComputeThread
 from meshnode.errors import MeshError, WorkerError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.inference.directory import fetch_block_records, keys_for
@@ -41,7 +42,7 @@ from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
 from meshnode.worker.budget import CacheBudget
-from meshnode.worker.compute import ComputeThread, SpanCompute
+from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.worker.metrics import WorkerMetrics, metrics_site
