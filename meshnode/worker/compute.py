@@ -1,11 +1,12 @@
 """``SpanCompute``: a worker's blocks, run by JAX on one dedicated thread.
 
 Every JAX call (loading, cache allocation, forward) goes through one
-``meshnode.compute.ComputeThread`` (the same piece the client's head uses):
-the reactor thread never blocks on the model, and steps of different sessions run one after another on the device, in the
-order they arrived. A session may cover only part of the worker's span (a
-route may enter or leave it in the middle); a runner per sub-span is built on
-first use from slices of the stacked parameters and kept.
+``meshnode.compute.ComputeThread`` (the same piece the client's head uses): the
+reactor thread never blocks on the model, and steps of different sessions run
+one after another on the device, in the order they arrived. A session may cover
+only part of the worker's span (a route may enter or leave it in the middle); a
+runner per sub-span is built on first use from slices of the stacked parameters
+and kept.
 """
 
 from __future__ import annotations
