@@ -37,7 +37,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests" / "serve"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 PROMPTS = ("Once upon a time", "The capital of France is", "Here is a list of fruits:",
@@ -145,10 +144,10 @@ def measure_command(join: str, model: str, new_tokens: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import openai
-    from serve_helpers import ServeProcess
 
     from meshnode.client.api import background_client
     from meshnode.testing.processes import LocalMesh
+    from tests.serve.serve_helpers import ServeProcess
 
     root = Path(tempfile.mkdtemp(prefix="meshnode-bench-api-"))
     results = []

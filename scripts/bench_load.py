@@ -24,7 +24,6 @@ from pathlib import Path
 # Run from a checkout: use its meshnode and the resilience tests' helpers.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests" / "resilience"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -48,10 +47,9 @@ def random_prompts(count: int, vocab: int, seed: int) -> list[list[int]]:
 
 
 async def measure(reactor, args: argparse.Namespace) -> None:
-    from load_probe import run_load
-
     from meshnode.client.api import MeshClient
     from meshnode.testing.processes import LocalMesh
+    from tests.resilience.load_probe import run_load
 
     root = Path(tempfile.mkdtemp(prefix="meshnode-bench-load-"))
     with LocalMesh(args.model, root=root) as mesh:

@@ -33,7 +33,6 @@ from pathlib import Path
 # Run from a checkout: use its meshnode and the resilience tests' probe.
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests" / "resilience"))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 MIB = 1024 * 1024
@@ -51,12 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def measure(reactor, args: argparse.Namespace) -> None:
-    from memory_probe import churn, direct_route, footprint, rss
-
     from meshnode.client.api import MeshClient
     from meshnode.inference.records import BlockSpan
     from meshnode.model.source import open_model
     from meshnode.testing.processes import LocalMesh
+    from tests.resilience.memory_probe import churn, direct_route, footprint, rss
 
     source = open_model(args.model)
     span = BlockSpan.parse(args.blocks) if args.blocks else BlockSpan(0, source.config.num_layers)

@@ -36,11 +36,8 @@ CONTACTS = [Contact(bytes([i]) * 32, "127.0.0.1", 7000 + i) for i in range(1, 3)
 def _member_record():
     """A block record by a private swarm's member: its membership certificate rides along."""
     import dataclasses
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "swarm"))
-    from swarm_golden import member_certificate
+    from tests.swarm.swarm_golden import member_certificate
 
     member = dataclasses.replace(WRITER, membership=member_certificate().encode())
     return sign_record(member, KEY, VALUE, EXPIRATION)

@@ -4,7 +4,6 @@ refresh, dead nodes, stop."""
 from __future__ import annotations
 
 import pytest
-from dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle
 from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 
@@ -15,6 +14,7 @@ from meshnode.dht.records import MAX_RECORD_TTL
 from meshnode.dht.routing import K
 from meshnode.errors import DHTError, InvalidRecord
 from meshnode.identity import PeerAddress
+from tests.dht.dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle
 
 START = 1_000_000.0
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from dht_helpers import FakeNetwork, make_nodes, settle
 from twisted.internet.task import Clock
 
 from meshnode.dht import messages
@@ -15,6 +14,7 @@ from meshnode.dht.routing import K
 from meshnode.errors import BadRequest, ConnectionClosed, RemoteError, RequestTimeout
 from meshnode.identity import Identity
 from meshnode.wire.message import Message
+from tests.dht.dht_helpers import FakeNetwork, make_nodes, settle
 
 KEY = bytes(range(32))
 

@@ -5,14 +5,11 @@ Never import the reactor at module level here (pytest-twisted installs it).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from mesh_helpers import write_tiny_checkpoint
+from tests.mesh.mesh_helpers import write_tiny_checkpoint
 
 #: the three workers of the SmolLM2 mesh
 SMOLLM2_SPANS = ("0:10", "10:20", "20:30")

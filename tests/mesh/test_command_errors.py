@@ -18,9 +18,9 @@ import subprocess
 import sys
 
 import pytest
-from mesh_helpers import prompts
 
 from meshnode.testing.processes import LocalMesh
+from tests.mesh.mesh_helpers import prompts
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 import pytest
-from mesh_helpers import prompts
+
+from tests.mesh.mesh_helpers import prompts
 
 PROCESS_TIMEOUT = 180
 

@@ -13,9 +13,9 @@ import subprocess
 import sys
 
 import pytest
-from mesh_helpers import prompts
 
 from meshnode.testing.processes import LocalMesh
+from tests.mesh.mesh_helpers import prompts
 
 PROCESS_TIMEOUT = 180
 #: seconds a daemon may take to exit after SIGTERM

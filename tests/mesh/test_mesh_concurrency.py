@@ -13,10 +13,10 @@ import threading
 import psutil
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.model.sampling import SamplingOptions
+from tests.mesh.mesh_helpers import prompts, with_timeout
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts, with_timeout
 from twisted.internet.defer import DeferredList
 
 from meshnode.client.chain import InferenceChain
@@ -18,6 +17,7 @@ from meshnode.errors import RemoteError
 from meshnode.identity import Identity, PeerAddress
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
+from tests.mesh.mesh_helpers import prompts, with_timeout
 
 HIDDEN = 576
 #: frame prefix + CBOR header of an infer.step: well under this many bytes

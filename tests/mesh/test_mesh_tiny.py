@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.routing.route import Route, RouteHop, candidates_from_records
 from meshnode.inference.records import BlockSpan
+from tests.mesh.mesh_helpers import prompts, with_timeout
 
 NEW_TOKENS = 12
 

@@ -150,13 +150,9 @@ def test_an_open_larger_than_the_whole_budget_is_refused_at_once():
 def test_retry_after_travels_in_the_error_frame():
     """When a handler refuses with RetryLater, then the error frame carries code no_capacity
     and retry_after, and the asking side's RemoteError has it."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "wire"))
-    from wire_helpers import MemoryConnection, raw_frame, request_header
 
     from meshnode.wire.protocol import _remote_error
+    from tests.wire.wire_helpers import MemoryConnection, raw_frame, request_header
 
     def refuse(peer, message):
         raise RetryLater("64 cache tokens asked, 0 of 64 free", 2.5)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.errors import RemoteError
 from meshnode.inference.records import BlockSpan
 from meshnode.worker.precompile import MIN_SESSION_CACHE
+from tests.mesh.mesh_helpers import prompts, with_timeout
 
 pytestmark = pytest.mark.slow
 THROWAWAYS = 6

@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import start_mesh
+
+from tests.mesh.conftest import start_mesh
 
 STATUS_TIMEOUT = 120
 

@@ -16,11 +16,11 @@ import sys
 
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.errors import DHTError, MeshError, RemoteError
 from meshnode.swarm.keys import create_swarm
+from tests.mesh.mesh_helpers import prompts, with_timeout
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 8

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.verify import DEFAULT_VERIFY_RATE
+from tests.mesh.mesh_helpers import prompts, with_timeout
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 8

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-sys.path.insert(0, str(Path(__file__).parent))

@@ -8,7 +8,6 @@ import shutil
 import gguf
 import numpy as np
 import pytest
-from model_helpers import build_reference, write_checkpoint
 from safetensors.numpy import load_file, save_file
 
 from meshnode.cli import main
@@ -21,6 +20,7 @@ from meshnode.errors import (
 )
 from meshnode.model.source import open_model
 from meshnode.model.span import SpanRunner
+from tests.model.model_helpers import build_reference, write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from model_helpers import reference_greedy, reference_logits, relative_error
 
 from meshnode.model.generate import LocalModel
 from meshnode.model.source import gemma3_270m_path, open_model
+from tests.model.model_helpers import reference_greedy, reference_logits, relative_error
 
 pytestmark = pytest.mark.slow
 

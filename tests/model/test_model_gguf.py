@@ -10,12 +10,17 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from model_helpers import build_reference, relative_error, write_checkpoint, write_llama_gguf
 
 from meshnode.model.gguf_file import GGUFFile, read_tensor
 from meshnode.model.head import ClientHead
 from meshnode.model.source import open_model
 from meshnode.model.span import SpanRunner
+from tests.model.model_helpers import (
+    build_reference,
+    relative_error,
+    write_checkpoint,
+    write_llama_gguf,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +123,10 @@ def test_mixtral_gguf_keeps_experts_quantized_and_matches(tmp_path):
     QuantizedMatrix, and its logits match transformers over the same (round-tripped)
     weights."""
     import torch
-    from model_helpers import reference_logits
 
     from meshnode.model.generate import LocalModel
     from meshnode.model.quant import QuantizedMatrix
+    from tests.model.model_helpers import reference_logits
 
     reference = build_reference("mixtral")
     path = tmp_path / "tiny-mixtral-Q8_0.gguf"

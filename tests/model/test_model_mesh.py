@@ -15,7 +15,8 @@ import sys
 
 import numpy as np
 import pytest
-from model_helpers import build_reference, reference_greedy, write_checkpoint
+
+from tests.model.model_helpers import build_reference, reference_greedy, write_checkpoint
 
 pytestmark = pytest.mark.slow
 

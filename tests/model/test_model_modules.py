@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from model_helpers import build_reference, relative_error, write_checkpoint
 
 from meshnode.model.families.registry import build_stack
 from meshnode.model.layers.attention import CacheView
 from meshnode.model.layers.block import DecoderBlock, DecoderStack, positions_from
 from meshnode.model.source import open_model
 from meshnode.model.span import SpanRunner, _runs
+from tests.model.model_helpers import build_reference, relative_error, write_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from model_helpers import (
+
+from meshnode.model.generate import LocalModel
+from meshnode.model.source import open_model
+from tests.model.model_helpers import (
     CASES,
     build_reference,
     reference_greedy,
@@ -20,9 +23,6 @@ from model_helpers import (
     relative_error,
     write_checkpoint,
 )
-
-from meshnode.model.generate import LocalModel
-from meshnode.model.source import open_model
 
 TOLERANCE = 1e-4
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from model_helpers import reference_greedy, reference_logits, relative_error
 
 from meshnode.model.generate import LocalModel
 from meshnode.model.source import open_model, smollm2_path
 from meshnode.model.span import SpanRunner
+from tests.model.model_helpers import reference_greedy, reference_logits, relative_error
 
 pytestmark = pytest.mark.slow
 

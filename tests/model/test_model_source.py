@@ -8,13 +8,13 @@ import shutil
 
 import numpy as np
 import pytest
-from model_helpers import build_reference, write_checkpoint
 
 from meshnode.cli import main
 from meshnode.model.config import config_from_hf_dict
 from meshnode.model.generate import LocalModel
 from meshnode.model.source import open_model
 from meshnode.model.span import bucket_length, cache_length
+from tests.model.model_helpers import build_reference, write_checkpoint
 
 LLAMA = {
     "model_type": "llama",

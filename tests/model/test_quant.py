@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import build_reference, write_llama_gguf
 
 from meshnode import native
 from meshnode.model import quant, weights
 from meshnode.model.gguf_file import GGUFFile
 from meshnode.model.quant import QuantizedMatrix, from_gguf, linear, take_rows
 from meshnode.model.source import open_model
+from tests.model.model_helpers import build_reference, write_llama_gguf
 
 QTYPES = [
     gguf.GGMLQuantizationType.Q8_0,

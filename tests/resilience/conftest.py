@@ -5,15 +5,11 @@ Never import the reactor at module level here (pytest-twisted installs it).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(1, str(Path(__file__).parent.parent / "mesh"))
-
-from mesh_helpers import write_tiny_checkpoint
+from tests.mesh.mesh_helpers import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="session")

@@ -10,12 +10,12 @@ from typing import Any
 
 import numpy as np
 import psutil
-from resilience_helpers import pinned_hop
 from twisted.internet.defer import Deferred, DeferredList
 
 from meshnode.client.chain import InferenceChain
 from meshnode.client.routing.route import Route
 from meshnode.inference.records import BlockSpan
+from tests.resilience.resilience_helpers import pinned_hop
 
 MIB = 1024 * 1024
 #: (prompt positions, session max length) cycled through by ``churn``: every shape a

@@ -19,8 +19,14 @@ import numpy as np
 import psutil
 import pytest
 import pytest_twisted
-from mesh_helpers import prompts
-from resilience_helpers import (
+
+from meshnode.client.generate import GenerationOptions
+from meshnode.client.recovery import RecoveryOptions
+from meshnode.client.routing.route import Route
+from meshnode.errors import GenerationInterrupted, RouteNotFound
+from meshnode.inference.records import BlockSpan
+from tests.mesh.mesh_helpers import prompts
+from tests.resilience.resilience_helpers import (
     is_ready,
     make_client,
     pinned_hop,
@@ -29,12 +35,6 @@ from resilience_helpers import (
     start_mesh,
     with_timeout,
 )
-
-from meshnode.client.generate import GenerationOptions
-from meshnode.client.recovery import RecoveryOptions
-from meshnode.client.routing.route import Route
-from meshnode.errors import GenerationInterrupted, RouteNotFound
-from meshnode.inference.records import BlockSpan
 
 SPANS = ("0:6", "0:3", "3:6", "0:2", "2:4", "4:6")
 LAYERS = 6

@@ -14,12 +14,12 @@ import signal
 import numpy as np
 import pytest
 import pytest_twisted
-from resilience_helpers import make_client, pinned_hop, start_mesh, with_timeout
 
 from meshnode.client.generate import GenerationOptions
 from meshnode.client.routing.route import Route, RouteHop
 from meshnode.inference.records import BlockSpan
 from meshnode.model.decoding import prompt_token_ids
+from tests.resilience.resilience_helpers import make_client, pinned_hop, start_mesh, with_timeout
 
 SPANS = ("0:15", "15:30", "0:30")
 QUESTION = "What is the capital of France?"

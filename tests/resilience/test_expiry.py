@@ -7,16 +7,9 @@ right after its first announcement (no offline record).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-
-sys.path.insert(0, str(Path(__file__).parent.parent / "dht"))
-
-from dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle
 
 from meshnode.client.routing.route import candidates_from_records, span_route
 from meshnode.dht.network import block_key
@@ -24,6 +17,7 @@ from meshnode.errors import RouteNotFound
 from meshnode.inference.directory import fetch_block_records
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from tests.dht.dht_helpers import FakeNetwork, bootstrap_all, make_nodes, run_for, settle
 
 MODEL = "fingerprint"
 SPAN = BlockSpan(0, 4)

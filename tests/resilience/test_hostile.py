@@ -20,10 +20,6 @@ import pytest
 import pytest_twisted
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from memory_probe import MIB, rss
-from mesh_helpers import prompts
-from raw_client import exchange, frame, tls_context
-from resilience_helpers import make_client, reactor, start_mesh, with_timeout
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
@@ -35,6 +31,10 @@ from meshnode.inference.records import BlockSpan
 from meshnode.wire.codec import encode_message
 from meshnode.wire.header import KINDS, MAX_REQUEST_ID, REQUEST
 from meshnode.wire.limits import MAX_HEADER_BYTES
+from tests.mesh.mesh_helpers import prompts
+from tests.resilience.memory_probe import MIB, rss
+from tests.resilience.raw_client import exchange, frame, tls_context
+from tests.resilience.resilience_helpers import make_client, reactor, start_mesh, with_timeout
 
 EXAMPLES = 40
 #: memory a warmed-up node may gain over the whole storm (allocator slack, odd cache shapes)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from load_probe import run_load
-from mesh_helpers import prompts
-from resilience_helpers import make_client, reactor, start_mesh, with_timeout
+
+from tests.mesh.mesh_helpers import prompts
+from tests.resilience.load_probe import run_load
+from tests.resilience.resilience_helpers import make_client, reactor, start_mesh, with_timeout
 
 SPANS = ["0:2", "2:4", "4:6"]
 SESSIONS = 32

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from memory_probe import MIB, churn, direct_route, footprint, rss
-from mesh_helpers import prompts
-from resilience_helpers import make_client, start_mesh, with_timeout
 
 from meshnode.client.chain import SpanSession
 from meshnode.client.generate import GenerationOptions
 from meshnode.errors import RemoteError
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
+from tests.mesh.mesh_helpers import prompts
+from tests.resilience.memory_probe import MIB, churn, direct_route, footprint, rss
+from tests.resilience.resilience_helpers import make_client, start_mesh, with_timeout
 
 SMALL_BUDGET = 256  # one session's cache (MIN_SESSION_CACHE positions at least)
 ROOMY_BUDGET = 16384

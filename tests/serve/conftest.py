@@ -5,14 +5,11 @@ Never import the reactor at module level here (pytest-twisted installs it).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from serve_helpers import ServeProcess, write_tiny_chat_checkpoint
+from tests.serve.serve_helpers import ServeProcess, write_tiny_chat_checkpoint
 
 API_KEY = "test-key"
 MODEL_NAME = "tiny-chat"

@@ -13,9 +13,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "mesh"))
-
-from mesh_helpers import write_tiny_checkpoint
+from tests.mesh.mesh_helpers import write_tiny_checkpoint
 
 #: seconds ``meshnode serve`` may take to join the mesh and load the head
 SERVE_START_TIMEOUT = 120.0

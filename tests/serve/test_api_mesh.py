@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import MODEL_NAME
-from serve_helpers import ServeProcess, metrics_url, scrape, wait_until
+
+from tests.serve.conftest import MODEL_NAME
+from tests.serve.serve_helpers import ServeProcess, metrics_url, scrape, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -192,7 +193,8 @@ def test_unknown_model_is_404(openai_client):
 def test_uncovered_model_is_503_with_the_reason(api_mesh, tmp_path):
     """When no worker serves the model's blocks, then a completion is a 503 that says so."""
     import openai
-    from serve_helpers import write_tiny_chat_checkpoint
+
+    from tests.serve.serve_helpers import write_tiny_chat_checkpoint
 
     other = write_tiny_chat_checkpoint(tmp_path / "other", seed=7)  # another fingerprint
     server = ServeProcess(tmp_path / "serve", ["--bootstrap", str(api_mesh.join_address),

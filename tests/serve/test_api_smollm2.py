@@ -4,8 +4,9 @@ answers the capital question as ``meshnode generate --chat`` does, streamed and 
 from __future__ import annotations
 
 import pytest
-from serve_helpers import ServeProcess
-from test_api_mesh import meshnode_generate, streamed_text
+
+from tests.serve.serve_helpers import ServeProcess
+from tests.serve.test_api_mesh import meshnode_generate, streamed_text
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,9 @@ parser over HTTP, move when requests go through the mesh."""
 from __future__ import annotations
 
 import pytest
-from conftest import MODEL_NAME
-from serve_helpers import metrics_url, scrape
+
+from tests.serve.conftest import MODEL_NAME
+from tests.serve.serve_helpers import metrics_url, scrape
 
 pytestmark = pytest.mark.slow
 

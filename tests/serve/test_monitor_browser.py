@@ -14,7 +14,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from serve_helpers import ServeProcess
+
+from tests.serve.serve_helpers import ServeProcess
 
 pytestmark = pytest.mark.slow
 
@@ -108,7 +109,7 @@ def node_id_of(node) -> str:
 def test_the_swarm_json_lists_every_worker(monitor_server, monitor_mesh):
     """When the mesh is up, then /api/swarm has the model, full coverage and every worker
     reachable, with its RTT, free cache tokens and open sessions."""
-    from serve_helpers import wait_until
+    from tests.serve.serve_helpers import wait_until
 
     def complete():
         model = monitor_server.get_json("/api/swarm")["models"][0]

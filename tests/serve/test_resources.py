@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from io import BytesIO
 
-from test_completions import FakeClient
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -14,6 +13,7 @@ from twisted.web.server import NOT_DONE_YET
 from twisted.web.test.requesthelper import DummyRequest
 
 from meshnode.serve.resources import Completions, Models, ServeContext
+from tests.serve.test_completions import FakeClient
 
 KEY = "k"
 

@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from swarm_helpers import DAY, NOW, Swarm
 
 from meshnode.dht.records import SignedRecord, sign_record
 from meshnode.dht.storage import RecordStore
@@ -21,6 +20,7 @@ from meshnode.swarm.membership import (
 )
 from meshnode.swarm.policy import join_swarm
 from meshnode.swarm.revocation import append_revoked, read_revoked
+from tests.swarm.swarm_helpers import DAY, NOW, Swarm
 
 
 def test_a_member_passes_and_its_certificate_rides_in_its_tls_certificate():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import pytest_twisted
-from swarm_helpers import Swarm
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.testing import StringTransport
 
@@ -18,6 +17,7 @@ from meshnode.wire.header import decode_cbor
 from meshnode.wire.limits import WireLimits
 from meshnode.wire.message import Message
 from meshnode.wire.protocol import MeshProtocol
+from tests.swarm.swarm_helpers import Swarm
 
 TIMEOUT = 10.0
 

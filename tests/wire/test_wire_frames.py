@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from wire_helpers import raw_frame
 
 from meshnode.errors import FrameTooLarge
 from meshnode.wire.frames import FrameDecoder, encode_prefix, frame_parts
+from tests.wire.wire_helpers import raw_frame
 
 FRAMES = [
     raw_frame({"n": 1}, b""),

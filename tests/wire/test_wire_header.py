@@ -6,7 +6,6 @@ import cbor2
 import ml_dtypes
 import numpy as np
 import pytest
-from wire_helpers import raw_frame, request_header
 
 from meshnode.errors import BadRequest, BadTensor, MalformedFrame, UnknownDtype
 from meshnode.wire.codec import encode_message, message_of
@@ -14,6 +13,7 @@ from meshnode.wire.frames import FrameDecoder
 from meshnode.wire.header import decode_cbor, envelope_of, parse_header
 from meshnode.wire.message import Message
 from meshnode.wire.tensors import WIRE_DTYPES
+from tests.wire.wire_helpers import raw_frame, request_header
 
 
 def descriptor(**overrides: object) -> dict:

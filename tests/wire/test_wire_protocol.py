@@ -9,7 +9,6 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
-from wire_helpers import MemoryConnection, raw_frame, request_header
 
 from meshnode.errors import (
     BadRequest,
@@ -20,6 +19,7 @@ from meshnode.errors import (
 )
 from meshnode.wire.limits import WireLimits
 from meshnode.wire.message import Message
+from tests.wire.wire_helpers import MemoryConnection, raw_frame, request_header
 
 
 def failure_of(deferred: Deferred) -> Failure:

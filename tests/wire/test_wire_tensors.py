@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import ml_dtypes
 import numpy as np
-from wire_helpers import MemoryConnection
 
 from meshnode.wire.codec import encode_message
 from meshnode.wire.message import Message
 from meshnode.wire.tensors import as_jax
+from tests.wire.wire_helpers import MemoryConnection
 
 
 def send_request(connection: MemoryConnection, tensors: tuple, request_id: int = 1) -> None:

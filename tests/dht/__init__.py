@@ -1,0 +1,1 @@
+"""Tests of meshnode: dht (a package, so their helpers are importable modules)."""
