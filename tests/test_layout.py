@@ -84,6 +84,12 @@ def test_the_graph_is_read_from_the_source():
         ("meshnode.model", "meshnode.dht"),
         ("meshnode.model", "meshnode.worker"),
         ("meshnode.model", "meshnode.client"),
+        ("meshnode.swarm", "meshnode.wire"),
+        ("meshnode.swarm", "meshnode.dht"),
+        ("meshnode.compute", "meshnode.worker"),
+        ("meshnode.compute", "meshnode.client"),
+        ("meshnode.serve", "meshnode.worker"),
+        ("meshnode.client", "meshnode.serve"),
     ],
 )
 def test_dependencies_point_one_way(inside, of):
