@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from meshnode.commands.options import add_bootstrap_option, add_model_option
+from meshnode.client.defaults import DEFAULT_VERIFY_RATE
+from meshnode.commands.options import (
+    add_bootstrap_option,
+    add_client_identity_options,
+    add_model_option,
+    add_verify_option,
+)
 
 DEFAULT_PORT = 8000
 
@@ -25,15 +31,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="require 'Authorization: Bearer KEY' on /v1 requests")
     parser.add_argument("--model-name", default=None, metavar="NAME",
                         help="the model id clients use (default: --model, or the model's name)")
+    add_client_identity_options(parser)
+    add_verify_option(parser, DEFAULT_VERIFY_RATE)
 
 
 def make_service(args: argparse.Namespace, reactor: Any) -> Any:
-    from meshnode.model.compile_cache import enable_compile_cache
+    # builds only: nothing that starts a thread (JAX, the compile cache) before twistd forks
     from meshnode.serve.app import ServeOptions, ServeService
 
-    enable_compile_cache()
     options = ServeOptions(model=args.model, bootstrap=list(args.bootstrap), host=args.host,
-                           port=args.port, api_key=args.api_key, model_name=args.model_name)
+                           port=args.port, api_key=args.api_key, model_name=args.model_name,
+                           swarm=args.swarm, data_dir=args.data_dir,
+                           verify_rate=args.verify_rate)
     return ServeService(options, reactor)
 
 

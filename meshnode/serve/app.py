@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, TextIO
 
 from twisted.application.service import Service
@@ -45,6 +46,9 @@ class ServeOptions:
     port: int = DEFAULT_PORT
     api_key: str | None = None
     model_name: str | None = None
+    swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
+    data_dir: Path | None = None  # the server's node key and membership certificate
+    verify_rate: float = 0.0  # meshnode.client.verify
 
 
 def model_ids(spec: str, source_name: str, given: str | None) -> list[str]:
@@ -131,10 +135,14 @@ class ServeService(Service):
 
     async def _start(self) -> str:
         from meshnode.client.api import MeshClient
+        from meshnode.model.compile_cache import enable_compile_cache
         from meshnode.serve.monitor import SwarmMonitor
 
         options = self.options
-        self.client = MeshClient(self.reactor, options.bootstrap, options.model)
+        enable_compile_cache()  # here, not in makeService: twistd has forked by now
+        self.client = MeshClient(self.reactor, options.bootstrap, options.model,
+                                 swarm=options.swarm, data_dir=options.data_dir,
+                                 verify_rate=options.verify_rate)
         await self.client.start()
         names = model_ids(options.model, self.client.source.name, options.model_name)
         self.monitor = SwarmMonitor(self.client, self.reactor, names[0])
