@@ -218,8 +218,7 @@ class WorkerService(Service):
                                       interface=self.options.host)
         self.metrics_port = await endpoint.listen(metrics_site(self.metrics))
         port = self.metrics_port.getHost().port
-        print(f"meshnode worker metrics on http://{self.options.host}:{port}/metrics",
-              file=self.out, flush=True)
+        self._say(f"meshnode worker metrics on http://{self.options.host}:{port}/metrics")
 
     def _report(self, address: PeerAddress, source: Any) -> None:
         """Print the ready line, then write the address file (launchers wait for either)."""
