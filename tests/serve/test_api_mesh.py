@@ -206,7 +206,7 @@ def test_uncovered_model_is_503_with_the_reason(api_mesh, tmp_path):
             client.chat.completions.create(model="other", max_tokens=4,
                                            messages=[{"role": "user", "content": "hi"}])
         assert raised.value.status_code == 503
-        assert "blocks 0-5" in raised.value.body["message"]
+        assert "blocks 0:6" in raised.value.body["message"]
         with pytest.raises(openai.InternalServerError) as raised:
             list(client.chat.completions.create(model="other", max_tokens=4, stream=True,
                                                 messages=[{"role": "user", "content": "hi"}]))
@@ -256,7 +256,7 @@ def test_no_capacity_is_503_with_the_reason(chat_checkpoint, tmp_path):
             with pytest.raises(openai.InternalServerError) as raised:
                 client.completions.create(model="small", prompt="hello", max_tokens=300)
             assert raised.value.status_code == 503
-            assert "blocks 0-5" in raised.value.body["message"], raised.value.body
+            assert "blocks 0:6" in raised.value.body["message"], raised.value.body
             assert raised.value.body["code"] == "swarm_unavailable"
             client.close()
         finally:
