@@ -175,7 +175,9 @@ def test_last_worker_of_a_span_dies_mid_generation(tiny_checkpoint, tiny_local, 
                 assert piece, "the generation ended before the kill"
                 printed += piece
             mesh.workers()[1].signal(signal.SIGKILL)
-            out, err = client.communicate(timeout=PROCESS_TIMEOUT)
+            # read() drains what the pipe's text buffer already holds (communicate would not)
+            out, err = client.stdout.read(), client.stderr.read()
+            client.wait(timeout=PROCESS_TIMEOUT)
         finally:
             if client.poll() is None:
                 client.kill()
