@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.mesh.conftest import start_mesh
 from tests.model.model_helpers import build_reference, reference_greedy, write_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -48,17 +49,6 @@ def mesh_generate(mesh, model: str, ids: list[int], count: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_mesh(model: str, spans: tuple[str, ...], root):
-    from meshnode.testing.processes import LocalMesh
-
-    mesh = LocalMesh(model, root=root)
-    try:
-        mesh.start_bootstrap()
-        mesh.start_workers(spans)
-    except BaseException:
-        mesh.stop()
-        raise
-    return mesh
 
 
 def test_mixtral_through_two_workers_matches_transformers(tmp_path):
