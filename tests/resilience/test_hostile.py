@@ -64,7 +64,9 @@ cbor_values = st.recursive(
 
 @pytest.fixture(scope="module")
 def hostile_mesh(tiny_checkpoint, tmp_path_factory):
-    mesh = start_mesh(str(tiny_checkpoint), ["0:6"], tmp_path_factory.mktemp("hostile"))
+    # no background precompiling: its programs landing mid-storm would read as growth
+    mesh = start_mesh(str(tiny_checkpoint), ["0:6"], tmp_path_factory.mktemp("hostile"),
+                      ["--no-precompile"])
     client = None
     try:
         client = make_client(mesh, str(tiny_checkpoint), step_timeout=30.0)
