@@ -343,6 +343,15 @@ class Unauthorized(ApiError):
     kind = "invalid_request_error"
 
 
+class BodyTooLarge(ApiError):
+    """A request's body is over ``meshnode serve``'s limit (``--max-body``); it was not read
+    past the limit."""
+
+    code = "request_too_large"
+    status = 413
+    kind = "invalid_request_error"
+
+
 class SwarmUnavailable(ApiError):
     """The swarm cannot serve a request now (blocks not covered, no capacity); says why."""
 

@@ -19,6 +19,8 @@ from meshnode.commands.options import (
 )
 
 DEFAULT_PORT = 8000
+#: meshnode.serve.bounded.DEFAULT_MAX_BODY, not imported: twisted.web would slow every command
+DEFAULT_MAX_BODY = 1 << 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help=f"HTTP port (default: {DEFAULT_PORT}; 0: ephemeral)")
     parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on /v1 requests")
+                        help="require 'Authorization: Bearer KEY' on /v1, /api/swarm and /metrics")
+    parser.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
+                        help=f"refuse request bodies over BYTES with 413 "
+                             f"(default: {DEFAULT_MAX_BODY})")
     parser.add_argument("--model-name", default=None, metavar="NAME",
                         help="the model id clients use (default: --model, or the model's name)")
     add_client_identity_options(parser)
@@ -42,7 +47,7 @@ def make_service(args: argparse.Namespace, reactor: Any) -> Any:
     options = ServeOptions(model=args.model, bootstrap=list(args.bootstrap), host=args.host,
                            port=args.port, api_key=args.api_key, model_name=args.model_name,
                            swarm=args.swarm, data_dir=args.data_dir,
-                           verify_rate=args.verify_rate)
+                           verify_rate=args.verify_rate, max_body=args.max_body)
     return ServeService(options, reactor)
 
 
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     from meshnode.errors import ClientError
 
+    if args.max_body < 1:
+        raise ClientError("--max-body must be at least 1 byte")
     if not args.bootstrap:
         raise ClientError("meshnode serve needs --bootstrap HOST:PORT[#ID]")
     service = make_service(args, reactor)

@@ -9,7 +9,11 @@
 The mesh client (``MeshClient``) and the web server share one reactor. Start:
 the client joins the DHT and loads the model's head, the port listens, the
 monitor starts polling, then the ready line is printed (launchers wait for
-it). Stop: in the reverse order.
+it). Stop: in the reverse order. With ``--api-key``, ``/v1``, ``/api/swarm``
+and ``/metrics`` all need ``Authorization: Bearer <key>`` (the monitor page
+itself is static: its script sends the key typed in its key box). Request
+bodies over ``--max-body`` bytes get 413 before they are buffered
+(``meshnode.serve.bounded``).
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from meshnode.errors import MeshError
+from meshnode.errors import ApiError, MeshError
 from meshnode.identity import PeerAddress
-from meshnode.serve.metrics import ServerMetrics
-from meshnode.serve.resources import V1, ServeContext, write_json
+from meshnode.serve.bounded import DEFAULT_MAX_BODY, bounded_requests
+from meshnode.serve.resources import V1, ServeContext, write_error, write_json
 
 DEFAULT_PORT = 8000
 
@@ -49,6 +53,7 @@ class ServeOptions:
     swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
     data_dir: Path | None = None  # the server's node key and membership certificate
     verify_rate: float = 0.0  # meshnode.client.verify
+    max_body: int = DEFAULT_MAX_BODY  # request bodies over this many bytes get 413
 
 
 def model_ids(spec: str, source_name: str, given: str | None) -> list[str]:
@@ -62,21 +67,27 @@ def model_ids(spec: str, source_name: str, given: str | None) -> list[str]:
 
 
 class MetricsPage(Resource):
+    """``/metrics``: the server's Prometheus metrics (behind ``--api-key`` when set)."""
+
     isLeaf = True
 
-    def __init__(self, metrics: ServerMetrics):
+    def __init__(self, context: ServeContext):
         super().__init__()
-        self._metrics = metrics
+        self._context = context
 
     def render_GET(self, request: Any) -> bytes:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        try:
+            self._context.authorize(request)
+        except ApiError as exc:
+            return write_error(request, exc)
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
-        return self._metrics.render()
+        return self._context.metrics.render()
 
 
 class SwarmPage(Resource):
-    """``/api/swarm``: the monitor's last snapshot."""
+    """``/api/swarm``: the monitor's last snapshot (behind ``--api-key`` when set)."""
 
     isLeaf = True
 
@@ -86,6 +97,10 @@ class SwarmPage(Resource):
 
     def render_GET(self, request: Any) -> bytes:
         request.setHeader(b"cache-control", b"no-cache")
+        try:
+            self._context.authorize(request)
+        except ApiError as exc:
+            return write_error(request, exc)
         return write_json(request, 200, self._context.monitor.snapshot())
 
 
@@ -93,7 +108,8 @@ def static_folder() -> str:
     return str(resources.files("meshnode.serve") / "static")
 
 
-def build_site(context: ServeContext) -> Site:
+def build_site(context: ServeContext, max_body: int = DEFAULT_MAX_BODY) -> Site:
+    """The resource tree; request bodies over ``max_body`` bytes are refused with 413."""
     root = Resource()
     static = File(static_folder())
     root.putChild(b"", File(static_folder() + "/index.html"))
@@ -101,9 +117,9 @@ def build_site(context: ServeContext) -> Site:
     api = Resource()
     api.putChild(b"swarm", SwarmPage(context))
     root.putChild(b"api", api)
-    root.putChild(b"metrics", MetricsPage(context.metrics))
+    root.putChild(b"metrics", MetricsPage(context))
     root.putChild(b"v1", V1(context))
-    site = Site(root)
+    site = Site(root, requestFactory=bounded_requests(max_body))
     site.displayTracebacks = False
     return site
 
@@ -149,7 +165,7 @@ class ServeService(Service):
         self.context = ServeContext(self.client, self.reactor, names, options.api_key,
                                     monitor=self.monitor)
         endpoint = TCP4ServerEndpoint(self.reactor, options.port, interface=options.host)
-        self.port = await endpoint.listen(build_site(self.context))
+        self.port = await endpoint.listen(build_site(self.context, options.max_body))
         self.monitor.start()
         url = f"http://{options.host}:{self.port.getHost().port}"
         print(f"meshnode serve listening on {url} (model {names[0]})", file=self.out,

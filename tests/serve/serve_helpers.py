@@ -63,11 +63,12 @@ def metrics_url(node) -> str:
     return str(wait_until(found, 30, f"metrics of {node.name} announced"))
 
 
-def scrape(url: str) -> dict[tuple, float]:
-    """Every sample at ``url``, parsed by prometheus_client, by (name, sorted labels)."""
+def scrape(url: str, key: str | None = None) -> dict[tuple, float]:
+    """Every sample at ``url`` (sent with the bearer ``key``, if any), parsed by
+    prometheus_client, by (name, sorted labels)."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    with urllib.request.urlopen(url, timeout=30) as response:
+    with urllib.request.urlopen(authorized(url, key), timeout=30) as response:
         text = response.read().decode()
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
@@ -131,9 +132,15 @@ class ServeProcess:
                 self.process.kill()
                 self.process.wait()
 
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
+    def get(self, path: str, key: str | None = None) -> bytes:
+        with urllib.request.urlopen(authorized(self.url + path, key), timeout=30) as response:
             return response.read()
 
-    def get_json(self, path: str) -> dict:
-        return json.loads(self.get(path))
+    def get_json(self, path: str, key: str | None = None) -> dict:
+        return json.loads(self.get(path, key))
+
+
+def authorized(url: str, key: str | None) -> urllib.request.Request:
+    """A GET of ``url`` with ``Authorization: Bearer key`` when a key is given."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return urllib.request.Request(url, headers=headers)

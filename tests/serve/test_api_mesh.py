@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import MODEL_NAME
+from tests.serve.conftest import API_KEY, MODEL_NAME
 from tests.serve.serve_helpers import ServeProcess, metrics_url, scrape, wait_until
 
 pytestmark = pytest.mark.slow
@@ -179,6 +179,41 @@ def test_missing_or_wrong_key_is_401(api_server):
         client.close()
 
 
+def test_the_key_also_guards_the_swarm_data_and_metrics(api_server):
+    """When --api-key is set, then /api/swarm and /metrics answer 401 without the key or with
+    a wrong one, and their data with the right one."""
+    import urllib.error
+
+    for path in ("/api/swarm", "/metrics"):
+        for key in (None, "wrong"):
+            with pytest.raises(urllib.error.HTTPError) as raised:
+                api_server.get(path, key)
+            assert raised.value.code == 401
+            assert json.loads(raised.value.read())["error"]["code"] == "invalid_api_key"
+    assert "models" in api_server.get_json("/api/swarm", API_KEY)
+    assert b"meshnode_api_requests_total" in api_server.get("/metrics", API_KEY)
+
+
+def test_an_oversized_body_is_413_and_the_server_goes_on(api_server, openai_client):
+    """When a request announces a body over --max-body, then the answer is 413 with an
+    OpenAI error object before the body is sent, and the server still answers others."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    where = urlsplit(api_server.url)
+    connection = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Authorization", f"Bearer {API_KEY}")
+    connection.putheader("Content-Length", str(64 << 20))
+    connection.endheaders()  # no body at all: the answer must not wait for it
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+    assert [m.id for m in openai_client.models.list().data][0] == MODEL_NAME
+
+
 def test_unknown_model_is_404(openai_client):
     """When a request names a model that is not served, then it is a 404."""
     import openai
@@ -232,7 +267,7 @@ def test_disconnect_mid_stream_frees_the_sessions(openai_client, api_server, api
     wait_until(lambda: any(s > 0 for s in sessions()), 30, "sessions open mid-stream")
     stream.close()
     wait_until(lambda: all(s == 0 for s in sessions()), 30, "sessions closed")
-    metrics = api_server.get("/metrics").decode()
+    metrics = api_server.get("/metrics", API_KEY).decode()
     assert 'meshnode_api_requests_total{endpoint="chat.completions",status="499"}' in metrics
 
 

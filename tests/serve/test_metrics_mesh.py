@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.conftest import MODEL_NAME
+from tests.serve.conftest import API_KEY, MODEL_NAME
 from tests.serve.serve_helpers import metrics_url, scrape
 
 pytestmark = pytest.mark.slow
@@ -20,7 +20,7 @@ def test_server_metrics_move_after_requests(openai_client, api_server):
     """When a chat completion and a streamed one are answered and a bad one refused, then
     requests by status, tokens in and out, time to first token and per token all move, and
     no stream stays open."""
-    before = scrape(api_server.url + "/metrics")
+    before = scrape(api_server.url + "/metrics", API_KEY)
     messages = [{"role": "user", "content": "count"}]
     whole = openai_client.chat.completions.create(model=MODEL_NAME, messages=messages,
                                                   temperature=0, max_tokens=8)
@@ -29,7 +29,7 @@ def test_server_metrics_move_after_requests(openai_client, api_server):
     with pytest.raises(Exception, match="temperature"):
         openai_client.chat.completions.create(model=MODEL_NAME, messages=messages,
                                               temperature=9)
-    after = scrape(api_server.url + "/metrics")
+    after = scrape(api_server.url + "/metrics", API_KEY)
     requests = "meshnode_api_requests_total"
     assert delta(before, after, requests, endpoint="chat.completions", status="200") == 2
     assert delta(before, after, requests, endpoint="chat.completions", status="400") == 1

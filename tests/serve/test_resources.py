@@ -101,3 +101,65 @@ def test_a_client_that_leaves_cancels_its_generation():
     assert len(request.written) == written
     assert sample(ctx, "meshnode_api_open_streams") == 0
     assert sample(ctx, "meshnode_api_requests_total", status="499") == 1
+
+
+def bounded_channel(max_body: int):
+    """An HTTP channel of a site whose requests refuse bodies over ``max_body``, on a
+    ``StringTransport``."""
+    from twisted.internet.testing import StringTransport
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
+
+    from meshnode.serve.bounded import bounded_requests
+
+    class Echo(Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            return b"got " + str(len(request.content.read())).encode()
+
+    channel = Site(Echo(), requestFactory=bounded_requests(max_body)).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def post_raw(length_header: bytes, body: bytes) -> bytes:
+    return b"POST /x HTTP/1.1\r\nHost: h\r\n" + length_header + b"\r\n" + body
+
+
+def test_a_body_within_the_limit_reaches_the_resource():
+    """When a body is at most the limit, then the resource reads all of it."""
+    channel, transport = bounded_channel(16)
+    channel.dataReceived(post_raw(b"Content-Length: 16\r\n", b"x" * 16))
+    assert transport.value().startswith(b"HTTP/1.1 200") and transport.value().endswith(b"got 16")
+
+
+def test_a_content_length_over_the_limit_is_413_at_once():
+    """When Content-Length is over the limit, then a 413 with an OpenAI error object goes
+    out before any body byte arrives, and the connection is closed."""
+    channel, transport = bounded_channel(16)
+    channel.dataReceived(post_raw(b"Content-Length: 17\r\n", b""))
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert json.loads(body)["error"]["code"] == "request_too_large"
+    assert transport.disconnecting
+
+
+def test_a_chunked_body_is_refused_when_it_passes_the_limit():
+    """When a chunked body's running total passes the limit, then it is refused with 413
+    and what came after is not kept."""
+    channel, transport = bounded_channel(16)
+    chunks = b"a\r\n" + b"y" * 10 + b"\r\n" + b"a\r\n" + b"y" * 10 + b"\r\n0\r\n\r\n"
+    channel.dataReceived(post_raw(b"Transfer-Encoding: chunked\r\n", chunks))
+    assert transport.value().startswith(b"HTTP/1.1 413")
+    assert b"got" not in transport.value()
+    assert transport.disconnecting
+
+
+def test_the_command_default_body_limit_is_the_servers():
+    """The ``--max-body`` default is the server's own default."""
+    from meshnode.commands import serve
+    from meshnode.serve import bounded
+
+    assert serve.DEFAULT_MAX_BODY == bounded.DEFAULT_MAX_BODY

@@ -88,10 +88,20 @@ function modelCard(model) {
   ]);
 }
 
+// the key typed in the chat box's key field, for servers run with --api-key
+function keyHeaders() {
+  const key = document.getElementById("chat-key").value;
+  return key ? {authorization: "Bearer " + key} : {};
+}
+
 async function refresh() {
   const status = document.getElementById("status");
   try {
-    const response = await fetch("/api/swarm", {cache: "no-store"});
+    const response = await fetch("/api/swarm", {cache: "no-store", headers: keyHeaders()});
+    if (response.status === 401) {
+      status.textContent = "this server needs its API key: type it in the key box below";
+      return;
+    }
     const swarm = await response.json();
     const models = document.getElementById("models");
     models.replaceChildren(...swarm.models.map(modelCard));
@@ -147,9 +157,7 @@ async function send(event) {
   addMessage("user", text);
   history.push({role: "user", content: text});
   const answer = addMessage("assistant", "");
-  const headers = {"content-type": "application/json"};
-  const key = document.getElementById("chat-key").value;
-  if (key) headers.authorization = "Bearer " + key;
+  const headers = {"content-type": "application/json", ...keyHeaders()};
   const button = document.getElementById("chat-send");
   button.disabled = true;
   try {
