@@ -47,11 +47,12 @@ from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.phases import StartupPhases, say
 from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
-from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer, batching_fields
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.links import LinkProber, PeerRtts
 from meshnode.worker.metrics import WorkerMetrics, metrics_site
 from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
@@ -107,6 +108,8 @@ class WorkerService(Service):
         """The pinned address peers dial (the announced one, else where we listen)."""
         self.dht: Any = None
         self.announcer: Announcer | None = None
+        self.links = PeerRtts(reactor)
+        self.prober: LinkProber | None = None
         self.table: SessionTable | None = None
         self.span: BlockSpan | None = None
         self.throughput = 0.0
@@ -171,6 +174,7 @@ class WorkerService(Service):
         await self._listen_metrics()
         with phases.phase("announce"):
             await self.announcer.start()
+        self.prober.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
         self._report(address, source)
         self._precompile(compute, min(options.max_length, source.config.max_position_embeddings))
@@ -222,11 +226,16 @@ class WorkerService(Service):
         def info(state: WorkerState) -> ServerInfo:
             return ServerInfo(str(self.address), self.span, state, self.throughput,
                               self.table.budget.free, dtype, source.fingerprint,
-                              max_length=max_length)
+                              max_length=max_length, peer_rtts=self.links.published(),
+                              **batching_fields(compute))
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,
                                    ttl=options.announce_ttl, interval=options.announce_interval)
+        self.prober = LinkProber(self.dht, self.endpoint, self.reactor,
+                                 keys_for(source.fingerprint), self.span,
+                                 source.config.num_layers, self.links,
+                                 interval=options.announce_interval)
 
     async def _listen_metrics(self) -> None:
         if self.options.metrics_port is None:
@@ -269,6 +278,8 @@ class WorkerService(Service):
             self._expiry.stop()
         if self.swarm is not None:
             self.swarm.stop()
+        if self.prober is not None:
+            self.prober.stop()
         if self.announcer is not None:
             offline = self.announcer.stop()
             offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)
