@@ -71,6 +71,18 @@ class RelayProcess:
         """``connections`` accepted, ``open`` now, ``bytes_to_target``, ``bytes_from_target``."""
         return json.loads((self.folder / "stats.json").read_text())
 
+    def set_delay(self, delay_ms: float, timeout: float = RELAY_START_TIMEOUT) -> None:
+        """Change the delay of every byte from now on; returns once the relay applies it."""
+        path = self.folder / "delay_ms"
+        partial = path.with_name("delay_ms.partial")
+        partial.write_text(f"{delay_ms}\n")
+        os.replace(partial, path)
+        deadline = time.monotonic() + timeout
+        while abs(self.stats()["delay_ms"] - delay_ms) > 1e-6:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise NodeFailed(f"relay {self.folder.name} did not take delay {delay_ms} ms")
+            time.sleep(POLL_INTERVAL)
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -319,7 +331,7 @@ class LocalMesh:
         command = [
             self.python, "-m", "meshnode.testing.relay", "--delay-ms", str(delay_ms),
             "--target-file", str(target_file), "--port-file", str(folder / "port"),
-            "--stats", str(folder / "stats.json"),
+            "--stats", str(folder / "stats.json"), "--delay-file", str(folder / "delay_ms"),
         ]
         with open(folder / "stdout.log", "wb") as stdout:
             process = subprocess.Popen(command, cwd=folder, env=self._env,

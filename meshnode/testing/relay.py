@@ -6,16 +6,19 @@ it: each connection accepted is joined to a new connection to the target, and
 bytes travel both ways in order, each leaving ``delay`` seconds after it came
 (a link of that one-way latency and unbounded bandwidth). The target may be
 unknown when the relay starts (a node on an ephemeral port tells it once it
-listens): connections wait for it, reading nothing, up to ``TARGET_WAIT``
-seconds. ``stats`` counts the connections accepted and the bytes each way.
+listens): connections wait for it, up to ``TARGET_WAIT`` seconds. ``stats``
+counts the connections accepted and the bytes each way. ``delay`` may change
+while connections are open (a benchmark sweeping delays over one mesh): each
+byte takes the delay of the moment it arrived, and order is kept.
 
 As a process (``LocalMesh.start_relay`` starts it so)::
 
     python -m meshnode.testing.relay --delay-ms 20 --target-file W/data/listening \\
-        --port-file R/port --stats R/stats.json
+        --port-file R/port --stats R/stats.json [--delay-file R/delay_ms]
 
 prints ``relay 127.0.0.1:PORT``, writes the port to ``--port-file`` and the
-stats, as JSON, to ``--stats`` whenever a connection opens or closes.
+stats, as JSON, to ``--stats`` whenever a connection opens or closes or the
+delay changes; the delay (ms) is re-read from ``--delay-file`` when it changes.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 TARGET_WAIT = 120.0
 #: seconds between two looks at the target while it is unknown
 TARGET_POLL = 0.02
+#: seconds between two reads of the delay file
+DELAY_POLL = 0.1
 
 Target = Callable[[], "tuple[str, int] | None"]
 
@@ -47,13 +52,14 @@ class RelayStats:
     open: int = 0
     bytes_to_target: int = 0
     bytes_from_target: int = 0
+    delay_ms: float = 0.0
 
 
 class _DelayedPipe:
     """Bytes written to one side ``delay`` seconds after the other side received them, in
     order; ``close()`` loses that side once what came before it is delivered."""
 
-    def __init__(self, clock: Any, delay: float):
+    def __init__(self, clock: Any, delay: Callable[[], float]):
         self._clock = clock
         self._delay = delay
         self._queue: deque[tuple[float, bytes | None]] = deque()
@@ -61,7 +67,10 @@ class _DelayedPipe:
         self.transport: Any = None  # the side written to, once connected
 
     def push(self, data: bytes | None) -> None:
-        self._queue.append((self._clock.seconds() + self._delay, data))
+        due = self._clock.seconds() + self._delay()
+        if self._queue:  # a shorter delay than the previous byte's never overtakes it
+            due = max(due, self._queue[-1][0])
+        self._queue.append((due, data))
         self._schedule()
 
     def connected(self, transport: Any) -> None:
@@ -132,8 +141,8 @@ class _CallerSide(Protocol):
 
     def __init__(self, relay: DelayingRelay):
         self.relay = relay
-        self.to_target = _DelayedPipe(relay.clock, relay.delay)
-        self.to_caller = _DelayedPipe(relay.clock, relay.delay)
+        self.to_target = _DelayedPipe(relay.clock, lambda: relay.delay)
+        self.to_caller = _DelayedPipe(relay.clock, lambda: relay.delay)
         self._waited = 0.0
         self._poll: Any = None
         self.gone = False
@@ -186,7 +195,7 @@ class DelayingRelay(Factory):
         self.clock = clock if clock is not None else reactor
         self.target = target
         self.delay = delay
-        self.stats = RelayStats()
+        self.stats = RelayStats(delay_ms=delay * 1e3)
         self._on_change = on_change or (lambda stats: None)
 
     def buildProtocol(self, addr: Any) -> _CallerSide:
@@ -200,6 +209,12 @@ class DelayingRelay(Factory):
     def closed(self) -> None:
         self.stats.open -= 1
         self._on_change(self.stats)
+
+    def set_delay(self, delay: float) -> None:
+        if delay != self.delay:
+            self.delay = delay
+            self.stats.delay_ms = delay * 1e3
+            self._on_change(self.stats)
 
 
 def target_from_file(path: Path) -> Target:
@@ -218,6 +233,13 @@ def target_from_file(path: Path) -> Target:
     return read
 
 
+def _read_delay(path: Path, relay: DelayingRelay) -> None:
+    try:
+        relay.set_delay(float(path.read_text().strip()) / 1e3)
+    except (OSError, ValueError):
+        pass  # no file yet, or half written: keep the delay we have
+
+
 def _write_atomically(path: Path, text: str) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(text)
@@ -233,15 +255,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="a file holding host:port of the target (it may appear later)")
     parser.add_argument("--port-file", type=Path, required=True)
     parser.add_argument("--stats", type=Path, required=True)
+    parser.add_argument("--delay-file", type=Path, default=None,
+                        help="a file holding the delay in ms, re-read while running")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
+    from twisted.internet.task import LoopingCall
 
     def write_stats(stats: RelayStats) -> None:
         _write_atomically(args.stats, json.dumps(asdict(stats)))
 
     relay = DelayingRelay(reactor, target_from_file(args.target_file), args.delay_ms / 1e3,
                           on_change=write_stats)
+    if args.delay_file is not None:
+        LoopingCall(_read_delay, args.delay_file, relay).start(DELAY_POLL)
     port = reactor.listenTCP(args.port, relay, interface=args.host)
     write_stats(relay.stats)
     _write_atomically(args.port_file, f"{port.getHost().port}\n")

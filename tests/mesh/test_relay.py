@@ -101,3 +101,20 @@ def test_target_read_from_a_file_once_it_exists(tmp_path: Path):
     assert read() is None
     path.write_text("127.0.0.1:4321\n")
     assert read() == ("127.0.0.1", 4321)
+
+
+def test_a_shorter_delay_never_lets_bytes_overtake():
+    """When the delay drops while bytes are in flight, then later bytes still arrive after
+    earlier ones, and new bytes take the new delay once the queue has drained."""
+    reactor, relay, _ = relay_with()
+    caller, _ = accept(reactor, relay)
+    _, target_transport = connect_target(reactor)
+    caller.dataReceived(b"slow ")
+    relay.set_delay(0.0)
+    caller.dataReceived(b"fast")
+    assert target_transport.value() == b""
+    reactor.advance(DELAY)
+    assert target_transport.value() == b"slow fast"
+    caller.dataReceived(b"!")
+    assert target_transport.value() == b"slow fast!"
+    assert relay.stats.delay_ms == 0.0
