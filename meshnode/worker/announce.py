@@ -116,6 +116,12 @@ class Announcer:
         # must expire after the last online one to replace it, hence the full ttl.
         return self.announce(WorkerState.OFFLINE)
 
+    def refresh_now(self) -> None:
+        """Announce the current info now, unless an announcement is in flight (what the
+        periodic refresh does, early: when something routing reads has changed)."""
+        if self._loop.running:
+            self._refresh()
+
     def _refresh(self) -> None:
         if self._pending is not None:
             return  # the previous refresh is still in flight: skip, do not pile up

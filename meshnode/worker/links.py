@@ -14,7 +14,9 @@ before its span, and the block at its end), and publishes them in its records
   (forwarding) may ``observe`` it too.
 - ``LinkProber``: every ``interval`` seconds, reads the neighbours' records
   from the DHT and pings (``infer.info``) those measured longest ago, at most
-  ``MAX_PEER_RTTS`` a round. Started in ``start()``, stopped in ``stop()``.
+  ``MAX_PEER_RTTS`` a round; after a round that measured a peer for the first
+  time it calls ``on_new_peers`` (the worker re-announces then, rather than at
+  its next refresh). Started in ``start()``, stopped in ``stop()``.
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ class LinkProber:
         num_layers: int,
         rtts: PeerRtts,
         interval: float = PROBE_INTERVAL,
+        on_new_peers: Callable[[], None] = lambda: None,
     ):
         self._dht = dht
+        self._on_new_peers = on_new_peers
         self._endpoint = endpoint
         self._clock = clock
         self._key_for = key_for
@@ -134,8 +138,11 @@ class LinkProber:
         peers = {n: info for by_worker in found.values() for n, info in by_worker.items()
                  if n != own and info.online}
         chosen = self.rtts.stalest(MAX_PEER_RTTS, among=sorted(peers))
+        new = [n for n in chosen if self.rtts.get(n) is None]
         pings = [Deferred.fromCoroutine(self._ping(n, peers[n].address)) for n in chosen]
         await DeferredList(pings, consumeErrors=True)
+        if any(self.rtts.get(n) is not None for n in new):
+            self._on_new_peers()
 
     async def _ping(self, node_id: NodeID, address: str) -> None:
         """Time an ``infer.info``; a first one that had to dial (TLS handshake included) is

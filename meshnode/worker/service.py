@@ -235,7 +235,8 @@ class WorkerService(Service):
         self.prober = LinkProber(self.dht, self.endpoint, self.reactor,
                                  keys_for(source.fingerprint), self.span,
                                  source.config.num_layers, self.links,
-                                 interval=options.announce_interval)
+                                 interval=options.announce_interval,
+                                 on_new_peers=self.announcer.refresh_now)
 
     async def _listen_metrics(self) -> None:
         if self.options.metrics_port is None:

@@ -70,3 +70,35 @@ async def test_peers_dial_the_announced_address(relayed_mesh, tiny_checkpoint, t
         await client.close()
     for node in nodes:
         assert node.relay.stats()["connections"] >= 1, node.name
+
+
+#: seconds to wait for the workers' probes to reach their records (two 20 s rounds, at most)
+LINKS_DEADLINE = 120.0
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_workers_publish_their_links_through_the_relays(relayed_mesh, tiny_checkpoint):
+    """When two workers are route neighbours, then each soon publishes its round trip to the
+    other, measured through the other's relay: at least the relay's delay both ways."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    from meshnode.client.api import MeshClient
+
+    client = MeshClient(reactor, [relayed_mesh.join_address], str(tiny_checkpoint))
+    try:
+        await with_timeout(client.start(), reactor)
+        deadline = reactor.seconds() + LINKS_DEADLINE
+        while True:
+            records = await with_timeout(client.block_records(), reactor)
+            workers = candidates_from_records(records)
+            links = {(a, b): info.peer_rtt(b) for a, info in workers.items() for b in workers
+                     if a != b}
+            if len(workers) == 2 and all(rtt is not None for rtt in links.values()):
+                break
+            assert reactor.seconds() < deadline, f"links not published: {links}"
+            await deferLater(reactor, 1.0, lambda: None)
+    finally:
+        await client.close()
+    assert all(2 * RELAY_DELAY_MS / 1e3 <= rtt < 5.0 for rtt in links.values()), links

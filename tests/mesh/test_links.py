@@ -80,8 +80,8 @@ def info(n: int, span: BlockSpan, port: int) -> ServerInfo:
 
 def test_probe_measures_each_neighbour_without_its_handshake():
     """When the prober runs a round, then it pings every worker of the neighbouring blocks
-    (not itself), twice when it had to dial (the first includes the handshake), and keeps
-    the second round trip."""
+    (not itself), twice when it had to dial (the first includes the handshake), keeps the
+    second round trip, and says so once when it measured peers it did not know."""
     clock = Clock()
     keys = {b: bytes([b]) * 32 for b in range(30)}
     dht = FakeDHT({
@@ -89,12 +89,16 @@ def test_probe_measures_each_neighbour_without_its_handshake():
         keys[20]: {nid(3): info(3, BlockSpan(20, 30), 4003)},
     })
     endpoint = FakeEndpoint(clock, {4002: 0.004, 4003: 0.050})
+    news = []
     prober = LinkProber(dht, endpoint, clock, keys.__getitem__, BlockSpan(10, 20), 30,
-                        PeerRtts(clock))
+                        PeerRtts(clock), on_new_peers=lambda: news.append(clock.seconds()))
     done = prober.probe()
     clock.pump([0.001] * 400)
-    assert done.called
-    assert sorted(endpoint.requests) == [4002, 4002, 4003, 4003]
+    assert done.called and len(news) == 1
+    prober.probe()
+    clock.pump([0.001] * 400)
+    assert len(news) == 1  # the same peers again: nothing new to announce
+    assert sorted(endpoint.requests) == [4002, 4002, 4002, 4003, 4003, 4003]
     assert abs(prober.rtts.get(nid(2)) - 0.004) < 0.0015
     assert abs(prober.rtts.get(nid(3)) - 0.050) < 0.0015
     assert prober.rtts.get(OWN) is None
