@@ -3,7 +3,8 @@
 Map of the package (no logic here):
 
 - ``routing/``: ``route`` (pure: ``find_route`` Dijkstra over spans, ``span_route`` for one
-  span) and ``discovery`` (the one path from DHT records and pings to a route, and the
+  span), ``costs`` (pure: a hop's step time at its load, the links around it) and
+  ``discovery`` (the one path from DHT records and pings to a route, and the
   one poll loop ``wait_for_route``).
 - ``chain``: ``SpanSession`` (one worker's session, recording its inputs for replay)
   and ``InferenceChain`` (the sessions along a route, a remote forward).

@@ -2,8 +2,10 @@
 
     meshnode bootstrap --host 0.0.0.0 --port 7000 --data-dir ~/.meshnode/seed
     meshnode bootstrap --port 7001 --bootstrap 10.0.0.1:7000#<id>
+    meshnode bootstrap --port 7000 --announce-address seed.example.org:443
 
-Prints its pinned address ``host:port#<node id>`` on start. The flags are
+Prints its pinned address ``host:port#<node id>`` on start: the announced one
+when ``--announce-address`` is given (what others pass to ``--bootstrap``). The flags are
 defined once here and used by both ``meshnode bootstrap`` (which runs the
 reactor itself) and ``twistd meshnode bootstrap`` (``meshnode/tap.py``, through
 ``make_service``).
@@ -29,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def make_service(args: argparse.Namespace, reactor: Any) -> DHTService:
     options = DHTServiceOptions(
         host=args.host, port=args.port, data_dir=args.data_dir, bootstrap=list(args.bootstrap),
-        swarm=args.swarm,
+        swarm=args.swarm, announce_address=args.announce_address,
     )
     return build_dht_service(options, reactor)
 

@@ -32,6 +32,16 @@ def parsed_by(parse: Callable[[str], T]) -> Callable[[str], T]:
 peer_address = parsed_by(PeerAddress.parse)
 
 
+def _announce_address(text: str) -> PeerAddress:
+    address = PeerAddress.parse(text)
+    if address.node_id is not None:
+        raise MeshError("--announce-address takes HOST:PORT (the node id is added to it)")
+    return address
+
+
+announce_address = parsed_by(_announce_address)
+
+
 def add_bootstrap_option(parser: argparse.ArgumentParser, help: str = "") -> None:
     """``--bootstrap H:P[#ID]``, repeatable, parsed into PeerAddress values."""
     parser.add_argument(
@@ -52,9 +62,19 @@ def add_model_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def add_listen_options(parser: argparse.ArgumentParser, data_dir_help: str) -> None:
-    """``--host``, ``--port`` and ``--data-dir`` of a node that listens."""
+    """``--host``, ``--port``, ``--announce-address`` and ``--data-dir`` of a node that
+    listens."""
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (default: ephemeral)")
+    parser.add_argument(
+        "--announce-address",
+        type=announce_address,
+        default=None,
+        metavar="HOST:PORT",
+        help="where peers reach this node, when not where it listens (NAT port forwarding, "
+        "a relay, a container): announced to the DHT, pinned with the node id, and written "
+        "to the address file; the node still listens on --host/--port",
+    )
     parser.add_argument("--data-dir", type=Path, metavar="D", help=data_dir_help)
 
 

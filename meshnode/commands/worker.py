@@ -107,6 +107,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         num_blocks=args.num_blocks,
         host=args.host,
         port=args.port,
+        announce_address=args.announce_address,
         cache_tokens=args.cache_tokens,
         max_length=args.max_length,
         idle_timeout=args.idle_timeout,

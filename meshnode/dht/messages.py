@@ -6,10 +6,15 @@ strict about what it uses and ignores unknown keys. A malformed request raises
 raises ``BadRequest`` too, and the caller treats that peer as failed.
 
 A request carries the sender's listening ``port`` (``None`` for a node that
-does not listen, such as a client). Its node id is never read from the
-message: the receiver takes it, and the host, from the TLS-verified
-``PeerInfo``. Contacts inside responses are hearsay: a lookup dials them
-pinned to the announced id, so a false one only costs a failed dial.
+does not listen, such as a client), and the ``host`` it announces when it
+was given one (``--announce-address``: behind NAT, a relay or a container,
+the host its connections come from is not where peers reach it). Its node id
+is never read from the message: the receiver takes it, and the host when the
+message names none, from the TLS-verified ``PeerInfo``. An announced host is
+taken on the sender's word: it is pinned to the sender's verified id, so a
+false one only makes the sender itself unreachable. Contacts inside responses
+are hearsay: a lookup dials them pinned to the announced id, so a false one
+only costs a failed dial.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ STORE, STORED = "dht.store", "dht.stored"
 MAX_CONTACTS_PER_RESPONSE = 32
 """Contacts a response may carry; more is a misbehaving peer."""
 
+MAX_HOST_LENGTH = 253
+"""Characters of an announced host (the longest DNS name)."""
+
 MAX_RESPONSE_RECORD_BYTES = 48 * 1024
 """Record bytes in one FIND_VALUE answer, to stay under the wire's header limit."""
 
@@ -42,24 +50,24 @@ MAX_RESPONSE_RECORD_BYTES = 48 * 1024
 # --- building ----------------------------------------------------------------
 
 
-def ping(port: int | None) -> Message:
-    return Message(PING, {"v": VERSION, "port": port})
+def ping(port: int | None, host: str | None = None) -> Message:
+    return Message(PING, {"v": VERSION, **_sender(port, host)})
 
 
 def pong(node_id: NodeID) -> Message:
     return Message(PONG, {"v": VERSION, "id": node_id})
 
 
-def find_node(port: int | None, target: bytes) -> Message:
-    return Message(FIND_NODE, {"v": VERSION, "port": port, "target": target})
+def find_node(port: int | None, target: bytes, host: str | None = None) -> Message:
+    return Message(FIND_NODE, {"v": VERSION, **_sender(port, host), "target": target})
 
 
 def nodes(contacts: list[Contact]) -> Message:
     return Message(NODES, {"v": VERSION, "nodes": [contact_to_wire(c) for c in contacts]})
 
 
-def find_value(port: int | None, key: bytes) -> Message:
-    return Message(FIND_VALUE, {"v": VERSION, "port": port, "key": key})
+def find_value(port: int | None, key: bytes, host: str | None = None) -> Message:
+    return Message(FIND_VALUE, {"v": VERSION, **_sender(port, host), "key": key})
 
 
 def value(records: list[SignedRecord], contacts: list[Contact]) -> Message:
@@ -74,12 +82,16 @@ def value(records: list[SignedRecord], contacts: list[Contact]) -> Message:
     )
 
 
-def store(port: int | None, record: SignedRecord) -> Message:
-    return Message(STORE, {"v": VERSION, "port": port, "record": record.to_wire()})
+def store(port: int | None, record: SignedRecord, host: str | None = None) -> Message:
+    return Message(STORE, {"v": VERSION, **_sender(port, host), "record": record.to_wire()})
 
 
 def stored(kept: bool) -> Message:
     return Message(STORED, {"v": VERSION, "stored": kept})
+
+
+def _sender(port: int | None, host: str | None) -> dict[str, Any]:
+    return {"port": port} if host is None else {"port": port, "host": host}
 
 
 def contact_to_wire(contact: Contact) -> dict[str, Any]:
@@ -114,13 +126,17 @@ def expect(message: Message, type_: str) -> dict[str, Any]:
 
 
 def sender_contact(peer: PeerInfo, message: Message) -> Contact | None:
-    """Who sent a request, as a contact: id and host from TLS, port from the message."""
+    """Who sent a request, as a contact: id from TLS, port from the message, host from the
+    message when it announces one (else from TLS)."""
     port = message.fields.get("port")
     if port is None:
         return None
     if not _is_port(port):
         raise BadRequest(f"port must be a TCP port or null, not {port!r}")
-    return Contact(peer.node_id, peer.host, port)
+    host = message.fields.get("host", peer.host)
+    if not isinstance(host, str) or not host or len(host) > MAX_HOST_LENGTH:
+        raise BadRequest(f"host must be a non-empty string of at most {MAX_HOST_LENGTH}")
+    return Contact(peer.node_id, host, port)
 
 
 def _is_port(value: object) -> bool:

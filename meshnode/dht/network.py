@@ -82,7 +82,10 @@ class DHTNode:
         value_quorum: int = VALUE_QUORUM,
         storage: RecordStore | None = None,
         rng: random.Random | None = None,
+        announced: PeerAddress | None = None,
     ) -> None:
+        """``announced``: where peers reach this node when that is not where ``endpoint``
+        listens (``--announce-address``); its requests then carry that host and port."""
         # ``reactor`` is accepted for the package contract; all scheduling goes
         # through ``clock`` and all I/O through ``endpoint``.
         self.endpoint = endpoint
@@ -99,7 +102,9 @@ class DHTNode:
         swarm = getattr(endpoint, "swarm", None)
         admit = swarm.check_record if swarm is not None else None
         self.storage = storage if storage is not None else RecordStore(clock, admit=admit)
-        self.protocol = DHTProtocol(endpoint, self.table, self.storage, clock, request_timeout)
+        self.protocol = DHTProtocol(
+            endpoint, self.table, self.storage, clock, request_timeout, announced=announced
+        )
         self.protocol.register()
         self.last_lookup: LookupResult | None = None
         """The most recent lookup's result and cost (rounds, bytes), for benchmarks."""

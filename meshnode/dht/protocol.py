@@ -55,8 +55,11 @@ class DHTProtocol:
         storage: RecordStore,
         clock,
         request_timeout: float = REQUEST_TIMEOUT,
+        announced: PeerAddress | None = None,
     ) -> None:
         self.endpoint = endpoint
+        self.announced = announced
+        """Where peers reach us, when not where the endpoint listens (``--announce-address``)."""
         self.table = table
         self.storage = storage
         self.clock = clock
@@ -80,8 +83,15 @@ class DHTProtocol:
     @property
     def listen_port(self) -> int | None:
         """The port we announce in requests; ``None`` when our endpoint does not listen."""
+        if self.announced is not None:
+            return self.announced.port
         address = getattr(self.endpoint, "address", None)
         return None if address is None else address.port
+
+    @property
+    def listen_host(self) -> str | None:
+        """The host we announce in requests (``None``: peers take the one they see)."""
+        return None if self.announced is None else self.announced.host
 
     def stop(self) -> None:
         """Answer no more requests and cancel every call in flight."""
@@ -131,19 +141,19 @@ class DHTProtocol:
         contact = None
         if address.node_id is not None:
             contact = Contact(address.node_id, address.host, address.port)
-        request = messages.ping(self.listen_port)
+        request = messages.ping(self.listen_port, self.listen_host)
         return self._request(address, contact, request, _parse_pong, None)
 
     def call_find_node(
         self, contact: Contact, target: bytes, stats: LookupStats | None = None
     ) -> Deferred[QueryAnswer]:
-        request = messages.find_node(self.listen_port, target)
+        request = messages.find_node(self.listen_port, target, self.listen_host)
         return self._request(contact.address, contact, request, _parse_nodes, stats)
 
     def call_find_value(
         self, contact: Contact, key: bytes, stats: LookupStats | None = None
     ) -> Deferred[QueryAnswer]:
-        request = messages.find_value(self.listen_port, key)
+        request = messages.find_value(self.listen_port, key, self.listen_host)
         parse = functools.partial(self._parse_value, contact=contact, key=key)
         return self._request(contact.address, contact, request, parse, stats)
 
@@ -151,7 +161,7 @@ class DHTProtocol:
         self, contact: Contact, record: SignedRecord, stats: LookupStats | None = None
     ) -> Deferred[bool]:
         """Ask ``contact`` to hold ``record``; fires with whether it kept it as new."""
-        request = messages.store(self.listen_port, record)
+        request = messages.store(self.listen_port, record, self.listen_host)
         return self._request(contact.address, contact, request, _parse_stored, stats)
 
     def _parse_value(self, answer: Message, contact: Contact, key: bytes) -> QueryAnswer:

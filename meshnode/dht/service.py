@@ -4,12 +4,16 @@
 bootstrap`` (``meshnode/tap.py``) under twistd's; both build it with
 ``build_dht_service``. On start it listens, prints its pinned address
 ``host:port#<node id>`` on one line (flushed: launchers read it), then joins
-through the ``bootstrap`` addresses, if any. A seed whose peers are all down
-keeps running: others can still join it.
+through the ``bootstrap`` addresses, if any. With ``announce_address`` (a
+relay, NAT, a container) the pinned address printed and told to peers is that
+one; a second line says where it listens, and ``<data dir>/listening`` holds
+``host:port`` of the socket (what a relay in front of it forwards to). A
+seed whose peers are all down keeps running: others can still join it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +41,28 @@ class DHTServiceOptions:
     data_dir: Path | None = None  # None: an ephemeral identity, kept in memory
     bootstrap: list[PeerAddress] = field(default_factory=list)
     swarm: Path | None = None  # a private swarm's swarm.pub (meshnode.swarm)
+    announce_address: PeerAddress | None = None  # where peers reach us, if not where we listen
+
+
+#: in the data dir: ``host:port`` the node listens on (written as soon as it listens)
+LISTENING_FILE = "listening"
+
+
+def announced_address(listening: PeerAddress, announce: PeerAddress | None) -> PeerAddress:
+    """The pinned address peers dial: ``announce`` with our node id, else where we listen."""
+    if announce is None:
+        return listening
+    return PeerAddress(announce.host, announce.port, listening.node_id)
+
+
+def write_listening(data_dir: Path | None, listening: PeerAddress) -> None:
+    """``<data dir>/listening``: where the socket is, for a relay or a port forward."""
+    if data_dir is not None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / LISTENING_FILE
+        partial = path.with_suffix(".partial")
+        partial.write_text(f"{PeerAddress(listening.host, listening.port)}\n")
+        os.replace(partial, path)
 
 
 class DHTService(Service):
@@ -73,9 +99,14 @@ class DHTService(Service):
         identity, self.swarm = join_swarm(options.swarm, identity, options.data_dir, self.reactor)
         self.endpoint = Endpoint(self.reactor, identity, {}, swarm=self.swarm)
         start_swarm(self.swarm, self.reactor)
-        address = await self.endpoint.listen(options.host, options.port)
-        self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
+        listening = await self.endpoint.listen(options.host, options.port)
+        write_listening(options.data_dir, listening)
+        address = announced_address(listening, options.announce_address)
+        self.node = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor,
+                            announced=options.announce_address)
         say(str(address), self._out)  # stdout as it is now: under twistd, its log too
+        if options.announce_address is not None:
+            say(f"listening on {PeerAddress(listening.host, listening.port)}", self._out)
         if options.bootstrap:
             try:
                 size = await self.node.bootstrap(options.bootstrap)

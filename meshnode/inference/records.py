@@ -18,6 +18,12 @@ from meshnode.errors import BadRequest
 PROTOCOL_VERSION = 1
 #: length of a session id chosen by a worker
 SESSION_ID_BYTES = 16
+#: bytes of a node id that name a peer in ``ServerInfo.peer_rtts``
+PEER_PREFIX_BYTES = 8
+#: most peers whose round trip one record carries (the most recently measured)
+MAX_PEER_RTTS = 16
+#: most points of ``ServerInfo.batch_throughput``
+MAX_BATCH_POINTS = 8
 
 
 @dataclass(frozen=True, order=True)
@@ -80,6 +86,19 @@ class ServerInfo:
 
     ``throughput`` is tokens per second through the whole span, measured by a
     warm-up forward; ``cache_tokens`` is the free room of the cache-token budget.
+    ``address`` is where peers dial the worker (its ``--announce-address`` when
+    given), pinned with its node id.
+
+    Optional, absent from older records (routing then assumes what it assumed
+    before them):
+
+    - ``peer_rtts``: round trips (seconds) the worker measured to other workers,
+      keyed by the first ``PEER_PREFIX_BYTES`` of their node ids, at most
+      ``MAX_PEER_RTTS``: the links between consecutive hops of a route.
+    - ``batch_load``: the steps the worker has to run now (waiting, plus those
+      of its last batch): the batch a new session's step joins.
+    - ``batch_throughput``: ``(batch size, tokens/s through the span)`` points,
+      batch sizes increasing: its speed when that many steps share a forward.
     """
 
     address: str
@@ -92,6 +111,30 @@ class ServerInfo:
     version: int = PROTOCOL_VERSION
     #: the longest session the worker accepts (positions); None in records from before it
     max_length: int | None = None
+    peer_rtts: tuple[tuple[bytes, float], ...] = ()
+    batch_load: int | None = None
+    batch_throughput: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.peer_rtts) > MAX_PEER_RTTS:
+            raise BadRequest(f"at most {MAX_PEER_RTTS} peer round trips, not {len(self.peer_rtts)}")
+        if any(len(prefix) != PEER_PREFIX_BYTES or rtt < 0 for prefix, rtt in self.peer_rtts):
+            raise BadRequest(f"peer round trips: {PEER_PREFIX_BYTES}-byte ids, times >= 0")
+        if self.batch_load is not None and self.batch_load < 0:
+            raise BadRequest(f"batch load must be >= 0, not {self.batch_load}")
+        sizes = [size for size, _ in self.batch_throughput]
+        if len(sizes) > MAX_BATCH_POINTS or sizes != sorted(set(sizes)) or (sizes and sizes[0] < 1):
+            raise BadRequest(
+                f"batch throughput: at most {MAX_BATCH_POINTS} points, batch sizes >= 1 "
+                "and increasing"
+            )
+        if any(speed <= 0 for _, speed in self.batch_throughput):
+            raise BadRequest("batch throughput: speeds must be positive")
+
+    def peer_rtt(self, node_id: bytes) -> float | None:
+        """The round trip this worker measured to ``node_id`` (seconds), if it published one."""
+        prefix = node_id[:PEER_PREFIX_BYTES]
+        return next((rtt for p, rtt in self.peer_rtts if p == prefix), None)
 
     def to_record(self) -> dict[str, Any]:
         """The CBOR-able DHT value (``server-info`` in the CDDL)."""
@@ -105,6 +148,7 @@ class ServerInfo:
             "dtype": self.dtype,
             "model": self.model,
             **({} if self.max_length is None else {"max_length": int(self.max_length)}),
+            **_optional_fields(self),
         }
 
     @classmethod
@@ -123,6 +167,9 @@ class ServerInfo:
                 model=_typed(value, "model", str),
                 version=_typed(value, "v", int),
                 max_length=None if "max_length" not in value else _typed(value, "max_length", int),
+                peer_rtts=_peer_rtts(value.get("peer_rtt_ms", {})),
+                batch_load=None if "load" not in value else _typed(value, "load", int),
+                batch_throughput=_batch_points(value.get("batch_throughput", [])),
             )
         except ValueError as exc:
             raise BadRequest(f"bad server info: {exc}") from exc
@@ -131,6 +178,38 @@ class ServerInfo:
     @property
     def online(self) -> bool:
         return self.state is WorkerState.ONLINE
+
+
+def _optional_fields(info: ServerInfo) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    if info.peer_rtts:
+        fields["peer_rtt_ms"] = {prefix: float(rtt * 1e3) for prefix, rtt in info.peer_rtts}
+    if info.batch_load is not None:
+        fields["load"] = int(info.batch_load)
+    if info.batch_throughput:
+        fields["batch_throughput"] = [[int(b), float(t)] for b, t in info.batch_throughput]
+    return fields
+
+
+def _peer_rtts(value: Any) -> tuple[tuple[bytes, float], ...]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, bytes) and _is_number(v) for k, v in value.items()
+    ):
+        raise BadRequest("peer_rtt_ms must map node id prefixes to milliseconds")
+    return tuple(sorted((prefix, float(ms) / 1e3) for prefix, ms in value.items()))
+
+
+def _batch_points(value: Any) -> tuple[tuple[int, float], ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(p, list) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+        and _is_number(p[1]) for p in value
+    ):
+        raise BadRequest("batch_throughput must be a list of [batch size, tokens/s]")
+    return tuple((size, float(speed)) for size, speed in value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _typed(value: dict, key: str, kind: type | tuple[type, ...]) -> Any:

@@ -8,6 +8,12 @@ as this process (``PYTHONPATH`` points at it). ``NodeProcess.signal`` lets
 chaos tests SIGKILL or SIGSTOP a node; ``LocalMesh.stop`` stops every node
 (SIGTERM, then SIGKILL after a bound) and is safe to call twice.
 
+``start_bootstrap(relay_delay_ms=D)`` and ``start_worker(..., relay_delay_ms=D)``
+put the node behind its own ``meshnode.testing.relay`` process (every byte
+``D`` ms late each way) and start it with ``--announce-address`` of the
+relay: peers reach it only through the relay (``NodeProcess.relay``; its
+``stats()`` count the connections it relayed).
+
 ``LocalMesh(..., swarm=DIR)`` makes a private swarm's mesh: each node is
 admitted (``DIR/swarm.key`` signs its membership) and started with
 ``--swarm DIR/swarm.pub``, unless started with ``member=False`` (an outsider).
@@ -15,6 +21,7 @@ admitted (``DIR/swarm.key`` signs its membership) and started with
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -38,12 +45,52 @@ START_TIMEOUT = 180.0
 #: seconds between SIGTERM and SIGKILL
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
+#: seconds a relay process may take to listen
+RELAY_START_TIMEOUT = 30.0
 
 
 class NodeFailed(MeshError):
     """A node process exited or did not become ready in time."""
 
     code = "node_failed"
+
+
+@dataclass
+class RelayProcess:
+    """A ``python -m meshnode.testing.relay`` process in front of one node."""
+
+    folder: Path
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stats(self) -> dict:
+        """``connections`` accepted, ``open`` now, ``bytes_to_target``, ``bytes_from_target``."""
+        return json.loads((self.folder / "stats.json").read_text())
+
+    def set_delay(self, delay_ms: float, timeout: float = RELAY_START_TIMEOUT) -> None:
+        """Change the delay of every byte from now on; returns once the relay applies it."""
+        path = self.folder / "delay_ms"
+        partial = path.with_name("delay_ms.partial")
+        partial.write_text(f"{delay_ms}\n")
+        os.replace(partial, path)
+        deadline = time.monotonic() + timeout
+        while abs(self.stats()["delay_ms"] - delay_ms) > 1e-6:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise NodeFailed(f"relay {self.folder.name} did not take delay {delay_ms} ms")
+            time.sleep(POLL_INTERVAL)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 @dataclass
@@ -55,6 +102,8 @@ class NodeProcess:
     process: subprocess.Popen
     address: PeerAddress | None = None
     args: list[str] = field(default_factory=list)
+    relay: RelayProcess | None = None
+    """The relay peers reach this node through (``relay_delay_ms``), if any."""
     daemon: bool = False
     """Started without ``-n``: ``process`` is the launcher, which exits once twistd forked;
     the daemon's pid is in the pidfile."""
@@ -197,10 +246,11 @@ class LocalMesh:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start_bootstrap(self) -> NodeProcess:
-        """A DHT-only node; waits until it reports its address."""
-        node = self._spawn("bootstrap", ["bootstrap", "--host", "127.0.0.1", "--port", "0"],
-                           member=True)
+    def start_bootstrap(self, relay_delay_ms: float | None = None) -> NodeProcess:
+        """A DHT-only node (behind a relay of that delay when given); waits until it reports
+        its address."""
+        args = ["bootstrap", "--host", "127.0.0.1", "--port", "0"]
+        node = self._spawn("bootstrap", args, member=True, relay_delay_ms=relay_delay_ms)
         node.wait_ready()
         self.bootstrap = node
         return node
@@ -209,12 +259,13 @@ class LocalMesh:
         self, blocks: str | None = None, extra: list[str] | None = None, wait: bool = True,
         member: bool = True,
         liar: tuple[float, float] | None = None,
+        relay_delay_ms: float | None = None,
     ) -> NodeProcess:
         """A worker that joins through ``join_address`` (none for the first of a mesh
         without a bootstrap node); ``blocks`` is ``"A:B"`` or None (choose); in a
         swarm's mesh, ``member=False`` starts an outsider; ``liar=(noise, inflate)``
         starts a worker whose outputs are noisy and whose throughput is inflated
-        (``meshnode.testing.liar``)."""
+        (``meshnode.testing.liar``); ``relay_delay_ms`` puts it behind a relay."""
         args = ["worker", "--model", self.model, "--host", "127.0.0.1", "--port", "0"]
         if self.join_address is not None:
             args += ["--bootstrap", str(self.join_address)]
@@ -224,16 +275,20 @@ class LocalMesh:
         if liar is not None:
             preamble = f"import meshnode.testing.liar as l; l.install({liar[0]!r}, {liar[1]!r}); "
         node = self._spawn(f"worker-{len(self.nodes)}", args + list(extra or []), member,
-                           preamble)
+                           preamble, relay_delay_ms)
         if wait:
             node.wait_ready()
         return node
 
     def start_workers(
-        self, spans: Sequence[str | None], extra: list[str] | None = None
+        self, spans: Sequence[str | None], extra: list[str] | None = None,
+        relay_delay_ms: float | None = None,
     ) -> list[NodeProcess]:
         """One worker per span, started side by side; returns once every one is ready."""
-        nodes = [self.start_worker(span, extra, wait=False) for span in spans]
+        nodes = [
+            self.start_worker(span, extra, wait=False, relay_delay_ms=relay_delay_ms)
+            for span in spans
+        ]
         for node in nodes:
             node.wait_ready()
         return nodes
@@ -264,6 +319,32 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 node.process.kill()
                 node.process.wait()
+        for node in self.nodes:
+            if node.relay is not None:
+                node.relay.stop()
+
+    def start_relay(self, name: str, delay_ms: float, target_file: Path) -> RelayProcess:
+        """A relay process forwarding to the ``host:port`` in ``target_file`` (read once it
+        exists); returns once it listens."""
+        folder = self.root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [
+            self.python, "-m", "meshnode.testing.relay", "--delay-ms", str(delay_ms),
+            "--target-file", str(target_file), "--port-file", str(folder / "port"),
+            "--stats", str(folder / "stats.json"), "--delay-file", str(folder / "delay_ms"),
+        ]
+        with open(folder / "stdout.log", "wb") as stdout:
+            process = subprocess.Popen(command, cwd=folder, env=self._env,
+                                       stdin=subprocess.DEVNULL, stdout=stdout,
+                                       stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + RELAY_START_TIMEOUT
+        while not (folder / "port").exists():
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise NodeFailed(f"relay {name} did not start: "
+                                 f"{(folder / 'stdout.log').read_text(errors='replace')}")
+            time.sleep(POLL_INTERVAL)
+        return RelayProcess(folder, process, int((folder / "port").read_text()))
 
     def admit(self, data_dir: Path, days: float = 1.0) -> None:
         """Write a membership of this mesh's swarm into ``data_dir`` (its key created if
@@ -278,11 +359,16 @@ class LocalMesh:
         write_membership(data_dir, certificate)
 
     def _spawn(
-        self, name: str, args: list[str], member: bool = True, preamble: str = ""
+        self, name: str, args: list[str], member: bool = True, preamble: str = "",
+        relay_delay_ms: float | None = None,
     ) -> NodeProcess:
         folder = self.root / name
         (folder / "data").mkdir(parents=True, exist_ok=True)
         args = args + ["--data-dir", str(folder / "data")]
+        relay = None
+        if relay_delay_ms is not None:
+            relay = self.start_relay(f"relay-{name}", relay_delay_ms, folder / "data" / "listening")
+            args += ["--announce-address", relay.address]
         if self.swarm is not None and member:
             self.admit(folder / "data")
             args += ["--swarm", str(self.swarm / "swarm.pub")]
@@ -305,7 +391,7 @@ class LocalMesh:
                 stdout=stdout,
                 stderr=subprocess.STDOUT,
             )
-        node = NodeProcess(name, folder, process, args=args, daemon=self.daemon)
+        node = NodeProcess(name, folder, process, args=args, relay=relay, daemon=self.daemon)
         self.nodes.append(node)
         return node
 

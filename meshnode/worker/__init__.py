@@ -9,7 +9,9 @@ Map of the package (no logic here):
 - ``span_choice``: ``choose_span``, the least-served blocks from DHT records (pure).
 - ``compute``: ``SpanCompute``, JAX on one dedicated thread, never on the reactor thread.
 - ``handlers``: ``InferenceHandlers``, the ``infer.*`` handlers over the Endpoint.
-- ``announce``: ``Announcer``, one signed DHT record per block, refreshed; offline on stop.
+- ``announce``: ``Announcer``, one signed DHT record per block, refreshed; offline on stop;
+  ``batching_fields``, the compute's optional load and batch curve for the records.
+- ``links``: ``PeerRtts``, ``LinkProber``: round trips to route neighbours, published.
 - ``service``: ``WorkerService``, the Twisted service that wires it all together.
 
 What it shares with clients (spans, server info, ``infer.*`` messages, block

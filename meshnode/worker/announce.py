@@ -6,18 +6,23 @@ expiry ``ttl`` seconds ahead; refreshes come every ``interval`` seconds, well
 inside the ttl, so a live worker never drops out while a dead one fades
 within ``ttl``. A clean stop stores the records once more as ``offline``.
 Time comes from the injected clock.
+
+``batching_fields`` reads what routing needs to weigh a loaded worker against
+an idle one (``ServerInfo.batch_load``, ``batch_throughput``) from the
+worker's compute, through two optional methods (``BatchReport``); a compute
+without them announces neither, and routing uses ``throughput`` alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
-from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
+from meshnode.inference.records import MAX_BATCH_POINTS, BlockSpan, ServerInfo, WorkerState
 
 #: seconds a block record lives without refresh
 DEFAULT_TTL = 60.0
@@ -25,6 +30,33 @@ DEFAULT_TTL = 60.0
 DEFAULT_INTERVAL = 20.0
 #: the least amount by which a new announcement's expiry passes the previous one's
 EXPIRY_STEP = 0.001
+
+
+class BatchReport(Protocol):
+    """What a batching worker's compute tells routing; both methods are optional."""
+
+    def batch_load(self) -> int:
+        """Steps to run now: those waiting plus those of the last batch."""
+
+    def batch_throughput(self) -> Sequence[tuple[int, float]]:
+        """``(batch size, tokens/s through the span)`` points, batch sizes increasing."""
+
+
+def batching_fields(compute: Any) -> dict[str, Any]:
+    """``ServerInfo`` keyword arguments from ``compute``'s ``BatchReport`` methods, where it
+    has them (at most ``MAX_BATCH_POINTS`` points, spread over the curve)."""
+    fields: dict[str, Any] = {}
+    load = getattr(compute, "batch_load", None)
+    if callable(load):
+        fields["batch_load"] = int(load())
+    curve = getattr(compute, "batch_throughput", None)
+    if callable(curve):
+        points = sorted((int(b), float(t)) for b, t in curve() if t > 0)
+        if len(points) > MAX_BATCH_POINTS:
+            step = (len(points) - 1) / (MAX_BATCH_POINTS - 1)
+            points = [points[round(i * step)] for i in range(MAX_BATCH_POINTS)]
+        fields["batch_throughput"] = tuple(points)
+    return fields
 
 
 class Announcer:
@@ -83,6 +115,12 @@ class Announcer:
         # The DHT keeps, per writer, the record that expires last: the offline record
         # must expire after the last online one to replace it, hence the full ttl.
         return self.announce(WorkerState.OFFLINE)
+
+    def refresh_now(self) -> None:
+        """Announce the current info now, unless an announcement is in flight (what the
+        periodic refresh does, early: when something routing reads has changed)."""
+        if self._loop.running:
+            self._refresh()
 
     def _refresh(self) -> None:
         if self._pending is not None:

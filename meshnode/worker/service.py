@@ -15,6 +15,13 @@ Nothing here starts a thread before ``startService``: twistd forks between
 the compute thread, with the compile cache and the native kernels) must not
 be running in a process that forks.
 
+The address peers dial is the ``--announce-address`` when given (NAT, a
+relay, a container), pinned with the node id: it is the one in the block
+records, in the DHT requests (so in others' routing tables), on the ready
+line and in ``<data dir>/address``. The socket stays on ``--host``/``--port``:
+``<data dir>/listening`` says where (``host:port``), written as soon as it
+listens, for whatever forwards the announced address to it.
+
 A clean stop announces ``offline``, closes sessions, the Endpoint and the DHT
 and joins the compute thread.
 """
@@ -40,11 +47,12 @@ from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.phases import StartupPhases, say
 from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
-from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer, batching_fields
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
+from meshnode.worker.links import LinkProber, PeerRtts
 from meshnode.worker.metrics import WorkerMetrics, metrics_site
 from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
@@ -53,6 +61,7 @@ from meshnode.worker.span_choice import choose_span
 DEFAULT_CACHE_TOKENS = 16384
 DEFAULT_MAX_LENGTH = 2048
 ADDRESS_FILE = "address"
+LISTENING_FILE = "listening"  # as meshnode.dht.service's (imported late: it pulls in the wire)
 #: seconds a clean stop waits for its offline records to be stored
 OFFLINE_ANNOUNCE_TIMEOUT = 5.0
 
@@ -68,6 +77,7 @@ class WorkerOptions:
     num_blocks: int | None = None
     host: str = "127.0.0.1"
     port: int = 0
+    announce_address: PeerAddress | None = None  # where peers reach us, if not host:port
     cache_tokens: int = DEFAULT_CACHE_TOKENS
     max_length: int = DEFAULT_MAX_LENGTH
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
@@ -94,8 +104,12 @@ class WorkerService(Service):
         self.precompiler = Precompiler(reactor)
         self.precompiled: Deferred[None] | None = None
         self.endpoint: Any = None
+        self.address: PeerAddress | None = None
+        """The pinned address peers dial (the announced one, else where we listen)."""
         self.dht: Any = None
         self.announcer: Announcer | None = None
+        self.links = PeerRtts(reactor)
+        self.prober: LinkProber | None = None
         self.table: SessionTable | None = None
         self.span: BlockSpan | None = None
         self.throughput = 0.0
@@ -122,6 +136,7 @@ class WorkerService(Service):
 
     async def _start(self) -> PeerAddress:
         from meshnode.dht.network import DHTNode
+        from meshnode.dht.service import announced_address, write_listening
         from meshnode.wire.endpoint import Endpoint
 
         options = self.options
@@ -131,8 +146,15 @@ class WorkerService(Service):
         identity, self.swarm = join_swarm(options.swarm, identity, options.data_dir, self.reactor)
         self.endpoint = Endpoint(self.reactor, identity, {}, swarm=self.swarm)
         start_swarm(self.swarm, self.reactor)
-        address = await self.endpoint.listen(options.host, options.port)
-        self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor)
+        listening = await self.endpoint.listen(options.host, options.port)
+        write_listening(options.data_dir, listening)
+        address = self.address = announced_address(listening, options.announce_address)
+        if options.announce_address is not None:
+            # not the pinned address: launchers take the first one they read as "ready"
+            self._say(f"meshnode worker: listening on {listening.host}:{listening.port}, "
+                      f"announced as {options.announce_address}")
+        self.dht = DHTNode(self.endpoint, clock=self.reactor, reactor=self.reactor,
+                           announced=options.announce_address)
         with phases.phase("join DHT"):
             if options.bootstrap:
                 await self.dht.bootstrap(options.bootstrap)
@@ -152,6 +174,7 @@ class WorkerService(Service):
         await self._listen_metrics()
         with phases.phase("announce"):
             await self.announcer.start()
+        self.prober.start()
         self._expiry.start(max(1.0, options.idle_timeout / 4), now=False)
         self._report(address, source)
         self._precompile(compute, min(options.max_length, source.config.max_position_embeddings))
@@ -201,13 +224,19 @@ class WorkerService(Service):
         self.endpoint.on_disconnect(self.table.close_owned)
 
         def info(state: WorkerState) -> ServerInfo:
-            return ServerInfo(str(self.endpoint.address), self.span, state, self.throughput,
+            return ServerInfo(str(self.address), self.span, state, self.throughput,
                               self.table.budget.free, dtype, source.fingerprint,
-                              max_length=max_length)
+                              max_length=max_length, peer_rtts=self.links.published(),
+                              **batching_fields(compute))
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,
                                    ttl=options.announce_ttl, interval=options.announce_interval)
+        self.prober = LinkProber(self.dht, self.endpoint, self.reactor,
+                                 keys_for(source.fingerprint), self.span,
+                                 source.config.num_layers, self.links,
+                                 interval=options.announce_interval,
+                                 on_new_peers=self.announcer.refresh_now)
 
     async def _listen_metrics(self) -> None:
         if self.options.metrics_port is None:
@@ -250,6 +279,8 @@ class WorkerService(Service):
             self._expiry.stop()
         if self.swarm is not None:
             self.swarm.stop()
+        if self.prober is not None:
+            self.prober.stop()
         if self.announcer is not None:
             offline = self.announcer.stop()
             offline.addTimeout(OFFLINE_ANNOUNCE_TIMEOUT, self.reactor)
@@ -264,7 +295,8 @@ class WorkerService(Service):
             await self.endpoint.close().addErrback(lambda _: None)
         self.precompiler.stop()
         self.thread.stop()
-        (self.options.data_dir / ADDRESS_FILE).unlink(missing_ok=True)
+        for name in (ADDRESS_FILE, LISTENING_FILE):
+            (self.options.data_dir / name).unlink(missing_ok=True)
 
 
 def _prepare_runtime() -> Any:

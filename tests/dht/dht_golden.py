@@ -53,6 +53,7 @@ def golden_examples() -> dict[str, bytes]:
     return {
         "dht-ping.listening": _fields(messages.ping(7001)),
         "dht-ping.client": _fields(messages.ping(None)),
+        "dht-ping.announced": _fields(messages.ping(7443, "relay.example.org")),
         "dht-pong.basic": _fields(messages.pong(WRITER.node_id)),
         "dht-find-node.basic": _fields(messages.find_node(7001, KEY)),
         "dht-nodes.three": _fields(messages.nodes(CONTACTS)),

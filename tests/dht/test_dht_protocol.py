@@ -197,3 +197,37 @@ def test_full_bucket_evicts_its_oldest_only_when_it_does_not_answer(
     assert (oldest.node_id in a.table) is oldest_alive
     assert (newcomer.node_id in a.table) is not oldest_alive
     assert len(bucket) == K
+
+
+def test_an_announced_address_is_what_peers_keep_and_pass_on(network: FakeNetwork) -> None:
+    """When a node announces an address other than its listening one (a relay), then a peer
+    it pings keeps that host and port for it, and hands them to whoever looks it up."""
+    from meshnode.dht.network import DHTNode
+    from meshnode.identity import PeerAddress
+
+    relay = PeerAddress("relay.example.org", 7443)
+    (b,) = make_nodes(network, 1)
+    endpoint = network.endpoint()
+    endpoint.listen()
+    hidden = DHTNode(endpoint, network.clock, announced=relay)
+    settle(network.clock, hidden.protocol.call_ping(b.endpoint.address))
+    assert b.table.get(hidden.node_id) == Contact(hidden.node_id, relay.host, relay.port)
+    asker = network.endpoint()
+    answer = settle(
+        network.clock,
+        asker.request(b.endpoint.address, messages.find_node(None, hidden.node_id), 5.0),
+    )
+    assert messages.contacts_field(answer.fields) == [
+        Contact(hidden.node_id, relay.host, relay.port)
+    ]
+
+
+def test_an_announced_host_that_is_not_a_name_is_refused(network: FakeNetwork) -> None:
+    """When a request announces an empty or non-text host, then it is refused as bad and the
+    sender stays out of the table."""
+    a, b = make_nodes(network, 2)
+    for host in ("", 7, "x" * 300):
+        forged = Message(messages.PING, {"v": 1, "port": 4242, "host": host})
+        with pytest.raises(RemoteError):
+            settle(network.clock, a.endpoint.request(b.endpoint.address, forged, 5.0))
+    assert a.node_id not in b.table

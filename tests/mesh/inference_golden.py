@@ -26,6 +26,14 @@ def golden_examples() -> dict[str, bytes]:
     info = ServerInfo(NODE, BlockSpan(10, 20), WorkerState.ONLINE, 42.5, 8192, "float32", "fp")
     return {
         "server-info.online": cbor2.dumps(info.to_record(), canonical=True),
+        "server-info.loaded": cbor2.dumps(
+            ServerInfo(
+                NODE, BlockSpan(10, 20), WorkerState.ONLINE, 42.5, 8192, "float32", "fp",
+                max_length=2048, peer_rtts=((bytes(range(8)), 0.0125),), batch_load=3,
+                batch_throughput=((1, 42.5), (4, 150.0), (16, 400.0)),
+            ).to_record(),
+            canonical=True,
+        ),
         "infer-info.basic": _fields(messages.build_info()),
         "infer-info-ok.basic": _fields(
             messages.build_info_ok(
@@ -62,4 +70,6 @@ def invalid_examples() -> dict[str, bytes]:
         "infer-open.no-max-length": cbor2.dumps({"v": 1, "model": "fp", "span": [0, 1]}),
         "server-info.bad-state": cbor2.dumps({**record, "state": "asleep"}),
         "server-info.bad-version": cbor2.dumps({**record, "v": 2}),
+        "server-info.negative-load": cbor2.dumps({**record, "load": -1}),
+        "server-info.batch-point-text": cbor2.dumps({**record, "batch_throughput": [["1", 2.0]]}),
     }

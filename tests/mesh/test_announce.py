@@ -45,3 +45,21 @@ def test_announces_each_block_then_refreshes_then_offline():
     assert all(exp > 80 for _, _, exp in dht.stores[-3:])
     clock.advance(100)
     assert len(dht.stores) == 9
+
+
+def test_refresh_now_announces_early_only_while_running():
+    """When something routing reads changed (a new peer measured), then refresh_now stores
+    the records at once while the announcer runs, and does nothing before start or after
+    stop."""
+    clock, dht, free = Clock(), FakeDHT(), [100]
+    announcer = make(clock, dht, free)
+    announcer.refresh_now()
+    assert dht.stores == []
+    announcer.start()
+    free[0] = 70
+    clock.advance(5)
+    announcer.refresh_now()
+    assert len(dht.stores) == 6 and dht.stores[-1][1]["cache_tokens"] == 70
+    announcer.stop()
+    announcer.refresh_now()
+    assert len(dht.stores) == 9

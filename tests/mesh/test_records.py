@@ -85,3 +85,45 @@ def test_max_length_of_the_wrong_type_is_refused():
     """When max_length is not an integer, then the record is refused."""
     with pytest.raises(BadRequest):
         ServerInfo.from_record({**make_info().to_record(), "max_length": "long"})
+
+
+def test_links_and_batching_fields_round_trip():
+    """When a worker announces peer round trips, its load and its batch curve, then a client
+    decodes the same values, and finds a peer's round trip by its node id."""
+    peer = bytes(range(32))
+    info = make_info(
+        peer_rtts=((peer[:8], 0.02),), batch_load=5, batch_throughput=((1, 50.0), (8, 240.0))
+    )
+    decoded = ServerInfo.from_record(info.to_record())
+    assert decoded == info
+    assert decoded.peer_rtt(peer) == pytest.approx(0.02)
+    assert decoded.peer_rtt(bytes(32)) is None
+
+
+def test_records_from_before_links_and_batching_parse():
+    """When a record carries none of the link or batching fields (an older worker), then it
+    parses with none measured, no load and no curve, and encodes without them."""
+    record = make_info().to_record()
+    assert not {"peer_rtt_ms", "load", "batch_throughput"} & set(record)
+    info = ServerInfo.from_record(record)
+    assert (info.peer_rtts, info.batch_load, info.batch_throughput) == ((), None, ())
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"peer_rtt_ms": {b"short": 1.0}},
+        {"peer_rtt_ms": {bytes(8): "fast"}},
+        {"peer_rtt_ms": {bytes([i]) * 8: 1.0 for i in range(17)}},
+        {"load": -2},
+        {"batch_throughput": [[4, 10.0], [1, 5.0]]},
+        {"batch_throughput": [[0, 10.0]]},
+        {"batch_throughput": [[1, 0.0]]},
+        {"batch_throughput": [[b, 1.0 * b] for b in range(1, 10)]},
+    ],
+)
+def test_bad_links_or_batching_fields_refused(change):
+    """When a link or batching field is malformed, out of order or over its bound, then the
+    record is refused with BadRequest."""
+    with pytest.raises(BadRequest):
+        ServerInfo.from_record(make_info().to_record() | change)

@@ -65,13 +65,16 @@ async def discover_route(
     banned: Collection[NodeID] = (),
     max_length: int = 0,
     throughputs: Mapping[NodeID, float] | None = None,
+    forwarding: bool = False,
 ) -> Route:
     """Records of ``span``'s blocks -> eligible, reachable candidates -> the least-latency route.
 
     ``span`` is the whole model for a new generation, or the span of a failed
     hop for recovery; either way the route covers exactly its blocks.
     ``throughputs``: speeds the client measured itself (``meshnode.client.verify``),
-    used instead of what those workers announce.
+    used instead of what those workers announce. ``forwarding``: steps will pass
+    from worker to worker, so the links between consecutive hops count
+    (``meshnode.client.routing.costs``).
     """
     found = await fetch_block_records(dht, lambda i: key_for(span.start + i), span.length)
     records = {span.start + i: by_worker for i, by_worker in found.items()}
@@ -88,7 +91,7 @@ async def discover_route(
     unreachable = set(to_ping) - set(rtts)
     return span_route(
         workers, span, model, rtts, banned=banned, min_cache_tokens=max_length,
-        unreachable=unreachable,
+        unreachable=unreachable, forwarding=forwarding,
     )
 
 

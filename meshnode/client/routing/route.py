@@ -1,13 +1,19 @@
 """``find_route``: cover blocks ``[0, n)`` with spans of live workers at least expected latency.
 
-Pure, as Petals' routing: a graph whose nodes are block boundaries ``0..n``;
-a worker serving ``[a, b)`` gives an edge ``i -> j`` for every
-``a <= i < j <= b`` (it may compute any part of its span), weighted by
+Pure, as Petals' routing: Dijkstra over block boundaries ``0..n``; a worker
+serving ``[a, b)`` may take a route from ``i`` to ``j`` for every
+``a <= i < j <= b`` (it may compute any part of its span), at the cost
 
-    rtt(worker) + tokens * (j - i) / (throughput * (b - a))
+    link + step_seconds(worker, tokens) * (j - i) / (b - a)
 
-(its round trip, plus its announced speed over the blocks used), and Dijkstra
-finds the cheapest path from 0 to ``n``. Workers of another model fingerprint,
+(``meshnode.client.routing.costs``: its compute at its announced load, over
+the blocks used). The link depends on how steps travel. Client-driven, the
+client calls each hop in turn: ``link = client_rtt(worker)``. Forwarded
+(``forwarding=True``), the step goes client -> first -> ... -> last -> client:
+the link is half the round trip from the previous hop (``client_rtt / 2`` for
+the first, ``between(previous, worker) / 2`` after), and the last hop adds
+``client_rtt(last) / 2`` for the answer; the state of the search is then the
+block boundary *and* the worker that reached it. Workers of another model fingerprint,
 offline, banned, unreachable, accepting fewer positions than the session
 needs or without room for its cache now are skipped; when no path exists,
 ``RouteNotFound.missing`` names the blocks nobody usable serves and its
@@ -23,14 +29,12 @@ import heapq
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from meshnode.client.routing.costs import LinkCosts, NodeID, step_seconds
 from meshnode.errors import RouteNotFound
 from meshnode.inference.records import BlockSpan, ServerInfo, eligible
 
-NodeID = bytes
-#: round trip assumed for a worker not measured (seconds)
-DEFAULT_RTT = 0.05
-#: throughput assumed for a worker announcing none (tokens/s)
-MIN_THROUGHPUT = 1e-3
+#: the search's "previous hop" before the first one: the client
+_CLIENT = b""
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,13 @@ def find_route(
     tokens: int = 1,
     min_cache_tokens: int = 0,
     unreachable: Collection[NodeID] = (),
+    forwarding: bool = False,
 ) -> Route:
     """The least expected-latency chain of workers covering ``[0, num_layers)``.
 
-    ``min_cache_tokens``: the positions the session needs (its max length).
+    ``min_cache_tokens``: the positions the session needs (its max length);
+    ``forwarding``: steps pass from worker to worker, so the links between
+    consecutive hops count (see the module docstring).
     """
     rtts = rtts or {}
     candidates = {n: i for n, i in workers.items() if eligible(i, model, num_layers)}
@@ -116,8 +123,7 @@ def find_route(
         if left_out(node_id, info, min_cache_tokens, banned, unreachable) is None
     }
     _check_coverage(usable, candidates, num_layers, min_cache_tokens, banned, unreachable)
-    edges = _edges(usable, num_layers, rtts, tokens)
-    return _dijkstra(edges, usable, num_layers)
+    return _cheapest_chain(usable, num_layers, LinkCosts(rtts, workers), tokens, forwarding)
 
 
 def span_route(
@@ -128,13 +134,16 @@ def span_route(
     banned: Collection[NodeID] = (),
     min_cache_tokens: int = 0,
     unreachable: Collection[NodeID] = (),
+    forwarding: bool = False,
 ) -> Route:
     """The least-latency chain covering exactly ``span`` (``RouteNotFound`` with absolute
     ``missing`` blocks otherwise).
 
     Each worker's span is clipped to ``span`` and shifted to start at 0, its
     throughput scaled so the cost per block is unchanged, and ``find_route``
-    runs on that; the hops are shifted back.
+    runs on that; the hops are shifted back. With ``forwarding``, the ends of
+    ``span`` count as the client's (a recovered span's neighbours are not
+    weighed).
     """
     clipped: dict[NodeID, ServerInfo] = {}
     for node_id, info in workers.items():
@@ -149,7 +158,7 @@ def span_route(
     try:
         relative = find_route(
             clipped, span.length, model, rtts=rtts, banned=banned,
-            min_cache_tokens=min_cache_tokens, unreachable=unreachable,
+            min_cache_tokens=min_cache_tokens, unreachable=unreachable, forwarding=forwarding,
         )
     except RouteNotFound as exc:
         missing = tuple(block + span.start for block in exc.missing)
@@ -239,51 +248,71 @@ def _reason_text(info: ServerInfo, reason: str, length: int) -> str:
     return "banned after failing"
 
 
-def _edges(
+def _cheapest_chain(
     usable: Mapping[NodeID, ServerInfo],
     num_layers: int,
-    rtts: Mapping[NodeID, float],
+    links: LinkCosts,
     tokens: int,
-) -> list[list[tuple[float, int, NodeID]]]:
-    """``edges[i]`` lists ``(cost, j, worker)`` for every hop starting at block ``i``."""
-    edges: list[list[tuple[float, int, NodeID]]] = [[] for _ in range(num_layers)]
-    for node_id, info in usable.items():
-        span = info.span
-        per_block = tokens / (max(info.throughput, MIN_THROUGHPUT) * span.length)
-        rtt = rtts.get(node_id, DEFAULT_RTT)
-        for i in span.blocks():
-            for j in range(i + 1, span.end + 1):
-                edges[i].append((rtt + per_block * (j - i), j, node_id))
-    return edges
-
-
-def _dijkstra(
-    edges: list[list[tuple[float, int, NodeID]]],
-    usable: Mapping[NodeID, ServerInfo],
-    num_layers: int,
+    forwarding: bool,
 ) -> Route:
-    best: dict[int, float] = {0: 0.0}
-    came_from: dict[int, tuple[int, NodeID]] = {}
-    heap: list[tuple[float, int]] = [(0.0, 0)]
+    """Dijkstra from block 0 to ``num_layers``; a state is ``(block, previous worker)`` when
+    forwarding (the next link depends on it), the block alone otherwise."""
+    by_start: list[list[NodeID]] = [[] for _ in range(num_layers)]
+    per_block = {}
+    for node_id, info in sorted(usable.items()):
+        per_block[node_id] = step_seconds(info, tokens) / info.span.length
+        for i in info.span.blocks():
+            by_start[i].append(node_id)
+    start = (0, _CLIENT)
+    best: dict[tuple[int, NodeID], float] = {start: 0.0}
+    came_from: dict[tuple[int, NodeID], tuple[tuple[int, NodeID], NodeID]] = {}
+    heap: list[tuple[float, int, NodeID]] = [(0.0, 0, _CLIENT)]
     while heap:
-        cost, i = heapq.heappop(heap)
+        cost, i, previous = heapq.heappop(heap)
         if i == num_layers:
             break
-        if cost > best.get(i, float("inf")):
+        if cost > best.get((i, previous), float("inf")):
             continue
-        for edge_cost, j, node_id in sorted(edges[i], key=lambda e: (e[0], e[2])):
-            total = cost + edge_cost
-            if total < best.get(j, float("inf")):
-                best[j] = total
-                came_from[j] = (i, node_id)
-                heapq.heappush(heap, (total, j))
+        for node_id in by_start[i]:
+            if forwarding and node_id == previous:
+                continue
+            link = _link(links, previous, node_id, forwarding)
+            for j in range(i + 1, usable[node_id].span.end + 1):
+                total = cost + link + per_block[node_id] * (j - i)
+                if forwarding and j == num_layers:
+                    total += links.client(node_id) / 2  # the answer back to the client
+                state = (j, node_id if forwarding else _CLIENT)
+                if total < best.get(state, float("inf")):
+                    best[state] = total
+                    came_from[state] = ((i, previous), node_id)
+                    heapq.heappush(heap, (total, *state))
+    if i != num_layers:
+        raise RouteNotFound("no chain of distinct workers covers the blocks", ())
+    return _route_from(came_from, usable, (i, previous), cost)
+
+
+def _link(links: LinkCosts, previous: NodeID, node_id: NodeID, forwarding: bool) -> float:
+    """The cost of reaching ``node_id`` from the previous hop (the client: ``_CLIENT``)."""
+    if not forwarding:
+        return links.client(node_id)
+    if previous == _CLIENT:
+        return links.client(node_id) / 2
+    return links.between(previous, node_id) / 2
+
+
+def _route_from(
+    came_from: Mapping[tuple[int, NodeID], tuple[tuple[int, NodeID], NodeID]],
+    usable: Mapping[NodeID, ServerInfo],
+    end: tuple[int, NodeID],
+    cost: float,
+) -> Route:
     hops = []
-    j = num_layers
-    while j != 0:
-        i, node_id = came_from[j]
-        hops.append(RouteHop(node_id, usable[node_id], BlockSpan(i, j)))
-        j = i
-    return Route(tuple(reversed(hops)), best[num_layers])
+    state = end
+    while state[0] != 0:
+        (i, previous), node_id = came_from[state]
+        hops.append(RouteHop(node_id, usable[node_id], BlockSpan(i, state[0])))
+        state = (i, previous)
+    return Route(tuple(reversed(hops)), cost)
 
 
 def span_text(blocks: Collection[int]) -> str:
