@@ -7,6 +7,20 @@ and the position of the next step is their total length.
 
 An ``InferenceChain`` opens one session per hop (in parallel), runs each
 step's new positions through the hops in order, and closes them all.
+
+With ``forwarding`` (the default), a step goes client -> A -> B -> C -> client:
+the step to the first hop carries the rest of the route (each later hop's
+pinned address, session and a capability signed by this client for that
+hop, that session, the hop before as sender and this position); at the same
+time the client asks each later hop for its output (``infer.wait``, no
+tensor). The first hop answers with its output, each later hop's wait with
+its own: the client so records every hop's input (the output of the hop
+before) for replay, and the last answer is the chain's output. A reply that
+reports a failed push (``forward_error``) makes that next hop the failed one
+(``ForwardFailed`` naming it), the outputs up to there are kept, and the step
+goes on from the failed hop once recovery has replaced it. Without
+forwarding (``forwarding=False``, or a route that visits one worker twice in
+a row) the client calls each hop in turn, as before.
 """
 
 from __future__ import annotations
@@ -17,14 +31,23 @@ import numpy as np
 from twisted.internet.defer import Deferred, DeferredList
 
 from meshnode.client.routing.route import Route, RouteHop
-from meshnode.errors import BadRequest, ClientError
-from meshnode.identity import PeerAddress
-from meshnode.inference import messages
+from meshnode.errors import BadRequest, ClientError, ForwardFailed
+from meshnode.identity import NodeID, PeerAddress
+from meshnode.inference import capabilities, messages
 from meshnode.inference.records import BlockSpan
 from meshnode.wire.message import Message
 
 #: seconds for one step on one worker, prefill included
 DEFAULT_STEP_TIMEOUT = 60.0
+
+
+class HopFailure(Exception):
+    """Control flow of a step: hop ``index`` failed with ``error`` (what recovery judges);
+    ``input`` is that hop's input, from which the step goes on once it is replaced."""
+
+    def __init__(self, index: int, error: BaseException, hidden: np.ndarray):
+        super().__init__(str(error) or type(error).__name__)
+        self.index, self.error, self.input = index, error, hidden
 
 
 class SpanSession:
@@ -57,9 +80,35 @@ class SpanSession:
         reply = await self._request(request)
         if len(reply.tensors) != 1 or reply.tensors[0].shape != hidden.shape:
             raise BadRequest(f"worker {self.address} answered a step with a malformed tensor")
+        self.record(hidden)
+        return reply.tensors[0]
+
+    def record(self, hidden: np.ndarray) -> None:
+        """The worker ran ``hidden`` ``[1, T, H]``: it joins the history, the position moves."""
         self.history.append(hidden)
         self.position += hidden.shape[1]
-        return reply.tensors[0]
+
+    def step_request(self, hidden: np.ndarray,
+                     forward: tuple[messages.ForwardHop, ...]) -> Deferred[Message]:
+        """The raw step to the first hop of a forwarded step (the caller reads the reply)."""
+        if self.session_id is None:
+            raise ClientError("step on a session that is not open")
+        return self._request(
+            messages.build_step(self.session_id, self.span, self.position, hidden, forward))
+
+    def wait_request(self) -> Deferred[Message]:
+        """Ask for this hop's output of the step at its position (pushed by the hop before)."""
+        if self.session_id is None:
+            raise ClientError("wait on a session that is not open")
+        return self._request(messages.build_wait(self.session_id, self.position))
+
+    def forward_hop(self, identity: Any, sender: NodeID) -> messages.ForwardHop:
+        """This hop as the hop before must name it, with our capability for ``sender``."""
+        if self.session_id is None:
+            raise ClientError("forward to a session that is not open")
+        capability = capabilities.issue(identity, self.hop.node_id, self.session_id, sender,
+                                        self.position)
+        return messages.ForwardHop(self.address, self.session_id, self.span, capability)
 
     async def close(self) -> None:
         if self.session_id is not None:
@@ -78,12 +127,15 @@ class InferenceChain:
     """The sessions along ``route``: a remote forward over every block of the model."""
 
     def __init__(self, endpoint: Any, route: Route, model: str, max_length: int,
-                 timeout: float = DEFAULT_STEP_TIMEOUT, recovery: Any = None):
+                 timeout: float = DEFAULT_STEP_TIMEOUT, recovery: Any = None,
+                 forwarding: bool = True):
         self.route = route
         self.model = model
+        self.endpoint = endpoint
         self.sessions = [SpanSession(endpoint, hop, max_length, timeout) for hop in route.hops]
         # ``meshnode.client.recovery.SpanRecovery``: replaces failed hops (None: fail)
         self.recovery = recovery
+        self.forwarding = forwarding
         self.abandoned: list[SpanSession] = []
 
     async def open(self) -> None:
@@ -109,8 +161,52 @@ class InferenceChain:
         """New positions ``[1, T, H]`` through every hop in order."""
         if self.recovery is not None:
             return await self.recovery.forward(self, hidden)
-        for session in self.sessions:
-            hidden = await session.step(hidden)
+        index = 0
+        while index < len(self.sessions):
+            try:
+                hidden, index = await self.advance(index, hidden)
+            except HopFailure as failure:
+                raise failure.error from None
+        return hidden
+
+    async def advance(self, index: int, hidden: np.ndarray) -> tuple[np.ndarray, int]:
+        """Run the step from hop ``index`` (its input ``hidden``) as far as it goes at once:
+        through every later hop when forwarding, else through that hop alone. Returns the
+        output and the index of the next hop to run; ``HopFailure`` names the hop that failed.
+        """
+        sessions = self.sessions[index:]
+        if self.forwarding and len(sessions) > 1 and _distinct_neighbours(sessions):
+            return await self._forwarded(index, hidden), len(self.sessions)
+        try:
+            return await sessions[0].step(hidden), index + 1
+        except Exception as error:
+            raise HopFailure(index, error, hidden) from error
+
+    async def _forwarded(self, index: int, hidden: np.ndarray) -> np.ndarray:
+        sessions = self.sessions[index:]
+        start = sessions[0].position
+        if any(s.position != start for s in sessions):
+            raise ClientError(f"hops of one chain at different positions: "
+                              f"{[s.position for s in sessions]}")
+        identity = self.endpoint.identity
+        hops = tuple(s.forward_hop(identity, before.hop.node_id)
+                     for before, s in zip(sessions, sessions[1:]))
+        requests = [sessions[0].step_request(hidden, hops)]
+        requests += [s.wait_request() for s in sessions[1:]]
+        try:
+            for offset, (session, request) in enumerate(zip(sessions, requests)):
+                try:
+                    output, error = messages.parse_output(await request, hidden.shape)
+                except Exception as exc:
+                    raise HopFailure(index + offset, exc, hidden) from exc
+                session.record(hidden)
+                hidden = output
+                if error is not None:
+                    raise HopFailure(index + offset + 1, forward_failed(error), hidden)
+        finally:
+            for request in requests:  # those not awaited: a hop before failed
+                request.addErrback(lambda _: None)
+                request.cancel()
         return hidden
 
     async def close(self) -> None:
@@ -123,3 +219,16 @@ class InferenceChain:
     @property
     def position(self) -> int:
         return self.sessions[0].position if self.sessions else 0
+
+
+def forward_failed(error: dict) -> ForwardFailed:
+    """The client's view of a worker's ``forward_error``: the next hop failed."""
+    address, code = error.get("address", "?"), error.get("code", "internal")
+    return ForwardFailed(
+        f"the worker before {address} could not push to it: {code}: {error.get('message', '')}",
+        error.get("node", b""), address, code)
+
+
+def _distinct_neighbours(sessions: list[SpanSession]) -> bool:
+    """Whether no worker follows itself (it would have to push into its own session)."""
+    return all(a.hop.node_id != b.hop.node_id for a, b in zip(sessions, sessions[1:]))

@@ -1,7 +1,9 @@
 """Fault recovery on the client: bans, replacement routes for one span, and replay.
 
 When a worker of a chain dies, resets the connection, times out or answers a
-step with an error, ``SpanRecovery``:
+step with an error, or when the worker before it reports that it could not
+push the step into it (``ForwardFailed``, with forwarding: the hop named
+there is the failed one, not the messenger), ``SpanRecovery``:
 
 1. bans it in the client's ``BanList`` (for ``base`` seconds, doubling on each
    repeat within ``forget_after``, capped at ``maximum``);
@@ -13,7 +15,8 @@ step with an error, ``SpanRecovery``:
 3. opens a session on each replacement worker and replays the failed
    session's recorded inputs (``SpanSession.inputs()``) through them in order,
    which rebuilds their KV caches to the position the chain had reached;
-4. hands the new sessions to the chain, which retries the step there.
+4. hands the new sessions to the chain, which retries the step there (and,
+   with forwarding, forwards it on from there).
 
 A replacement that fails in turn is banned too and the next one tried, at
 most ``max_attempts`` times per failure. Every request carries the chain's
@@ -34,7 +37,7 @@ import numpy as np
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from meshnode.client.chain import SpanSession
+from meshnode.client.chain import HopFailure, SpanSession
 from meshnode.client.defaults import ROUTE_WAIT
 from meshnode.client.routing.discovery import ROUTE_POLL_INTERVAL, discover_route, wait_for_route
 from meshnode.client.routing.route import NodeID, Route
@@ -142,21 +145,21 @@ class SpanRecovery:
         self.replacements = 0
 
     async def forward(self, chain: Any, hidden: np.ndarray) -> np.ndarray:
-        """``chain.forward`` with recovery: a failed hop is replaced and the step retried."""
+        """``chain.forward`` with recovery: a failed hop is replaced and the step goes on
+        from it (with forwarding, the hops before it have run and their outputs are in)."""
         index, failures = 0, 0
         while index < len(chain.sessions):
-            session = chain.sessions[index]
             try:
-                hidden = await session.step(hidden)
-            except Exception as error:
+                hidden, index = await chain.advance(index, hidden)
+            except HopFailure as failure:
                 failures += 1
+                error = failure.error
                 if not recoverable(error) or failures > self.options.max_attempts:
-                    raise
+                    raise error from None
+                index, hidden = failure.index, failure.input
                 chain.sessions[index : index + 1] = await self.replace(
-                    session, error, chain.abandoned
+                    chain.sessions[index], error, chain.abandoned
                 )
-                continue
-            index += 1
         return hidden
 
     async def reopen(self, chain: Any, failed: Mapping[int, BaseException]) -> None:

@@ -45,9 +45,9 @@ def issue(identity: Any, receiver: NodeID, session_id: bytes, sender: NodeID,
     return {"key": identity.public_key_raw, "sig": signature}
 
 
-def check(capability: Any, receiver: NodeID, session_id: bytes, sender: NodeID,
-          start: int, owner: NodeID) -> None:
-    """Raise ``BadCapability`` unless ``capability`` is ``owner``'s for exactly this push."""
+def signer(capability: Any) -> NodeID:
+    """The node id whose key a well-formed ``capability`` names (``BadCapability`` on junk);
+    the receiver looks the session up under that owner, then ``check``s the signature."""
     if not isinstance(capability, dict):
         raise BadCapability("a forwarded step needs the session owner's capability")
     key, signature = capability.get("key"), capability.get("sig")
@@ -56,12 +56,18 @@ def check(capability: Any, receiver: NodeID, session_id: bytes, sender: NodeID,
     if not isinstance(signature, bytes) or len(signature) != SIGNATURE_BYTES:
         raise BadCapability(f"capability signature must be {SIGNATURE_BYTES} bytes")
     try:
-        signer = node_id_of(key)
+        return node_id_of(key)
     except IdentityError as exc:
         raise BadCapability(f"capability key: {exc}") from None
-    if signer != owner:
+
+
+def check(capability: Any, receiver: NodeID, session_id: bytes, sender: NodeID,
+          start: int, owner: NodeID) -> None:
+    """Raise ``BadCapability`` unless ``capability`` is ``owner``'s for exactly this push."""
+    if signer(capability) != owner:
         raise BadCapability("capability not issued by the session's owner")
-    if not verify_signature(key, signature, signed_bytes(receiver, session_id, sender, start)):
+    data = signed_bytes(receiver, session_id, sender, start)
+    if not verify_signature(capability["key"], capability["sig"], data):
         raise BadCapability(
             "capability does not cover this push (another session, receiver, sender or "
             "position, or forged)")
