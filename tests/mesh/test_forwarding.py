@@ -1,0 +1,217 @@
+"""Forwarding over an in-memory mesh: steps pushed worker to worker, capabilities, fast failure.
+
+The workers run their real ``infer.*`` and forwarding handlers over a fake span
+(``x * 1.5 + start``); the client runs its real ``InferenceChain``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from twisted.internet.defer import Deferred
+
+from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
+from meshnode.client.routing.route import Route
+from meshnode.errors import ForwardFailed, RemoteError
+from meshnode.inference import capabilities, messages
+from meshnode.inference.records import BlockSpan
+from tests.mesh.forwarding_helpers import (
+    PUSH_TIMEOUT,
+    H,
+    MemoryNetwork,
+    chain_over,
+    expected,
+    hop,
+    result_of,
+)
+
+SPANS = [BlockSpan(0, 2), BlockSpan(2, 4), BlockSpan(4, 6)]
+
+
+def hidden(tokens: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((1, tokens, H)).astype(np.float32)
+
+
+@pytest.fixture
+def mesh():
+    network = MemoryNetwork()
+    workers = [network.worker(span) for span in SPANS]
+    client = network.node()
+    return network, workers, client
+
+
+def opened(mesh, forwarding=True, recovery=None):
+    network, workers, client = mesh
+    chain = chain_over(client, [hop(node, span) for (node, _, _), span in zip(workers, SPANS)],
+                       forwarding, recovery)
+    result_of(chain.open())
+    return chain
+
+
+def test_a_forwarded_step_gives_the_chain_output_and_every_hop_input(mesh):
+    """When the client forwards two steps (prefill, decode) over three hops, then it gets
+    the chain's output, each hop's history holds that hop's inputs (for replay), and the
+    client sent the hidden state to the first hop only."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    for step, tokens in enumerate((3, 1)):
+        x = hidden(tokens, step)
+        want = expected(x, SPANS)
+        np.testing.assert_array_equal(result_of(chain.forward(x)), want[-1])
+        for i, session in enumerate(chain.sessions):
+            np.testing.assert_array_equal(session.history[-1], want[i])
+    assert [s.position for s in chain.sessions] == [4, 4, 4]
+    tensors_to = {}
+    for to, message in client.sent:
+        tensors_to[to] = tensors_to.get(to, 0) + len(message.tensors)
+    first, *later = (node.identity.node_id for node, _, _ in workers)
+    assert tensors_to[first] == 2 and all(tensors_to[n] == 0 for n in later)
+    assert all(w[1].compute.steps == 2 for w in workers)
+
+
+def test_forwarding_and_client_driven_steps_agree(mesh):
+    """When the same inputs go through a forwarding chain and a client-driven one, then
+    outputs and histories are equal."""
+    forwarded, driven = opened(mesh, True), opened(mesh, False)
+    for step, tokens in enumerate((5, 1, 1)):
+        x = hidden(tokens, step)
+        np.testing.assert_array_equal(result_of(forwarded.forward(x)),
+                                      result_of(driven.forward(x)))
+    for a, b in zip(forwarded.sessions, driven.sessions):
+        np.testing.assert_array_equal(a.inputs(), b.inputs())
+
+
+def push_into(sender, session, start, capability, x):
+    """``sender`` pushes ``x`` into ``session``'s hop (``capability``: any map, or None)."""
+    target = messages.ForwardHop(session.address, session.session_id, session.span,
+                                 capability)
+    message = messages.build_push(target, start, x)
+    if capability is None:
+        message.fields.pop("cap")
+    return sender.request(session.address, message)
+
+
+def refusal(d: Deferred) -> RemoteError:
+    with pytest.raises(RemoteError) as caught:
+        result_of(d)
+    return caught.value
+
+
+def test_injected_pushes_are_refused_and_leave_the_session_alone(mesh):
+    """When a third party that knows a session id pushes into it without a capability,
+    with another session's, with its own signature, or with a real one meant for another
+    sender, then each push is refused (bad_capability; its own signature names a session
+    its signer does not own: unknown_session), the session does not move, and the next
+    legitimate step gives the right output."""
+    network, workers, client = mesh
+    chain, other = opened(mesh), opened(mesh)
+    result_of(chain.forward(hidden(2)))
+    intruder = network.node()
+    victim, before = chain.sessions[1], chain.sessions[0]
+    start, x = victim.position, hidden(1, 9)
+    owner = client.identity
+    others = capabilities.issue(owner, victim.hop.node_id, other.sessions[1].session_id,
+                                intruder.identity.node_id, start)
+    own = capabilities.issue(intruder.identity, victim.hop.node_id, victim.session_id,
+                             intruder.identity.node_id, start)
+    for_before = capabilities.issue(owner, victim.hop.node_id, victim.session_id,
+                                    before.hop.node_id, start)
+    codes = [refusal(push_into(intruder, victim, start, capability, x)).code
+             for capability in (None, others, own, for_before)]
+    assert codes == ["bad_capability", "bad_capability", "unknown_session", "bad_capability"]
+    worker_session = workers[1][1].table.get(owner.node_id, victim.session_id)
+    assert worker_session.position == start and workers[1][1].compute.steps == 1
+    x = hidden(1, 3)
+    np.testing.assert_array_equal(result_of(chain.forward(x)), expected(x, SPANS)[-1])
+
+
+def test_a_spent_capability_cannot_be_replayed(mesh):
+    """When the hop before replays a capability it was given for an earlier position, then
+    the push is refused: a capability is good for one position."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    victim, before = chain.sessions[1], chain.sessions[0]
+    old = capabilities.issue(client.identity, victim.hop.node_id, victim.session_id,
+                             before.hop.node_id, 0)
+    result_of(chain.forward(hidden(2)))
+    sender = network.nodes[before.hop.node_id]
+    assert refusal(push_into(sender, victim, victim.position, old, hidden(1))).code \
+        == "bad_capability"
+
+
+def test_a_next_hop_that_is_gone_is_named_at_once(mesh):
+    """When the third hop's worker is gone (connection refused), then the step fails at
+    once with ForwardFailed naming that hop, not the messenger; the hops before it have
+    run and recorded their inputs, the gone one has not."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    network.down.add(workers[2][0].identity.node_id)
+    with pytest.raises(ForwardFailed) as caught:
+        result_of(chain.forward(hidden(1)))
+    assert caught.value.node_id == workers[2][0].identity.node_id
+    assert caught.value.address == str(workers[2][0].address)
+    assert [s.position for s in chain.sessions] == [1, 1, 0]
+
+
+def test_a_frozen_next_hop_is_named_after_the_push_timeout_not_the_step_timeout(mesh):
+    """When the second hop is frozen, then its predecessor's push times out after the
+    (short) push timeout and the step fails naming the frozen hop, long before the
+    client's step timeout."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    network.frozen.add(workers[1][0].identity.node_id)
+    failed = Deferred.fromCoroutine(chain.forward(hidden(1)))
+    got = []
+    failed.addBoth(got.append)
+    network.clock.advance(PUSH_TIMEOUT)
+    assert got and got[0].check(ForwardFailed)
+    assert got[0].value.node_id == workers[1][0].identity.node_id
+    assert got[0].value.cause_code == "timeout"
+
+
+def test_a_refusing_next_hop_is_named(mesh):
+    """When the next hop refuses the push (its session is gone there), then the step
+    fails with ForwardFailed naming it and carrying its refusal's code."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    victim = chain.sessions[1]
+    workers[1][1].table.close(client.identity.node_id, victim.session_id)
+    with pytest.raises(ForwardFailed) as caught:
+        result_of(chain.forward(hidden(1)))
+    assert caught.value.node_id == victim.hop.node_id
+    assert caught.value.cause_code == "unknown_session"
+
+
+class SpareRoute(SpanRecovery):
+    """Recovery whose replacement routes go through ``spares`` (no DHT here)."""
+
+    def __init__(self, network, client, spares):
+        super().__init__(client, None, network.clock, None, "fp", BanList(network.clock),
+                         RecoveryOptions(route_wait=1.0))
+        self.spares = spares
+
+    async def wait_for_span_route(self, span, max_length, deadline):
+        node = self.spares.pop(0)
+        return Route((hop(node, span),), 0.0)
+
+
+def test_recovery_replaces_the_named_hop_and_goes_on_from_it(mesh):
+    """When the second hop is gone mid-generation, then recovery bans it (not the first),
+    replays its history on a spare worker, and the step goes on from there: the outputs
+    are those of a chain without the fault."""
+    network, workers, client = mesh
+    spare, _, _ = network.worker(SPANS[1])
+    recovery = SpareRoute(network, client, [spare])
+    chain = opened(mesh, recovery=recovery)
+    inputs = [hidden(3, 0), hidden(1, 1), hidden(1, 2)]
+    result_of(chain.forward(inputs[0]))
+    gone = workers[1][0].identity.node_id
+    network.down.add(gone)
+    for x in inputs[1:]:
+        np.testing.assert_array_equal(result_of(chain.forward(x)), expected(x, SPANS)[-1])
+    assert recovery.bans.strikes(gone) == 1
+    assert recovery.bans.strikes(workers[0][0].identity.node_id) == 0
+    assert chain.sessions[1].hop.node_id == spare.identity.node_id
+    np.testing.assert_array_equal(
+        chain.sessions[1].inputs(),
+        np.concatenate([expected(x, SPANS)[1] for x in inputs], axis=1))
