@@ -10,8 +10,8 @@ step's new positions through the hops in order, and closes them all.
 
 With ``forwarding`` (the default), a step goes client -> A -> B -> C -> client:
 the step to the first hop carries the rest of the route (each later hop's
-pinned address, session and a capability signed by this client for that
-hop, that session, the hop before as sender and this position); at the same
+pinned address, session and a capability this client made with that
+session's push key, for the hop before as sender and this position); at the same
 time the client asks each later hop for its output (``infer.wait``, no
 tensor). The first hop answers with its output, each later hop's wait with
 its own: the client so records every hop's input (the output of the hop
@@ -19,8 +19,9 @@ before) for replay, and the last answer is the chain's output. A reply that
 reports a failed push (``forward_error``) makes that next hop the failed one
 (``ForwardFailed`` naming it), the outputs up to there are kept, and the step
 goes on from the failed hop once recovery has replaced it. Without
-forwarding (``forwarding=False``, or a route that visits one worker twice in
-a row) the client calls each hop in turn, as before.
+forwarding (``forwarding=False``, a route that visits one worker twice in
+a row, or a worker that gave no push key) the client calls each hop in
+turn, as before.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class SpanSession:
         self.max_length = max_length
         self.timeout = timeout
         self.session_id: bytes | None = None
+        # what this session's capabilities are made with (None: the worker does not forward)
+        self.push_key: bytes | None = None
         self.history: list[np.ndarray] = []
         self.position = 0
 
@@ -71,6 +74,7 @@ class SpanSession:
     async def open(self, model: str) -> None:
         reply = await self._request(messages.build_open(model, self.span, self.max_length))
         self.session_id = messages.parse_session_id(reply.fields)
+        self.push_key = messages.parse_push_key(reply.fields)
 
     async def step(self, hidden: np.ndarray) -> np.ndarray:
         """Send new positions ``[1, T, H]``; returns this span's output for them."""
@@ -102,12 +106,12 @@ class SpanSession:
             raise ClientError("wait on a session that is not open")
         return self._request(messages.build_wait(self.session_id, self.position))
 
-    def forward_hop(self, identity: Any, sender: NodeID) -> messages.ForwardHop:
-        """This hop as the hop before must name it, with our capability for ``sender``."""
-        if self.session_id is None:
-            raise ClientError("forward to a session that is not open")
-        capability = capabilities.issue(identity, self.hop.node_id, self.session_id, sender,
-                                        self.position)
+    def forward_hop(self, owner: NodeID, sender: NodeID) -> messages.ForwardHop:
+        """This hop as the hop before must name it, with our capability for ``sender``;
+        ``owner``: our node id (the session's owner)."""
+        if self.session_id is None or self.push_key is None:
+            raise ClientError("forward to a session that is not open, or takes no pushes")
+        capability = capabilities.issue(owner, self.push_key, sender, self.position)
         return messages.ForwardHop(self.address, self.session_id, self.span, capability)
 
     async def close(self) -> None:
@@ -175,7 +179,7 @@ class InferenceChain:
         output and the index of the next hop to run; ``HopFailure`` names the hop that failed.
         """
         sessions = self.sessions[index:]
-        if self.forwarding and len(sessions) > 1 and _distinct_neighbours(sessions):
+        if self.forwarding and len(sessions) > 1 and _forwardable(sessions):
             return await self._forwarded(index, hidden), len(self.sessions)
         try:
             return await sessions[0].step(hidden), index + 1
@@ -188,8 +192,8 @@ class InferenceChain:
         if any(s.position != start for s in sessions):
             raise ClientError(f"hops of one chain at different positions: "
                               f"{[s.position for s in sessions]}")
-        identity = self.endpoint.identity
-        hops = tuple(s.forward_hop(identity, before.hop.node_id)
+        owner = self.endpoint.identity.node_id
+        hops = tuple(s.forward_hop(owner, before.hop.node_id)
                      for before, s in zip(sessions, sessions[1:]))
         requests = [sessions[0].step_request(hidden, hops)]
         requests += [s.wait_request() for s in sessions[1:]]
@@ -229,6 +233,8 @@ def forward_failed(error: dict) -> ForwardFailed:
         error.get("node", b""), address, code)
 
 
-def _distinct_neighbours(sessions: list[SpanSession]) -> bool:
-    """Whether no worker follows itself (it would have to push into its own session)."""
-    return all(a.hop.node_id != b.hop.node_id for a, b in zip(sessions, sessions[1:]))
+def _forwardable(sessions: list[SpanSession]) -> bool:
+    """Whether every later hop takes pushes and no worker follows itself (it would have to
+    push into its own session)."""
+    return all(b.push_key is not None and a.hop.node_id != b.hop.node_id
+               for a, b in zip(sessions, sessions[1:]))

@@ -27,6 +27,8 @@ from meshnode.wire.message import Message
 INFO, OPEN, STEP, CLOSE = "infer.info", "infer.open", "infer.step", "infer.close"
 PUSH, WAIT = "infer.push", "infer.wait"
 
+#: bytes of a session's push key (``meshnode.inference.capabilities``)
+PUSH_KEY_BYTES = 32
 #: the most later hops one step may name (a route is a few hops; this bounds the header)
 MAX_FORWARD_HOPS = 64
 
@@ -124,10 +126,12 @@ def build_info_ok(fields: dict[str, Any]) -> Message:
     return Message(reply_type(INFO), {"v": PROTOCOL_VERSION, **fields})
 
 
-def build_open_ok(session_id: bytes, max_length: int) -> Message:
-    return Message(
-        reply_type(OPEN), {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length}
-    )
+def build_open_ok(session_id: bytes, max_length: int, push_key: bytes | None = None) -> Message:
+    """``push_key``: what the owner issues this session's capabilities with (forwarding)."""
+    fields = {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length}
+    if push_key is not None:
+        fields["push_key"] = push_key
+    return Message(reply_type(OPEN), fields)
 
 
 def build_step_ok(position: int, hidden: Any, forward_error: dict | None = None) -> Message:
@@ -224,6 +228,16 @@ def parse_output(message: Message, expected_shape: tuple[int, ...]) -> tuple[Any
     ):
         raise BadRequest("forward_error must name the hop (node, address) and a code")
     return message.tensors[0], error
+
+
+def parse_push_key(fields: dict) -> bytes | None:
+    """An ``infer.open.ok``'s push key; None from a worker that does not forward."""
+    key = fields.get("push_key")
+    if key is None:
+        return None
+    if not isinstance(key, bytes) or len(key) != PUSH_KEY_BYTES:
+        raise BadRequest(f"push_key must be {PUSH_KEY_BYTES} bytes")
+    return key
 
 
 def parse_close(message: Message) -> bytes:

@@ -2,14 +2,18 @@
 
 A forwarded step travels client -> A -> B -> C -> client:
 
+- ``infer.open`` is answered as always, plus the session's push key
+  (``meshnode.inference.capabilities.PushKeys``), with which its owner
+  issues the capabilities of pushes into it.
 - ``infer.step`` with ``forward`` (the rest of the route) reaches the first
   hop A from the session's owner. A runs its span as for any step, pushes its
   output into B's session (``infer.push``, with B's capability and the hops
   after B), and answers the client with its own output once B accepted the
   push or the push failed (``forward_error`` naming B, within ``push_timeout``).
 - ``infer.push`` from A to B: B checks the capability
-  (``meshnode.inference.capabilities``: signed by the session's owner, for B,
-  this session, A as the TLS-verified sender and the session's position) and
+  (``meshnode.inference.capabilities``: made by the session's owner with the
+  session's push key, for A as the TLS-verified sender and the session's
+  position) and
   that the step fits the session, then accepts at once (``infer.push.ok``,
   before it runs). Anything else is refused with a named error and leaves the
   session as it was. B runs the step in the owner's compute turn, pushes on
@@ -50,8 +54,10 @@ class ForwardingHandlers:
 
     def __init__(self, inference: InferenceHandlers, endpoint: Any, clock: Any,
                  push_timeout: float = DEFAULT_PUSH_TIMEOUT,
-                 mailbox: OutputMailbox | None = None):
+                 mailbox: OutputMailbox | None = None,
+                 keys: capabilities.PushKeys | None = None):
         self.inference = inference
+        self.keys = keys if keys is not None else capabilities.PushKeys()
         self.endpoint = endpoint
         self.push_timeout = push_timeout
         self.mailbox = mailbox if mailbox is not None else OutputMailbox(clock)
@@ -59,10 +65,22 @@ class ForwardingHandlers:
 
     def handlers(self) -> dict[str, Handler]:
         """The handlers to install over ``InferenceHandlers``' (``infer.step`` replaced)."""
-        table = {messages.STEP: self.step, messages.PUSH: self.push, messages.WAIT: self.wait}
+        table = {messages.OPEN: self.open, messages.STEP: self.step, messages.PUSH: self.push,
+                 messages.WAIT: self.wait}
         if self.inference.metrics is None:
             return table
         return {name: self.inference._counted(handler) for name, handler in table.items()}
+
+    def open(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
+        """``InferenceHandlers.open``, its answer carrying the session's push key."""
+        opened = self.inference.open(peer, message)
+
+        def with_key(reply: Message) -> Message:
+            session_id = messages.parse_session_id(reply.fields)
+            return messages.build_open_ok(session_id, reply.fields["max_length"],
+                                          self.keys.for_session(peer.node_id, session_id))
+
+        return opened.addCallback(with_key)
 
     def step(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
         """The owner's step; with ``forward``, answered once the push on is settled."""
@@ -76,9 +94,7 @@ class ForwardingHandlers:
         """A hop's output into our session: checked, accepted, then run in the background."""
         request = messages.parse_push(message, self.inference.compute.hidden_size)
         step = request.step
-        owner = capabilities.signer(request.capability)
-        capabilities.check(request.capability, self.endpoint.identity.node_id,
-                           step.session_id, peer.node_id, step.start, owner)
+        owner = self.keys.check(request.capability, step.session_id, peer.node_id, step.start)
         session = self.inference.table.get(owner, step.session_id)
         turn = PeerInfo(session.owner, peer.host, peer.port)  # the owner's compute turn
         ran = self.inference.run_step(turn, session, step)  # raises at once if it does not fit

@@ -15,8 +15,8 @@ from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 SESSION = bytes(range(16))
 NODE = "127.0.0.1:7001#" + "ab" * 32
 NEXT = "127.0.0.1:7002#" + "cd" * 32
-#: a capability's shape (fixed bytes: the golden files pin the encoding, not a signature)
-CAPABILITY = {"key": bytes(range(32)), "sig": bytes(range(64))}
+#: a capability's shape (fixed bytes: the golden files pin the encoding, not a tag's value)
+CAPABILITY = {"owner": b"\xef" * 32, "tag": bytes(range(32))}
 
 
 def _next_hop(session: bytes = SESSION):
@@ -52,6 +52,7 @@ def golden_examples() -> dict[str, bytes]:
         ),
         "infer-open.basic": _fields(messages.build_open("fp", BlockSpan(10, 20), 96)),
         "infer-open-ok.basic": _fields(messages.build_open_ok(SESSION, 96)),
+        "infer-open-ok.push-key": _fields(messages.build_open_ok(SESSION, 96, bytes(range(32)))),
         "infer-step.decode": _fields(messages.build_step(SESSION, BlockSpan(10, 20), 12, hidden)),
         "infer-step-ok.decode": _fields(messages.build_step_ok(13, hidden)),
         "infer-step.forwarded": _fields(
@@ -80,8 +81,8 @@ def invalid_examples() -> dict[str, bytes]:
         "infer-step.short-session": cbor2.dumps({**step, "session": b"12"}),
         "infer-step.negative-start": cbor2.dumps({**step, "start": -1}),
         "infer-push.no-capability": cbor2.dumps(step),
-        "infer-push.short-signature": cbor2.dumps(
-            {**step, "cap": {"key": bytes(32), "sig": bytes(8)}}),
+        "infer-push.short-tag": cbor2.dumps(
+            {**step, "cap": {"owner": bytes(32), "tag": bytes(8)}}),
         "infer-wait.no-start": cbor2.dumps({"v": 1, "session": SESSION}),
         "infer-open.no-max-length": cbor2.dumps({"v": 1, "model": "fp", "span": [0, 1]}),
         "server-info.bad-state": cbor2.dumps({**record, "state": "asleep"}),

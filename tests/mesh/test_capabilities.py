@@ -5,64 +5,71 @@ from __future__ import annotations
 import pytest
 
 from meshnode.errors import BadCapability
-from meshnode.identity import Identity
 from meshnode.inference import capabilities
+from meshnode.inference.capabilities import PushKeys
 
-OWNER, THIEF = Identity.ephemeral(), Identity.ephemeral()
-RECEIVER, SENDER, OTHER = b"r" * 32, b"s" * 32, b"o" * 32
+OWNER, THIEF = b"O" * 32, b"T" * 32
+SENDER, OTHER = b"s" * 32, b"o" * 32
 SESSION, OTHER_SESSION = bytes(16), bytes(range(16))
 
 
-def issued(**changes):
-    args = {"identity": OWNER, "receiver": RECEIVER, "session_id": SESSION,
-            "sender": SENDER, "start": 12, **changes}
-    return capabilities.issue(**args)
+@pytest.fixture
+def worker() -> PushKeys:
+    return PushKeys()
 
 
-def check(capability, **changes):
-    args = {"receiver": RECEIVER, "session_id": SESSION, "sender": SENDER, "start": 12,
-            "owner": OWNER.node_id, **changes}
-    capabilities.check(capability, **args)
+def issued(worker: PushKeys, owner=OWNER, session=SESSION, sender=SENDER, start=12):
+    """What ``owner`` makes with the push key the worker gave it for ``session``."""
+    return capabilities.issue(owner, worker.for_session(owner, session), sender, start)
 
 
-def test_the_owners_capability_for_this_push_passes():
-    """When the owner issued a capability for this receiver, session, sender and position,
-    then the check passes and names the owner as signer."""
-    capability = issued()
-    check(capability)
-    assert capabilities.signer(capability) == OWNER.node_id
+def test_the_owners_capability_for_this_push_passes(worker):
+    """When the owner made a capability with its session's push key for this sender and
+    position, then the worker's check passes and names the owner."""
+    assert worker.check(issued(worker), SESSION, SENDER, 12) == OWNER
 
 
-@pytest.mark.parametrize("change", [
-    {"session_id": OTHER_SESSION},   # another session's capability
-    {"receiver": OTHER},             # issued for another worker
-    {"sender": OTHER},               # pushed by another peer than the one allowed
-    {"start": 13},                   # spent: the session moved on
+@pytest.mark.parametrize("session, sender, start", [
+    (OTHER_SESSION, SENDER, 12),   # another session's capability
+    (SESSION, OTHER, 12),          # pushed by another peer than the one allowed
+    (SESSION, SENDER, 13),         # spent: the session moved on
 ])
-def test_a_capability_covers_exactly_one_push(change):
-    """When a capability is presented for another session, receiver, sender or position,
-    then it is refused."""
+def test_a_capability_covers_exactly_one_push(worker, session, sender, start):
+    """When a capability is presented for another session, sender or position, then it is
+    refused."""
     with pytest.raises(BadCapability):
-        check(issued(), **change)
+        worker.check(issued(worker), session, sender, start)
 
 
-def test_a_capability_signed_by_anyone_else_is_refused():
-    """When a third party signs a capability with its own key for the owner's session,
-    then it is refused: its key is not the owner's."""
-    with pytest.raises(BadCapability, match="owner"):
-        check(issued(identity=THIEF))
+def test_push_keys_are_per_worker_owner_and_session(worker):
+    """When the same owner and session id are named to another worker, or another owner
+    names the session, then the push keys differ: none can stand for another."""
+    keys = {worker.for_session(OWNER, SESSION), PushKeys().for_session(OWNER, SESSION),
+            worker.for_session(THIEF, SESSION), worker.for_session(OWNER, OTHER_SESSION)}
+    assert len(keys) == 4
 
 
-def test_a_forged_signature_under_the_owners_key_is_refused():
-    """When the owner's public key comes with a signature it did not make, then refused."""
-    forged = {"key": OWNER.public_key_raw, "sig": THIEF.sign(b"anything").ljust(64, b"\0")}
-    with pytest.raises(BadCapability, match="forged"):
-        check(forged)
+def test_a_capability_from_another_workers_key_is_refused(worker):
+    """When the owner's capability was made with another worker's push key for the same
+    session id, then this worker refuses it."""
+    elsewhere = capabilities.issue(OWNER, PushKeys().for_session(OWNER, SESSION), SENDER, 12)
+    with pytest.raises(BadCapability):
+        worker.check(elsewhere, SESSION, SENDER, 12)
 
 
-@pytest.mark.parametrize("junk", [None, {}, {"key": b"k", "sig": bytes(64)},
-                                  {"key": bytes(32), "sig": b"short"}, "cap"])
-def test_a_missing_or_malformed_capability_is_refused(junk):
+def test_a_third_party_cannot_make_one(worker):
+    """When a third party names the owner with a key of its own, or its own push key (from
+    a session it opened itself), then the capability is refused."""
+    guessed = capabilities.issue(OWNER, bytes(32), SENDER, 12)
+    own = {"owner": OWNER, "tag": issued(worker, owner=THIEF)["tag"]}
+    for capability in (guessed, own):
+        with pytest.raises(BadCapability, match="forged"):
+            worker.check(capability, SESSION, SENDER, 12)
+
+
+@pytest.mark.parametrize("junk", [None, {}, {"owner": b"o", "tag": bytes(32)},
+                                  {"owner": OWNER, "tag": b"short"}, "cap"])
+def test_a_missing_or_malformed_capability_is_refused(worker, junk):
     """When a push carries no capability, or a malformed one, then it is refused."""
     with pytest.raises(BadCapability):
-        check(junk)
+        worker.check(junk, SESSION, SENDER, 12)

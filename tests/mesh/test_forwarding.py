@@ -99,27 +99,25 @@ def refusal(d: Deferred) -> RemoteError:
 
 def test_injected_pushes_are_refused_and_leave_the_session_alone(mesh):
     """When a third party that knows a session id pushes into it without a capability,
-    with another session's, with its own signature, or with a real one meant for another
-    sender, then each push is refused (bad_capability; its own signature names a session
-    its signer does not own: unknown_session), the session does not move, and the next
-    legitimate step gives the right output."""
+    with another session's, with the push key of a session it opened itself, or with a
+    real one meant for another sender, then each push is refused (bad_capability), the
+    session does not move, and the next legitimate step gives the right output."""
     network, workers, client = mesh
     chain, other = opened(mesh), opened(mesh)
     result_of(chain.forward(hidden(2)))
     intruder = network.node()
+    own = chain_over(intruder, [hop(node, span) for (node, _, _), span in zip(workers, SPANS)])
+    result_of(own.open())
     victim, before = chain.sessions[1], chain.sessions[0]
     start, x = victim.position, hidden(1, 9)
-    owner = client.identity
-    others = capabilities.issue(owner, victim.hop.node_id, other.sessions[1].session_id,
-                                intruder.identity.node_id, start)
-    own = capabilities.issue(intruder.identity, victim.hop.node_id, victim.session_id,
-                             intruder.identity.node_id, start)
-    for_before = capabilities.issue(owner, victim.hop.node_id, victim.session_id,
-                                    before.hop.node_id, start)
+    owner, thief = client.identity.node_id, intruder.identity.node_id
+    others = capabilities.issue(owner, other.sessions[1].push_key, thief, start)
+    stolen_key = capabilities.issue(owner, own.sessions[1].push_key, thief, start)
+    for_before = capabilities.issue(owner, victim.push_key, before.hop.node_id, start)
     codes = [refusal(push_into(intruder, victim, start, capability, x)).code
-             for capability in (None, others, own, for_before)]
-    assert codes == ["bad_capability", "bad_capability", "unknown_session", "bad_capability"]
-    worker_session = workers[1][1].table.get(owner.node_id, victim.session_id)
+             for capability in (None, others, stolen_key, for_before)]
+    assert codes == ["bad_capability"] * 4
+    worker_session = workers[1][1].table.get(owner, victim.session_id)
     assert worker_session.position == start and workers[1][1].compute.steps == 1
     x = hidden(1, 3)
     np.testing.assert_array_equal(result_of(chain.forward(x)), expected(x, SPANS)[-1])
@@ -131,8 +129,7 @@ def test_a_spent_capability_cannot_be_replayed(mesh):
     network, workers, client = mesh
     chain = opened(mesh)
     victim, before = chain.sessions[1], chain.sessions[0]
-    old = capabilities.issue(client.identity, victim.hop.node_id, victim.session_id,
-                             before.hop.node_id, 0)
+    old = capabilities.issue(client.identity.node_id, victim.push_key, before.hop.node_id, 0)
     result_of(chain.forward(hidden(2)))
     sender = network.nodes[before.hop.node_id]
     assert refusal(push_into(sender, victim, victim.position, old, hidden(1))).code \

@@ -143,8 +143,7 @@ async def test_injected_pushes_are_refused_and_the_session_goes_on(tiny_client):
         expected = await with_timeout(reference.forward(inputs[0]), reactor())
         victim = victim_chain.sessions[1]
         start = victim.position
-        others = capabilities.issue(client.identity, victim.hop.node_id,
-                                    other.sessions[1].session_id,
+        others = capabilities.issue(client.identity.node_id, other.sessions[1].push_key,
                                     intruder.identity.node_id, start)
         for capability in (None, others):
             hop = messages.ForwardHop(victim.address, victim.session_id, victim.span,
