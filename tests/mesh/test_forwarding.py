@@ -6,19 +6,23 @@ The workers run their real ``infer.*`` and forwarding handlers over a fake span
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import pytest
 from twisted.internet.defer import Deferred
 
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.routing.route import Route
-from meshnode.errors import ForwardFailed, RemoteError
+from meshnode.client.verify import LifetimeBans, TrustRecord, Verifier
+from meshnode.errors import ForwardFailed, OutputMismatch, RemoteError
 from meshnode.inference import capabilities, messages
 from meshnode.inference.records import BlockSpan
 from tests.mesh.forwarding_helpers import (
     PUSH_TIMEOUT,
     H,
     MemoryNetwork,
+    SpanFunction,
     chain_over,
     expected,
     hop,
@@ -212,3 +216,62 @@ def test_recovery_replaces_the_named_hop_and_goes_on_from_it(mesh):
     np.testing.assert_array_equal(
         chain.sessions[1].inputs(),
         np.concatenate([expected(x, SPANS)[1] for x in inputs], axis=1))
+
+
+class Liar(SpanFunction):
+    """A span that adds 1 to what it should answer."""
+
+    def forward(self, span, hidden, start, cache):
+        return super().forward(span, hidden, start, cache).addCallback(
+            lambda done: (done[0] + 1.0, done[1]))
+
+
+class ReplicaVerifier(Verifier):
+    """Replicas from a fixed list of workers per span (no DHT here)."""
+
+    def __init__(self, recovery, candidates, rate=1.0):
+        clock = recovery.clock
+        super().__init__(recovery, TrustRecord(), LifetimeBans(clock), rate,
+                         random.Random(1), 32)
+        self.candidates = candidates
+
+    async def _other_route(self, span, exclude):
+        for node, served in self.candidates:
+            if served == span and node.identity.node_id not in exclude:
+                return Route((hop(node, span),), 0.0)
+        return None
+
+
+def verified_mesh(liar: bool):
+    network = MemoryNetwork()
+    workers = [network.worker(span) for span in SPANS]
+    if liar:
+        workers[1][1].compute = Liar()
+    replicas = [(network.worker(span)[0], span) for span in SPANS + [SPANS[1]]]
+    client = network.node()
+    verifier = ReplicaVerifier(SpareRoute(network, client, []), replicas)
+    chain = chain_over(client, [hop(node, span) for (node, _, _), span in zip(workers, SPANS)],
+                       True, verifier)
+    result_of(chain.open())
+    return workers, verifier, chain
+
+
+def test_verification_mirrors_forwarded_steps_to_replicas():
+    """When a verified chain forwards its steps, then each hop's input and output (as the
+    client received them) are checked on a second replica, and every position is verified."""
+    workers, verifier, chain = verified_mesh(liar=False)
+    for step, tokens in enumerate((3, 1)):
+        x = hidden(tokens, step)
+        np.testing.assert_array_equal(result_of(chain.forward(x)), expected(x, SPANS)[-1])
+    assert verifier.verified_position == chain.position == 4
+    assert all(r is not None and r.verified == 4 for r in verifier._replicas.values())
+
+
+def test_a_lying_hop_of_a_forwarded_chain_is_caught():
+    """When the middle worker of a forwarded chain lies, then the check names it (a third
+    replica decides) and bans it for life."""
+    workers, verifier, chain = verified_mesh(liar=True)
+    with pytest.raises(OutputMismatch) as caught:
+        result_of(chain.forward(hidden(2)))
+    liar = workers[1][0].identity.node_id
+    assert caught.value.liars == frozenset({liar}) and verifier.bans.is_banned(liar)

@@ -98,7 +98,7 @@ class InMemoryVerifier(Verifier):
 
 def chain_of(hop: RouteHop) -> SimpleNamespace:
     session = FakeSession(None, hop, 64)
-    return SimpleNamespace(sessions=[session], abandoned=[], position=0)
+    return SimpleNamespace(sessions=[session], abandoned=[], position=0, forwarding=False)
 
 
 def run(coroutine):
