@@ -83,7 +83,10 @@ class ForwardingHandlers:
         return opened.addCallback(with_key)
 
     def step(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
-        """The owner's step; with ``forward``, answered once the push on is settled."""
+        """The owner's step; with ``forward``, answered once the push on is settled (without,
+        ``InferenceHandlers.step`` as it is)."""
+        if "forward" not in message.fields:
+            return self.inference.step(peer, message)
         request = messages.parse_step(message, self.inference.compute.hidden_size)
         session = self.inference.table.get(peer.node_id, request.session_id)
         ran = self.inference.run_step(peer, session, request)
