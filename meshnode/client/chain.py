@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from meshnode.client.routing.route import Route, RouteHop
 from meshnode.errors import BadRequest, ClientError, ForwardFailed
@@ -40,6 +42,10 @@ from meshnode.wire.message import Message
 
 #: seconds for one step on one worker, prefill included
 DEFAULT_STEP_TIMEOUT = 60.0
+#: a history entry whose input never reached the client
+LOST = object()
+
+log = Logger()
 
 
 class HopFailure(Exception):
@@ -64,7 +70,9 @@ class SpanSession:
         self.session_id: bytes | None = None
         # what this session's capabilities are made with (None: the worker does not forward)
         self.push_key: bytes | None = None
-        self.history: list[np.ndarray] = []
+        # inputs in order; with forwarding an entry may still be on its way (a Deferred that
+        # puts the array in its place), or LOST when the hop before died before sending it
+        self.history: list[Any] = []
         self.position = 0
 
     @property
@@ -91,6 +99,34 @@ class SpanSession:
         """The worker ran ``hidden`` ``[1, T, H]``: it joins the history, the position moves."""
         self.history.append(hidden)
         self.position += hidden.shape[1]
+
+    def record_coming(self, reply: Deferred[Message], shape: tuple[int, ...]) -> None:
+        """The worker ran an input of ``shape`` that the client receives in ``reply`` (the hop
+        before's answer, still on its way): the position moves now, the entry fills in later
+        (or becomes ``LOST`` if the reply fails)."""
+        index = len(self.history)
+        self.history.append(reply)
+        self.position += shape[1]
+
+        def arrived(message: Message) -> None:
+            output, error = messages.parse_output(message, shape)
+            if error is not None:
+                log.warn("late forward_error after the chain's output came: {e}",
+                         e=error.get("message"))
+            self.history[index] = output
+
+        def lost(failure: Any) -> None:
+            log.warn("the input of {hop} at its step {i} never came: {e}",
+                     hop=str(self.address), i=index, e=failure.getErrorMessage())
+            self.history[index] = LOST
+
+        reply.addCallbacks(arrived, lost)
+
+    async def settle(self) -> None:
+        """Wait until every input of the history is in (or ``LOST``)."""
+        coming = [entry for entry in self.history if isinstance(entry, Deferred)]
+        if coming:
+            await DeferredList(coming, consumeErrors=True)
 
     def step_request(self, hidden: np.ndarray,
                      forward: tuple[messages.ForwardHop, ...]) -> Deferred[Message]:
@@ -120,7 +156,13 @@ class SpanSession:
             await self._request(messages.build_close(session_id))
 
     def inputs(self) -> np.ndarray:
-        """Every input sent so far as one ``[1, position, H]`` array (what a replay sends)."""
+        """Every input sent so far as one ``[1, position, H]`` array (what a replay sends);
+        ``settle()`` first when forwarding. ``ClientError`` if one was lost."""
+        if any(isinstance(entry, Deferred) for entry in self.history):
+            raise ClientError(f"inputs of {self.address} still on their way: settle() first")
+        if any(entry is LOST for entry in self.history):
+            raise ClientError(f"an input of {self.address} was lost (the worker before it died "
+                              f"before sending it): its span cannot be replayed")
         return np.concatenate(self.history, axis=1)
 
     def _request(self, message: Message) -> Deferred[Message]:
@@ -197,8 +239,29 @@ class InferenceChain:
                      for before, s in zip(sessions, sessions[1:]))
         requests = [sessions[0].step_request(hidden, hops)]
         requests += [s.wait_request() for s in sessions[1:]]
+        news = await _first_news(requests)
+        if news is _TROUBLE:  # a hop before the last failed, or could not push on
+            return await self._failed(index, sessions, requests, hidden, None)
         try:
-            for offset, (session, request) in enumerate(zip(sessions, requests)):
+            (last,) = news
+            if isinstance(last, Failure):
+                last.raiseException()
+            output, _ = messages.parse_output(last, hidden.shape)
+        except Exception as last_error:
+            return await self._failed(index, sessions, requests, hidden, last_error)
+        # Every hop ran: the step is done. The answers of the hops before the last (their
+        # outputs: the next hops' inputs) fill the history as they come, off the critical path.
+        sessions[0].record(hidden)
+        for session, reply in zip(sessions[1:], requests):
+            session.record_coming(reply, hidden.shape)
+        return output
+
+    async def _failed(self, index: int, sessions: list[SpanSession], requests: list[Deferred],
+                      hidden: np.ndarray, last_error: Exception | None) -> np.ndarray:
+        """The last hop gave no output (``last_error``): the first hop that failed, in order,
+        is the one named (``HopFailure``); the hops before it ran and are recorded."""
+        try:
+            for offset, (session, request) in enumerate(zip(sessions[:-1], requests)):
                 try:
                     output, error = messages.parse_output(await request, hidden.shape)
                 except Exception as exc:
@@ -207,11 +270,13 @@ class InferenceChain:
                 hidden = output
                 if error is not None:
                     raise HopFailure(index + offset + 1, forward_failed(error), hidden)
+            if last_error is None:  # the trouble was not where it was reported: the last hop
+                last_error = ClientError("the last hop's answer went missing")
+            raise HopFailure(index + len(sessions) - 1, last_error, hidden) from last_error
         finally:
             for request in requests:  # those not awaited: a hop before failed
                 request.addErrback(lambda _: None)
                 request.cancel()
-        return hidden
 
     async def close(self) -> None:
         """Close every open session; errors are ignored (the worker's idle timeout frees it)."""
@@ -223,6 +288,40 @@ class InferenceChain:
     @property
     def position(self) -> int:
         return self.sessions[0].position if self.sessions else 0
+
+
+_TROUBLE = object()
+
+
+def _first_news(requests: list[Deferred]) -> Deferred:
+    """Fires with ``[the last request's outcome]`` (reply or ``Failure``), or ``_TROUBLE`` as
+    soon as an earlier one fails or reports a ``forward_error``, whichever comes first: a
+    failure anywhere is acted on at once, not after the last hop's timeout. The requests'
+    own results pass through untouched."""
+    news: Deferred = Deferred()
+
+    def tell(value: Any) -> None:
+        if not news.called:
+            news.callback(value)
+
+    def reply(message: Any) -> Any:
+        if isinstance(message, Message) and "forward_error" in message.fields:
+            tell(_TROUBLE)
+        return message
+
+    def failed(failure: Failure) -> Failure:
+        tell(_TROUBLE)
+        return failure
+
+    for request in requests[:-1]:
+        request.addCallbacks(reply, failed)
+
+    def last(outcome: Any) -> Any:
+        tell([outcome])
+        return outcome
+
+    requests[-1].addBoth(last)
+    return news
 
 
 def forward_failed(error: dict) -> ForwardFailed:

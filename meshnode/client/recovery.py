@@ -178,6 +178,7 @@ class SpanRecovery:
         """Open and replay replacement sessions for ``failed``'s span (after banning it)."""
         timeout = failed.timeout  # before _drop shortens it for the abandoned session's close
         self._drop(failed, error, abandoned)
+        await failed.settle()  # with forwarding, its last inputs may still be on their way
         inputs = failed.inputs() if failed.history else None
         deadline = self.clock.seconds() + self.options.route_wait
         for _ in range(self.options.max_attempts):

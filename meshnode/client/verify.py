@@ -50,7 +50,7 @@ import numpy as np
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 
-from meshnode.client.chain import HopFailure, InferenceChain, SpanSession
+from meshnode.client.chain import LOST, HopFailure, InferenceChain, SpanSession
 from meshnode.client.defaults import DEFAULT_VERIFY_RATE  # noqa: F401  (re-exported)
 from meshnode.client.generate import MeshGenerationResult, StopRequest, drive, interrupted
 from meshnode.client.recovery import BanList, SpanRecovery, recoverable
@@ -229,8 +229,8 @@ class Verifier:
             try:
                 out, ran = await chain.advance(index, hidden)
             except HopFailure as failure:
-                self._mirror_ran(sessions, replicas, starts, failure.index - index,
-                                 failure.input)
+                await self._mirror_ran(sessions, replicas, starts, failure.index - index,
+                                       failure.input)
                 failures += 1
                 error = failure.error
                 if not recoverable(error) or failures > self.recovery.options.max_attempts:
@@ -240,18 +240,21 @@ class Verifier:
                 chain.sessions[index : index + 1] = await self.recovery.replace(
                     chain.sessions[index], error, chain.abandoned)
                 continue
-            self._mirror_ran(sessions, replicas, starts, ran - index, out)
+            await self._mirror_ran(sessions, replicas, starts, ran - index, out)
             index, hidden = ran, out
         return hidden
 
-    def _mirror_ran(self, sessions: list[SpanSession], replicas: list[_Replica | None],
-                    starts: list[int], ran: int, last_out: np.ndarray) -> None:
-        """Mirror the first ``ran`` of ``sessions`` (which ran this step) to their replicas."""
+    async def _mirror_ran(self, sessions: list[SpanSession], replicas: list[_Replica | None],
+                          starts: list[int], ran: int, last_out: np.ndarray) -> None:
+        """Mirror the first ``ran`` of ``sessions`` (which ran this step) to their replicas,
+        once the inputs the client receives for them are in."""
+        for session in sessions[:ran]:
+            await session.settle()
         for k in range(ran):
             replica = replicas[k]
-            if replica is None:
-                continue
             out = sessions[k + 1].history[-1] if k + 1 < ran else last_out
+            if replica is None or out is LOST or sessions[k].history[-1] is LOST:
+                continue
             mirrored = self._mirror(replica, sessions[k].history[-1])
             mirrored.addCallback(self._compare, replica, starts[k], out)
 
@@ -352,6 +355,7 @@ class Verifier:
         replica = _Replica(sessions, Deferred(), verified=session.position)
         replica.tail.callback(None)
         if session.position:  # a hop that replaced a failed one: catch up on its history
+            await session.settle()
             self._mirror(replica, session.inputs())
         self._replicas[session] = replica
         return replica
@@ -383,6 +387,7 @@ class Verifier:
         try:
             for third_session in third:
                 await third_session.open(self.recovery.model)
+            await session.settle()
             out = await _through(third, session.inputs()[:, : position + 1])
         except MeshError:
             return self.record.judge(primary, replica.node_ids)

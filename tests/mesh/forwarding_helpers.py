@@ -76,13 +76,19 @@ class MemoryNode:
 
 
 class MemoryNetwork:
-    """Nodes by id; ``down`` ones refuse connections, ``frozen`` ones never answer."""
+    """Nodes by id; ``down`` ones refuse connections, ``frozen`` ones never answer; the
+    answers of ``slow`` ones to a node serving nothing (the client) come ``SLOW`` seconds
+    late (or, if ``lose`` is set, never: the connection drops then)."""
+
+    SLOW = 1.0
 
     def __init__(self) -> None:
         self.clock = Clock()
         self.nodes: dict[bytes, MemoryNode] = {}
         self.down: set[bytes] = set()
         self.frozen: set[bytes] = set()
+        self.slow: set[bytes] = set()
+        self.lose = False
         self._ports = itertools.count(7001)
 
     def node(self) -> MemoryNode:
@@ -112,7 +118,27 @@ class MemoryNetwork:
             return never
         peer = PeerInfo(sender.identity.node_id, "127.0.0.1", sender.address.port)
         handler = target.handlers[message.type]
-        return maybeDeferred(handler, peer, message).addErrback(_as_remote)
+        answer = maybeDeferred(handler, peer, message).addErrback(_as_remote)
+        if address.node_id in self.slow and sender.identity.node_id not in self.nodes_serving():
+            return answer.addBoth(self._late)
+        return answer
+
+    def nodes_serving(self) -> set[bytes]:
+        return {n for n, node in self.nodes.items() if node.handlers}
+
+    def _late(self, outcome: Any) -> Deferred:
+        late: Deferred = Deferred()
+
+        def arrive() -> None:
+            if self.lose:
+                late.errback(Failure(ConnectionClosed("connection lost")))
+            elif isinstance(outcome, Failure):
+                late.errback(outcome)
+            else:
+                late.callback(outcome)
+
+        self.clock.callLater(self.SLOW, arrive)
+        return late
 
 
 def _as_remote(failure: Failure) -> Failure:

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from twisted.internet.defer import Deferred
 
+from meshnode.client.chain import LOST
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.routing.route import Route
 from meshnode.client.verify import LifetimeBans, TrustRecord, Verifier
-from meshnode.errors import ForwardFailed, OutputMismatch, RemoteError
+from meshnode.errors import ClientError, ForwardFailed, OutputMismatch, RemoteError
 from meshnode.inference import capabilities, messages
 from meshnode.inference.records import BlockSpan
 from tests.mesh.forwarding_helpers import (
@@ -83,6 +84,43 @@ def test_forwarding_and_client_driven_steps_agree(mesh):
                                       result_of(driven.forward(x)))
     for a, b in zip(forwarded.sessions, driven.sessions):
         np.testing.assert_array_equal(a.inputs(), b.inputs())
+
+
+def test_the_step_returns_with_the_chain_output_before_earlier_answers(mesh):
+    """When the middle worker's answer to the client is slow, then the step returns with the
+    last worker's output at once, positions move, and the middle hop's output (the last
+    hop's input) joins the history when it comes: it is off the critical path."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    network.slow.add(workers[1][0].identity.node_id)
+    x = hidden(2)
+    want = expected(x, SPANS)
+    np.testing.assert_array_equal(result_of(chain.forward(x)), want[-1])
+    assert [s.position for s in chain.sessions] == [2, 2, 2]
+    assert isinstance(chain.sessions[2].history[-1], Deferred)
+    with pytest.raises(ClientError, match="settle"):
+        chain.sessions[2].inputs()
+    network.clock.advance(network.SLOW)
+    result_of(chain.sessions[2].settle())
+    for i, session in enumerate(chain.sessions):
+        np.testing.assert_array_equal(session.inputs(), want[i])
+
+
+def test_an_input_that_never_comes_is_lost_not_guessed(mesh):
+    """When the middle worker's answer never reaches the client (its connection drops after
+    it pushed on), then the step still returns the chain's output, and the last hop's
+    input for that step is marked lost: replaying that span is refused, not faked."""
+    network, workers, client = mesh
+    chain = opened(mesh)
+    network.slow.add(workers[1][0].identity.node_id)
+    network.lose = True
+    x = hidden(1)
+    np.testing.assert_array_equal(result_of(chain.forward(x)), expected(x, SPANS)[-1])
+    network.clock.advance(network.SLOW)
+    result_of(chain.sessions[2].settle())
+    assert chain.sessions[2].history[-1] is LOST
+    with pytest.raises(ClientError, match="lost"):
+        chain.sessions[2].inputs()
 
 
 def push_into(sender, session, start, capability, x):

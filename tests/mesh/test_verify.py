@@ -73,6 +73,9 @@ class FakeSession:
     async def close(self):
         self.closed = True
 
+    async def settle(self):
+        """Hop-by-hop steps: every input is in already."""
+
     def inputs(self):
         return np.concatenate(self.history, axis=1)
 
