@@ -109,7 +109,12 @@ class SpanSession:
         self.position += shape[1]
 
         def arrived(message: Message) -> None:
-            output, error = messages.parse_output(message, shape)
+            try:
+                output, error = messages.parse_output(message, shape)
+            except BadRequest as exc:
+                log.warn("{hop}'s input came malformed: {e}", hop=str(self.address), e=str(exc))
+                self.history[index] = LOST
+                return
             if error is not None:
                 log.warn("late forward_error after the chain's output came: {e}",
                          e=error.get("message"))
@@ -263,7 +268,10 @@ class InferenceChain:
         try:
             for offset, (session, request) in enumerate(zip(sessions[:-1], requests)):
                 try:
-                    output, error = messages.parse_output(await request, hidden.shape)
+                    (outcome,) = await _outcome(request)
+                    if isinstance(outcome, Failure):
+                        outcome.raiseException()
+                    output, error = messages.parse_output(outcome, hidden.shape)
                 except Exception as exc:
                     raise HopFailure(index + offset, exc, hidden) from exc
                 session.record(hidden)
@@ -291,6 +299,19 @@ class InferenceChain:
 
 
 _TROUBLE = object()
+
+
+def _outcome(request: Deferred) -> Deferred:
+    """Fires with ``[request's result]`` (a reply or a ``Failure``), leaving ``request``'s own
+    result as it is: a request watched by several readers is never awaited itself."""
+    seen: Deferred = Deferred()
+
+    def tell(result: Any) -> Any:
+        seen.callback([result])
+        return result
+
+    request.addBoth(tell)
+    return seen
 
 
 def _first_news(requests: list[Deferred]) -> Deferred:
