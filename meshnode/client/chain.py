@@ -234,6 +234,8 @@ class InferenceChain:
             raise HopFailure(index, error, hidden) from error
 
     async def _forwarded(self, index: int, hidden: np.ndarray) -> np.ndarray:
+        """One forwarded step from hop ``index`` to the last: a step to the first (with the
+        rest of the route) and a wait to each later hop, sent at once."""
         sessions = self.sessions[index:]
         start = sessions[0].position
         if any(s.position != start for s in sessions):
