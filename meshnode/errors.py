@@ -223,6 +223,37 @@ class Overloaded(WorkerError):
     code = "overloaded"
 
 
+class BadCapability(WorkerError):
+    """A forwarded step (``infer.push``) carries no capability, one issued for another
+    session, receiver, sender or position, or one whose signature is not the session
+    owner's: it is refused and the session is left as it was."""
+
+    code = "bad_capability"
+
+
+class WaitExpired(WorkerError):
+    """A client's ``infer.wait`` for a hop's output got none within the worker's bound
+    (the step was never pushed, or another wait for the same position replaced it)."""
+
+    code = "wait_expired"
+
+
+class ForwardFailed(WorkerError):
+    """A worker could not push its output into the next hop's session (refused, error,
+    connection refused or lost, no answer in time). Raised on the client from the
+    worker's report; ``node_id`` and ``address`` name the failing next hop, which is
+    the one to ban and replace (not the messenger)."""
+
+    code = "forward_failed"
+
+    def __init__(self, message: str, node_id: bytes = b"", address: str = "",
+                 cause_code: str = ""):
+        super().__init__(message)
+        self.node_id = node_id
+        self.address = address
+        self.cause_code = cause_code
+
+
 class RetryLater(NoCapacity):
     """A session could not be opened now (its open waited for room that did not come);
     ``retry_after`` says in how many seconds room is expected (it travels in the error frame)."""

@@ -85,12 +85,16 @@ class MeshClient:
         data_dir: Path | str | None = None,
         verify_rate: float = 0.0,
         verify_seed: int | None = None,
+        forwarding: bool = True,
     ):
         """``swarm``: a private swarm's ``swarm.pub`` (talk only to its members);
         ``data_dir``: where this client's node key and membership certificate live
         (``identity`` wins over its key; a ``swarm`` client needs one or the other
         carrying a membership); ``verify_rate``: the fraction of steps recomputed on a
-        second replica (``meshnode.client.verify``; 0: none)."""
+        second replica (``meshnode.client.verify``; 0: none); ``forwarding``: steps go
+        worker to worker (client -> A -> B -> C -> client, ``meshnode.client.chain``);
+        False: the client calls each worker in turn. The attribute of that name may be
+        changed between generations."""
         self.reactor = reactor
         self.swarm_pub = Path(swarm) if swarm is not None else None
         self.data_dir = Path(data_dir) if data_dir is not None else None
@@ -121,6 +125,7 @@ class MeshClient:
         self.verify_rng = random.Random(verify_seed)
         self.trust = TrustRecord()
         self.recovery_options = RecoveryOptions()
+        self.forwarding = bool(forwarding)
 
     def start(self) -> Deferred[None]:
         """Join the DHT and load the head; safe to call many times."""
@@ -202,7 +207,7 @@ class MeshClient:
         whole = BlockSpan(0, self.source.config.num_layers)
         route = await discovery.discover_route(
             self.dht, self.endpoint, self.reactor, self._key_for,
-            whole, self.source.fingerprint, banned, max_length,
+            whole, self.source.fingerprint, banned, max_length, forwarding=self.forwarding,
         )
         self.last_route = route
         return route
@@ -252,9 +257,10 @@ class MeshClient:
         if route is None:
             route = await self._find_route(max_length, set(self.bans.banned()))
         recovery = SpanRecovery(self.endpoint, self.dht, self.reactor, self._key_for,
-                                self.source.fingerprint, self.bans, self.recovery_options)
+                                self.source.fingerprint, self.bans, self.recovery_options,
+                                forwarding=self.forwarding)
         chain = InferenceChain(self.endpoint, route, self.source.fingerprint, max_length,
-                               self.step_timeout, recovery)
+                               self.step_timeout, recovery, self.forwarding)
         loop_result = await generate_on_chain(
             generation, self._head_compute, chain, on_token, stop, self._text
         )

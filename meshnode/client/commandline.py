@@ -49,6 +49,7 @@ def run_generate(args: argparse.Namespace, phases: StartupPhases | None = None) 
     client.recovery_options = dataclasses.replace(
         client.recovery_options, route_wait=args.recovery_wait
     )
+    client.forwarding = not getattr(args, "no_forwarding", False)
     on_text = None if args.json or args.prompt is None else _write
     # token ids of a model without a tokenizer stream as they come, as text would
     on_token = None if args.json or client.tokenizer is not None else _write_id

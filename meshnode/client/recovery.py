@@ -1,7 +1,9 @@
 """Fault recovery on the client: bans, replacement routes for one span, and replay.
 
 When a worker of a chain dies, resets the connection, times out or answers a
-step with an error, ``SpanRecovery``:
+step with an error, or when the worker before it reports that it could not
+push the step into it (``ForwardFailed``, with forwarding: the hop named
+there is the failed one, not the messenger), ``SpanRecovery``:
 
 1. bans it in the client's ``BanList`` (for ``base`` seconds, doubling on each
    repeat within ``forget_after``, capped at ``maximum``);
@@ -13,7 +15,8 @@ step with an error, ``SpanRecovery``:
 3. opens a session on each replacement worker and replays the failed
    session's recorded inputs (``SpanSession.inputs()``) through them in order,
    which rebuilds their KV caches to the position the chain had reached;
-4. hands the new sessions to the chain, which retries the step there.
+4. hands the new sessions to the chain, which retries the step there (and,
+   with forwarding, forwards it on from there).
 
 A replacement that fails in turn is banned too and the next one tried, at
 most ``max_attempts`` times per failure. Every request carries the chain's
@@ -34,7 +37,7 @@ import numpy as np
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 
-from meshnode.client.chain import SpanSession
+from meshnode.client.chain import HopFailure, SpanSession
 from meshnode.client.defaults import ROUTE_WAIT
 from meshnode.client.routing.discovery import ROUTE_POLL_INTERVAL, discover_route, wait_for_route
 from meshnode.client.routing.route import NodeID, Route
@@ -134,29 +137,32 @@ class SpanRecovery:
         model: str,
         bans: BanList,
         options: RecoveryOptions = RecoveryOptions(),
+        forwarding: bool = False,
     ):
         self.endpoint, self.dht, self.clock = endpoint, dht, clock
         self.key_for, self.model = key_for, model
         self.bans = bans
         self.options = options
+        # steps pass worker to worker: replacement routes count the links between hops
+        self.forwarding = forwarding
         self.replacements = 0
 
     async def forward(self, chain: Any, hidden: np.ndarray) -> np.ndarray:
-        """``chain.forward`` with recovery: a failed hop is replaced and the step retried."""
+        """``chain.forward`` with recovery: a failed hop is replaced and the step goes on
+        from it (with forwarding, the hops before it have run and their outputs are in)."""
         index, failures = 0, 0
         while index < len(chain.sessions):
-            session = chain.sessions[index]
             try:
-                hidden = await session.step(hidden)
-            except Exception as error:
+                hidden, index = await chain.advance(index, hidden)
+            except HopFailure as failure:
                 failures += 1
+                error = failure.error
                 if not recoverable(error) or failures > self.options.max_attempts:
-                    raise
+                    raise error from None
+                index, hidden = failure.index, failure.input
                 chain.sessions[index : index + 1] = await self.replace(
-                    session, error, chain.abandoned
+                    chain.sessions[index], error, chain.abandoned
                 )
-                continue
-            index += 1
         return hidden
 
     async def reopen(self, chain: Any, failed: Mapping[int, BaseException]) -> None:
@@ -175,6 +181,7 @@ class SpanRecovery:
         """Open and replay replacement sessions for ``failed``'s span (after banning it)."""
         timeout = failed.timeout  # before _drop shortens it for the abandoned session's close
         self._drop(failed, error, abandoned)
+        await failed.settle()  # with forwarding, its last inputs may still be on their way
         inputs = failed.inputs() if failed.history else None
         deadline = self.clock.seconds() + self.options.route_wait
         for _ in range(self.options.max_attempts):
@@ -212,7 +219,7 @@ class SpanRecovery:
         def discover() -> Any:
             return discover_route(
                 self.dht, self.endpoint, self.clock, self.key_for, span, self.model,
-                self.bans.banned(), max_length,
+                self.bans.banned(), max_length, forwarding=self.forwarding,
             )
 
         return await wait_for_route(discover, self.clock, deadline, self.options.poll_interval)

@@ -31,6 +31,9 @@ With ``verify_rate`` R > 0 (``MeshClient(verify_rate=R)``, ``--verify-rate R``):
   (``TrustRecord``); route choice then uses the measured speed instead of the
   announced one (``discover_route(throughputs=...)``).
 
+With forwarding (the default), each hop is mirrored once it has run, from
+the input and output the client received for it (``meshnode.client.chain``);
+speeds are then measured only by hop-by-hop steps (``forwarding=False``).
 A hop with no second replica available is not verified (logged once per
 span). Hooks: the ``Verifier`` is the chain's recovery object (it wraps
 ``SpanRecovery``); ``verified_generation`` replaces ``MeshClient._generate``'s
@@ -47,7 +50,7 @@ import numpy as np
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.logger import Logger
 
-from meshnode.client.chain import InferenceChain, SpanSession
+from meshnode.client.chain import LOST, HopFailure, InferenceChain, SpanSession
 from meshnode.client.defaults import DEFAULT_VERIFY_RATE  # noqa: F401  (re-exported)
 from meshnode.client.generate import MeshGenerationResult, StopRequest, drive, interrupted
 from meshnode.client.recovery import BanList, SpanRecovery, recoverable
@@ -174,8 +177,20 @@ class Verifier:
         await self.recovery.reopen(chain, failed)
 
     async def forward(self, chain: InferenceChain, hidden: np.ndarray) -> np.ndarray:
-        """Each hop in order, its input mirrored to its replica at the same time (a failed hop
-        replaced as ``SpanRecovery`` does); then, with probability ``rate``, a check."""
+        """The step through the chain (forwarded worker to worker when the chain forwards,
+        else hop by hop), each hop's input mirrored to its replica (a failed hop replaced as
+        ``SpanRecovery`` does); then, with probability ``rate``, a check."""
+        if chain.forwarding:
+            hidden = await self._forwarded(chain, hidden)
+        else:
+            hidden = await self._hop_by_hop(chain, hidden)
+        if self.rate >= 1.0 or self.rng.random() < self.rate:
+            await self.check(chain)
+        return hidden
+
+    async def _hop_by_hop(self, chain: InferenceChain, hidden: np.ndarray) -> np.ndarray:
+        """Each hop in order, its input mirrored to its replica at the same time; decode
+        steps measure each hop's speed."""
         clock = self.recovery.clock
         index, failures = 0, 0
         while index < len(chain.sessions):
@@ -200,9 +215,48 @@ class Verifier:
                 mirrored.addCallback(self._compare, replica, start, out)
             hidden = out
             index += 1
-        if self.rate >= 1.0 or self.rng.random() < self.rate:
-            await self.check(chain)
         return hidden
+
+    async def _forwarded(self, chain: InferenceChain, hidden: np.ndarray) -> np.ndarray:
+        """Forwarded steps (``InferenceChain.advance``); each hop that ran has its input (its
+        history) and output (the next hop's input, or the chain's output) in hand, and is
+        mirrored to its replica then. Hop speeds are measured by hop-by-hop steps only."""
+        index, failures = 0, 0
+        while index < len(chain.sessions):
+            sessions = chain.sessions[index:]
+            replicas = [await self._replica_for(s) for s in sessions]
+            starts = [s.position for s in sessions]
+            try:
+                out, ran = await chain.advance(index, hidden)
+            except HopFailure as failure:
+                await self._mirror_ran(sessions, replicas, starts, failure.index - index,
+                                       failure.input)
+                failures += 1
+                error = failure.error
+                if not recoverable(error) or failures > self.recovery.options.max_attempts:
+                    raise error from None
+                index, hidden = failure.index, failure.input
+                self._drop_replica(chain.sessions[index])
+                chain.sessions[index : index + 1] = await self.recovery.replace(
+                    chain.sessions[index], error, chain.abandoned)
+                continue
+            await self._mirror_ran(sessions, replicas, starts, ran - index, out)
+            index, hidden = ran, out
+        return hidden
+
+    async def _mirror_ran(self, sessions: list[SpanSession], replicas: list[_Replica | None],
+                          starts: list[int], ran: int, last_out: np.ndarray) -> None:
+        """Mirror the first ``ran`` of ``sessions`` (which ran this step) to their replicas,
+        once the inputs the client receives for them are in."""
+        for session in sessions[:ran]:
+            await session.settle()
+        for k in range(ran):
+            replica = replicas[k]
+            out = sessions[k + 1].history[-1] if k + 1 < ran else last_out
+            if replica is None or out is LOST or sessions[k].history[-1] is LOST:
+                continue
+            mirrored = self._mirror(replica, sessions[k].history[-1])
+            mirrored.addCallback(self._compare, replica, starts[k], out)
 
     async def check(self, chain: InferenceChain) -> int:
         """Wait for every hop's replica to catch up, then judge; the position now verified on
@@ -301,6 +355,7 @@ class Verifier:
         replica = _Replica(sessions, Deferred(), verified=session.position)
         replica.tail.callback(None)
         if session.position:  # a hop that replaced a failed one: catch up on its history
+            await session.settle()
             self._mirror(replica, session.inputs())
         self._replicas[session] = replica
         return replica
@@ -332,6 +387,7 @@ class Verifier:
         try:
             for third_session in third:
                 await third_session.open(self.recovery.model)
+            await session.settle()
             out = await _through(third, session.inputs()[:, : position + 1])
         except MeshError:
             return self.record.judge(primary, replica.node_ids)
@@ -376,7 +432,7 @@ async def verified_generation(client: Any, prompt_ids: list[int], options: Any,
         verifier = Verifier(recovery, client.trust, client.bans, client.verify_rate, rng,
                             max_length)
         chain = InferenceChain(client.endpoint, route, client.source.fingerprint, max_length,
-                               client.step_timeout, verifier)
+                               client.step_timeout, verifier, client.forwarding)
         emitted: list[int] = []
         flush = _VerifiedStream(emitted, len(ids), on_token)
         verifier.on_verified = flush

@@ -1,6 +1,7 @@
 """``meshnode bench``: local against mesh generation speed, same model, same run.
 
     meshnode bench [--model smollm2] [--workers 3] [--new-tokens 32] [--repeats 3] [--json]
+                   [--no-forwarding]
 
 Starts a local mesh (bootstrap node + ``--workers`` worker processes, as the
 demo does), then, while the workers sit idle, measures local generation in
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per generation")
     parser.add_argument("--repeats", type=int, default=3, help="measured runs per side")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-forwarding", action="store_true",
+                        help="the client calls each worker in turn (the mesh before issue 11)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,6 +86,7 @@ def _measure_mesh(
     from meshnode.client.api import background_client, call, options_from
 
     client = background_client([mesh.join_address], model)
+    client.forwarding = not args.no_forwarding
     call(client.wait_for_route, 60.0)
     options = options_from(max_new_tokens=args.new_tokens)
     runs = [call(client.generate_ids, prompt_ids, options) for _ in range(args.repeats + 1)]

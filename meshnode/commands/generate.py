@@ -48,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_client_identity_options(parser)
     add_verify_option(parser, DEFAULT_VERIFY_RATE)
     parser.add_argument(
+        "--no-forwarding",
+        action="store_true",
+        help="call each worker in turn (client -> A -> client -> B ...) instead of letting "
+        "workers push each step to the next one (client -> A -> B -> ... -> client)",
+    )
+    parser.add_argument(
         "--recovery-wait",
         type=float,
         default=ROUTE_WAIT,

@@ -3,6 +3,13 @@
 Each ``build_*`` gives the ``Message`` a client sends; each ``parse_*`` checks
 a received message's fields and raises ``BadRequest`` / ``BadTensor`` on junk,
 so handlers see typed values. Replies are ``<type>.ok``.
+
+Forwarding (``docs/mesh.md``): a step may carry the rest of its route
+(``forward``: one ``ForwardHop`` per later hop); a worker pushes its output
+into the next hop's session with ``infer.push`` (the hop's capability
+attached); the client collects each later hop's output with ``infer.wait``.
+A reply to a step or wait that was to be pushed on says how the push went
+(``forward_error``, absent when it was accepted).
 """
 
 from __future__ import annotations
@@ -12,11 +19,18 @@ from typing import Any
 
 import numpy as np
 
-from meshnode.errors import BadRequest, BadTensor
+from meshnode.errors import BadAddress, BadRequest, BadTensor
+from meshnode.identity import PeerAddress
 from meshnode.inference.records import PROTOCOL_VERSION, SESSION_ID_BYTES, BlockSpan
 from meshnode.wire.message import Message
 
 INFO, OPEN, STEP, CLOSE = "infer.info", "infer.open", "infer.step", "infer.close"
+PUSH, WAIT = "infer.push", "infer.wait"
+
+#: bytes of a session's push key (``meshnode.inference.capabilities``)
+PUSH_KEY_BYTES = 32
+#: the most later hops one step may name (a route is a few hops; this bounds the header)
+MAX_FORWARD_HOPS = 64
 
 #: dtypes hidden states may travel in; the worker computes in its own dtype
 WIRE_FLOAT_DTYPES = ("float32", "float16", "bfloat16")
@@ -34,11 +48,38 @@ class OpenRequest:
 
 
 @dataclass(frozen=True)
+class ForwardHop:
+    """A later hop of a forwarded step: where to push, into which session, with what right."""
+
+    address: PeerAddress          # pinned: the pusher dials it with the node id checked
+    session_id: bytes
+    span: BlockSpan
+    capability: dict              # ``meshnode.inference.capabilities``, checked by the hop
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"address": str(self.address), "session": self.session_id,
+                "span": self.span.to_wire(), "cap": self.capability}
+
+
+@dataclass(frozen=True)
 class StepRequest:
     session_id: bytes
     span: BlockSpan
     start: int
     hidden: np.ndarray
+    forward: tuple[ForwardHop, ...] = ()
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    step: StepRequest             # session, span, start, hidden and the hops after this one
+    capability: Any               # checked against the session's owner by the handler
+
+
+@dataclass(frozen=True)
+class WaitRequest:
+    session_id: bytes
+    start: int
 
 
 def build_info() -> Message:
@@ -52,12 +93,27 @@ def build_open(model: str, span: BlockSpan, max_length: int) -> Message:
     )
 
 
-def build_step(session_id: bytes, span: BlockSpan, start: int, hidden: Any) -> Message:
-    return Message(
-        STEP,
-        {"v": PROTOCOL_VERSION, "session": session_id, "span": span.to_wire(), "start": start},
-        (hidden,),
-    )
+def build_step(session_id: bytes, span: BlockSpan, start: int, hidden: Any,
+               forward: tuple[ForwardHop, ...] = ()) -> Message:
+    fields = {"v": PROTOCOL_VERSION, "session": session_id, "span": span.to_wire(),
+              "start": start}
+    if forward:
+        fields["forward"] = [hop.to_wire() for hop in forward]
+    return Message(STEP, fields, (hidden,))
+
+
+def build_push(hop: ForwardHop, start: int, hidden: Any,
+               forward: tuple[ForwardHop, ...] = ()) -> Message:
+    """What a worker sends ``hop``: its output as the hop's input, and the hops after it."""
+    fields = {"v": PROTOCOL_VERSION, "session": hop.session_id, "span": hop.span.to_wire(),
+              "start": start, "cap": hop.capability}
+    if forward:
+        fields["forward"] = [later.to_wire() for later in forward]
+    return Message(PUSH, fields, (hidden,))
+
+
+def build_wait(session_id: bytes, start: int) -> Message:
+    return Message(WAIT, {"v": PROTOCOL_VERSION, "session": session_id, "start": start})
 
 
 def build_close(session_id: bytes) -> Message:
@@ -70,14 +126,37 @@ def build_info_ok(fields: dict[str, Any]) -> Message:
     return Message(reply_type(INFO), {"v": PROTOCOL_VERSION, **fields})
 
 
-def build_open_ok(session_id: bytes, max_length: int) -> Message:
-    return Message(
-        reply_type(OPEN), {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length}
-    )
+def build_open_ok(session_id: bytes, max_length: int, push_key: bytes | None = None) -> Message:
+    """``push_key``: what the owner issues this session's capabilities with (forwarding)."""
+    fields = {"v": PROTOCOL_VERSION, "session": session_id, "max_length": max_length}
+    if push_key is not None:
+        fields["push_key"] = push_key
+    return Message(reply_type(OPEN), fields)
 
 
-def build_step_ok(position: int, hidden: Any) -> Message:
-    return Message(reply_type(STEP), {"v": PROTOCOL_VERSION, "position": position}, (hidden,))
+def build_step_ok(position: int, hidden: Any, forward_error: dict | None = None) -> Message:
+    return Message(reply_type(STEP), _output_fields(position, forward_error), (hidden,))
+
+
+def build_push_ok(position: int) -> Message:
+    """The push is accepted: ``position`` is where the session will be once it has run."""
+    return Message(reply_type(PUSH), {"v": PROTOCOL_VERSION, "position": position})
+
+
+def build_wait_ok(position: int, hidden: Any, forward_error: dict | None = None) -> Message:
+    return Message(reply_type(WAIT), _output_fields(position, forward_error), (hidden,))
+
+
+def forward_error(node_id: bytes, address: str, code: str, message: str) -> dict[str, Any]:
+    """How a push to the next hop failed (``forward-error``): that hop and its error."""
+    return {"node": node_id, "address": address, "code": code, "message": message}
+
+
+def _output_fields(position: int, error: dict | None) -> dict[str, Any]:
+    fields: dict[str, Any] = {"v": PROTOCOL_VERSION, "position": position}
+    if error is not None:
+        fields["forward_error"] = error
+    return fields
 
 
 def build_close_ok() -> Message:
@@ -103,7 +182,62 @@ def parse_step(message: Message, hidden_size: int) -> StepRequest:
         BlockSpan.from_wire(fields.get("span")),
         _uint(fields, "start"),
         hidden,
+        parse_forward(fields.get("forward", [])),
     )
+
+
+def parse_push(message: Message, hidden_size: int) -> PushRequest:
+    step = parse_step(Message(STEP, message.fields, message.tensors), hidden_size)
+    return PushRequest(step, message.fields.get("cap"))
+
+
+def parse_wait(message: Message) -> WaitRequest:
+    return WaitRequest(parse_session_id(message.fields), _uint(message.fields, "start"))
+
+
+def parse_forward(value: Any) -> tuple[ForwardHop, ...]:
+    """The ``forward`` list of a step or push: pinned addresses, sessions, spans."""
+    if not isinstance(value, list) or len(value) > MAX_FORWARD_HOPS:
+        raise BadRequest(f"forward must be a list of at most {MAX_FORWARD_HOPS} hops")
+    hops = []
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise BadRequest("each forward hop must be a map")
+        try:
+            address = PeerAddress.parse(_str(entry, "address"))
+        except BadAddress as exc:
+            raise BadRequest(f"forward hop address: {exc}") from None
+        if address.node_id is None:
+            raise BadRequest("a forward hop's address must pin its node id")
+        capability = entry.get("cap")
+        if not isinstance(capability, dict):
+            raise BadRequest("each forward hop carries a capability map")
+        hops.append(ForwardHop(address, parse_session_id(entry),
+                               BlockSpan.from_wire(entry.get("span")), capability))
+    return tuple(hops)
+
+
+def parse_output(message: Message, expected_shape: tuple[int, ...]) -> tuple[Any, dict | None]:
+    """A step or wait reply's output tensor and its ``forward_error`` (None: none)."""
+    if len(message.tensors) != 1 or tuple(message.tensors[0].shape) != tuple(expected_shape):
+        raise BadRequest(f"{message.type} carries no output of shape {list(expected_shape)}")
+    error = message.fields.get("forward_error")
+    if error is not None and not (
+        isinstance(error, dict) and isinstance(error.get("node"), bytes)
+        and isinstance(error.get("address"), str) and isinstance(error.get("code"), str)
+    ):
+        raise BadRequest("forward_error must name the hop (node, address) and a code")
+    return message.tensors[0], error
+
+
+def parse_push_key(fields: dict) -> bytes | None:
+    """An ``infer.open.ok``'s push key; None from a worker that does not forward."""
+    key = fields.get("push_key")
+    if key is None:
+        return None
+    if not isinstance(key, bytes) or len(key) != PUSH_KEY_BYTES:
+        raise BadRequest(f"push_key must be {PUSH_KEY_BYTES} bytes")
+    return key
 
 
 def parse_close(message: Message) -> bytes:

@@ -9,6 +9,9 @@ Map of the package (no logic here):
 - ``span_choice``: ``choose_span``, the least-served blocks from DHT records (pure).
 - ``compute``: ``SpanCompute``, JAX on one dedicated thread, never on the reactor thread.
 - ``handlers``: ``InferenceHandlers``, the ``infer.*`` handlers over the Endpoint.
+- ``forwarding``: ``ForwardingHandlers``, steps pushed worker to worker (``infer.push``,
+  ``infer.wait``, ``infer.step`` with ``forward``), over ``InferenceHandlers.run_step``.
+- ``outputs``: ``OutputMailbox``, pushed steps' outputs for their owners' waits (pure, bounded).
 - ``announce``: ``Announcer``, one signed DHT record per block, refreshed; offline on stop;
   ``batching_fields``, the compute's optional load and batch curve for the records.
 - ``links``: ``PeerRtts``, ``LinkProber``: round trips to route neighbours, published.

@@ -135,6 +135,14 @@ class InferenceHandlers:
     def step(self, peer: PeerInfo, message: Message) -> Deferred[Message]:
         request = messages.parse_step(message, self.compute.hidden_size)
         session = self.table.get(peer.node_id, request.session_id)
+        done = self.run_step(peer, session, request)
+        return done.addCallback(lambda result: messages.build_step_ok(*result))
+
+    def run_step(self, peer: PeerInfo, session: Session,
+                 request: messages.StepRequest) -> Deferred[tuple[int, Any]]:
+        """The step path, for ``step`` and forwarded pushes (``meshnode.worker.forwarding``):
+        checks the step fits ``session`` (raises at once if not), runs it in ``peer``'s compute
+        turn; fires with (new position, output)."""
         length = request.hidden.shape[1]
         session.check_step(request.span, request.start, length)
         self.table.begin_step(session)
@@ -181,10 +189,11 @@ class InferenceHandlers:
                 f"{self.limits.max_length}"
             )
 
-    def _stepped(self, session: Session, result: tuple[Any, Any], position: int) -> Message:
+    def _stepped(self, session: Session, result: tuple[Any, Any],
+                 position: int) -> tuple[int, Any]:
         hidden, cache = result
         self.table.end_step(session, cache, position)
-        return messages.build_step_ok(position, hidden)
+        return position, hidden
 
     def _step_failed(self, session: Session, failure: Any) -> Any:
         # The donated cache may be gone: the session cannot go on.

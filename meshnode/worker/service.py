@@ -4,7 +4,8 @@ Start-up, in order: identity from the data dir, the Endpoint listening on its
 pinned address, the DHT joined through the bootstrap nodes, the model opened,
 the span chosen (``--blocks`` or ``choose_span`` over the DHT's records), its
 blocks loaded and warmed up on the compute thread (which measures
-throughput), the ``infer.*`` handlers installed, the blocks announced. Then
+throughput), the ``infer.*`` handlers installed (forwarding's over them:
+``meshnode.worker.forwarding``), the blocks announced. Then
 the address is printed and written to ``<data dir>/address`` for launchers,
 and the step programs of common sessions compile in the background
 (``meshnode.worker.precompile``). Each phase prints one line with its time
@@ -51,6 +52,7 @@ from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer, b
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
+from meshnode.worker.forwarding import ForwardingHandlers
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.worker.links import LinkProber, PeerRtts
 from meshnode.worker.metrics import WorkerMetrics, metrics_site
@@ -111,6 +113,7 @@ class WorkerService(Service):
         self.links = PeerRtts(reactor)
         self.prober: LinkProber | None = None
         self.table: SessionTable | None = None
+        self.forwarding: ForwardingHandlers | None = None
         self.span: BlockSpan | None = None
         self.throughput = 0.0
         self.ready: Deferred[PeerAddress] | None = None
@@ -220,6 +223,10 @@ class WorkerService(Service):
         self.metrics.watch(self.table)
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
+        # steps pushed worker to worker (issue 11): infer.step with forward, push, wait
+        self.forwarding = ForwardingHandlers(handlers, self.endpoint, self.reactor)
+        for message_type, handler in self.forwarding.handlers().items():
+            self.endpoint.add_handler(message_type, handler)
         # a client whose connection dropped cannot step its sessions: free their caches
         self.endpoint.on_disconnect(self.table.close_owned)
 
@@ -287,6 +294,8 @@ class WorkerService(Service):
             await offline.addErrback(lambda _: None)
         if self.metrics_port is not None:
             await self.metrics_port.stopListening()
+        if self.forwarding is not None:
+            self.forwarding.stop()
         if self.table is not None:
             self.table.close_all()
         if self.dht is not None:

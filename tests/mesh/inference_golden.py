@@ -14,6 +14,15 @@ from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 
 SESSION = bytes(range(16))
 NODE = "127.0.0.1:7001#" + "ab" * 32
+NEXT = "127.0.0.1:7002#" + "cd" * 32
+#: a capability's shape (fixed bytes: the golden files pin the encoding, not a tag's value)
+CAPABILITY = {"owner": b"\xef" * 32, "tag": bytes(range(32))}
+
+
+def _next_hop(session: bytes = SESSION):
+    from meshnode.identity import PeerAddress
+
+    return messages.ForwardHop(PeerAddress.parse(NEXT), session, BlockSpan(20, 30), CAPABILITY)
 
 
 def _fields(message) -> bytes:
@@ -51,8 +60,20 @@ def golden_examples() -> dict[str, bytes]:
         ),
         "infer-open.basic": _fields(messages.build_open("fp", BlockSpan(10, 20), 96)),
         "infer-open-ok.basic": _fields(messages.build_open_ok(SESSION, 96)),
+        "infer-open-ok.push-key": _fields(messages.build_open_ok(SESSION, 96, bytes(range(32)))),
         "infer-step.decode": _fields(messages.build_step(SESSION, BlockSpan(10, 20), 12, hidden)),
         "infer-step-ok.decode": _fields(messages.build_step_ok(13, hidden)),
+        "infer-step.forwarded": _fields(
+            messages.build_step(SESSION, BlockSpan(10, 20), 12, hidden, (_next_hop(),))),
+        "infer-step-ok.forward-failed": _fields(messages.build_step_ok(
+            13, hidden, messages.forward_error(b"\xcd" * 32, NEXT, "connection_closed",
+                                               "cannot connect"))),
+        "infer-push.last": _fields(messages.build_push(_next_hop(), 12, hidden)),
+        "infer-push.middle": _fields(
+            messages.build_push(_next_hop(), 12, hidden, (_next_hop(bytes(16)),))),
+        "infer-push-ok.basic": _fields(messages.build_push_ok(13)),
+        "infer-wait.basic": _fields(messages.build_wait(SESSION, 12)),
+        "infer-wait-ok.basic": _fields(messages.build_wait_ok(13, hidden)),
         "infer-close.basic": _fields(messages.build_close(SESSION)),
         "infer-close-ok.basic": _fields(messages.build_close_ok()),
     }
@@ -67,6 +88,10 @@ def invalid_examples() -> dict[str, bytes]:
     return {
         "infer-step.short-session": cbor2.dumps({**step, "session": b"12"}),
         "infer-step.negative-start": cbor2.dumps({**step, "start": -1}),
+        "infer-push.no-capability": cbor2.dumps(step),
+        "infer-push.short-tag": cbor2.dumps(
+            {**step, "cap": {"owner": bytes(32), "tag": bytes(8)}}),
+        "infer-wait.no-start": cbor2.dumps({"v": 1, "session": SESSION}),
         "infer-open.no-max-length": cbor2.dumps({"v": 1, "model": "fp", "span": [0, 1]}),
         "server-info.bad-state": cbor2.dumps({**record, "state": "asleep"}),
         "server-info.bad-version": cbor2.dumps({**record, "v": 2}),

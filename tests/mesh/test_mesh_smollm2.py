@@ -46,13 +46,17 @@ async def test_chat_answer_matches_local(smollm2_client, smollm2_local):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("forwarding", [False, True], ids=["client-driven", "forwarding"])
 @pytest_twisted.ensureDeferred
-async def test_decode_step_sends_only_the_new_position(smollm2_client):
+async def test_decode_step_sends_only_the_new_position(smollm2_client, forwarding):
     """When a decode step goes through the chain, then each worker receives about H x 4 bytes
-    (one position), not the whole sequence."""
+    (one position), not the whole sequence; with forwarding, the client sends that to the
+    first worker only (with the capabilities of the others), asks the others for their
+    outputs without a tensor, and still gets every worker's output."""
     client = smollm2_client
     route = await with_timeout(client.find_route(64), reactor())
-    chain = InferenceChain(client.endpoint, route, client.source.fingerprint, 64)
+    chain = InferenceChain(client.endpoint, route, client.source.fingerprint, 64,
+                           forwarding=forwarding)
     await with_timeout(chain.open(), reactor())
     try:
         prompt = np.random.default_rng(0).standard_normal((1, 20, HIDDEN)).astype(np.float32)
@@ -64,7 +68,13 @@ async def test_decode_step_sends_only_the_new_position(smollm2_client):
             stats = client.endpoint.stats_for(hop.node_id)
             sent = stats.bytes_sent - before[i]
             answer = stats.bytes_received - received[i]
-            assert HIDDEN * 4 <= sent <= HIDDEN * 4 + STEP_OVERHEAD
+            if not forwarding:
+                assert HIDDEN * 4 <= sent <= HIDDEN * 4 + STEP_OVERHEAD
+            elif i == 0:
+                later = len(route.hops) - 1
+                assert HIDDEN * 4 <= sent <= HIDDEN * 4 + STEP_OVERHEAD * (1 + later)
+            else:
+                assert sent <= STEP_OVERHEAD
             assert HIDDEN * 4 <= answer <= HIDDEN * 4 + STEP_OVERHEAD
         assert [len(s.history) for s in chain.sessions] == [2, 2, 2]
         assert chain.sessions[1].inputs().shape == (1, 21, HIDDEN)

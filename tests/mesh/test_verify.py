@@ -73,6 +73,9 @@ class FakeSession:
     async def close(self):
         self.closed = True
 
+    async def settle(self):
+        """Hop-by-hop steps: every input is in already."""
+
     def inputs(self):
         return np.concatenate(self.history, axis=1)
 
@@ -98,7 +101,7 @@ class InMemoryVerifier(Verifier):
 
 def chain_of(hop: RouteHop) -> SimpleNamespace:
     session = FakeSession(None, hop, 64)
-    return SimpleNamespace(sessions=[session], abandoned=[], position=0)
+    return SimpleNamespace(sessions=[session], abandoned=[], position=0, forwarding=False)
 
 
 def run(coroutine):

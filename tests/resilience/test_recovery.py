@@ -1,13 +1,15 @@
 """Client recovery in memory: bans, sub-span routes, replay onto replacement workers.
 
-Workers here are the real ``InferenceHandlers`` over a fake compute (each block
-adds its index + 1 to every position, and the cache records the positions
-seen), reached through an in-memory endpoint that can kill or stall a worker.
+Workers here are the real ``InferenceHandlers`` (and forwarding handlers) over a
+fake compute (each block adds its index + 1 to every position, and the cache
+records the positions seen), reached through an in-memory endpoint that can
+kill or stall a worker. Chains forward worker to worker, as by default.
 """
 
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,19 +19,27 @@ from twisted.internet.task import Clock
 from meshnode.client.chain import InferenceChain
 from meshnode.client.recovery import BanList, RecoveryOptions, SpanRecovery
 from meshnode.client.routing.route import Route, RouteHop, span_route
-from meshnode.errors import ConnectionClosed, RemoteError, RequestTimeout, RouteNotFound
-from meshnode.identity import PeerAddress
+from meshnode.errors import (
+    ConnectionClosed,
+    MeshError,
+    RemoteError,
+    RequestTimeout,
+    RouteNotFound,
+)
+from meshnode.identity import Identity, PeerAddress
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan, ServerInfo, WorkerState
 from meshnode.wire.message import PeerInfo
 from meshnode.worker.budget import CacheBudget
+from meshnode.worker.forwarding import ForwardingHandlers
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.worker.sessions import SessionTable
 
 H = 4
 LAYERS = 6
 MODEL = "fp"
-CLIENT = PeerInfo(b"c" * 32, "127.0.0.1", 9)
+CLIENT_IDENTITY = Identity.ephemeral()  # signs the capabilities of forwarded steps
+CLIENT = PeerInfo(CLIENT_IDENTITY.node_id, "127.0.0.1", 9)
 
 
 class BlockSum:
@@ -46,14 +56,19 @@ class BlockSum:
 
 
 class FakeWorker:
-    def __init__(self, node_id: bytes, span: BlockSpan, cache_tokens: int = 1000):
+    def __init__(self, node_id: bytes, span: BlockSpan, mesh: FakeMesh,
+                 cache_tokens: int = 1000):
         self.node_id = node_id
         self.span = span
         ids = (i.to_bytes(16, "big") for i in itertools.count(1))
         self.table = SessionTable(CacheBudget(cache_tokens), Clock(), 60, lambda: next(ids))
-        self.handlers = InferenceHandlers(
-            WorkerLimits(MODEL, span, 64, "float32"), self.table, BlockSum()
-        ).handlers()
+        inference = InferenceHandlers(WorkerLimits(MODEL, span, 64, "float32"), self.table,
+                                      BlockSum())
+        # pushes to the next hop go through the mesh, sent as this worker
+        link = SimpleNamespace(identity=SimpleNamespace(node_id=node_id),
+                               request=lambda a, m, timeout: mesh.request(a, m, timeout, self))
+        forwarding = ForwardingHandlers(inference, link, mesh.clock)
+        self.handlers = {**inference.handlers(), **forwarding.handlers()}
         self.state = "up"  # "up", "dead" (connection refused) or "stalled" (times out)
 
     @property
@@ -77,15 +92,16 @@ class FakeMesh:
 
     def __init__(self, spans: list[str]):
         self.clock = Clock()
+        self.identity = CLIENT_IDENTITY
         self.workers = {
-            bytes([i + 1]) * 32: FakeWorker(bytes([i + 1]) * 32, BlockSpan.parse(s))
+            bytes([i + 1]) * 32: FakeWorker(bytes([i + 1]) * 32, BlockSpan.parse(s), self)
             for i, s in enumerate(spans)
         }
 
     def worker(self, span: str) -> FakeWorker:
         return next(w for w in self.workers.values() if w.span == BlockSpan.parse(span))
 
-    def request(self, address, message, timeout):
+    def request(self, address, message, timeout, sender: FakeWorker | None = None):
         worker = self.workers[address.node_id]
         if worker.state == "dead":
             return fail(ConnectionClosed("connection refused"))
@@ -93,7 +109,8 @@ class FakeMesh:
             d = Deferred()
             self.clock.callLater(timeout, d.errback, RequestTimeout("no answer"))
             return d
-        return maybeDeferred(worker.handlers[message.type], CLIENT, message)
+        peer = CLIENT if sender is None else PeerInfo(sender.node_id, "127.0.0.1", 1)
+        return maybeDeferred(worker.handlers[message.type], peer, message).addErrback(_remote)
 
     def get(self, key):
         block = key[0]
@@ -122,6 +139,14 @@ class FakeMesh:
             worker = self.worker(span)
             hops.append(RouteHop(worker.node_id, worker.info(), worker.span))
         return Route(tuple(hops), 0.0)
+
+
+def _remote(failure):
+    """As the wire: a worker's named error reaches the caller as ``RemoteError``."""
+    error = failure.value
+    if isinstance(error, MeshError):
+        raise RemoteError(error.code, str(error))
+    return failure
 
 
 class _Record:
