@@ -1,8 +1,9 @@
 """Native CPU kernels, built on first use and registered as XLA FFI targets.
 
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
-its header for the weight layout), ``attention.cc`` the attention of one new
-position over a KV cache. ``load()`` compiles them into one library once per machine
+its header for the weight layout) and the float32 dense matmul, both matmuls
+batch-invariant (a row's bits do not depend on the other rows of the call);
+``attention.cc`` the attention of one new position over a KV cache. ``load()`` compiles them into one library once per machine
 with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
 jaxlib ships, ``-march=native`` (or ``-march=$MESHNODE_NATIVE_MARCH``, e.g.
 ``x86-64-v3`` for a library that runs on any AVX2 machine; without ``-march``
@@ -36,12 +37,14 @@ import jaxlib
 MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
 ATTENTION_TARGET = "meshnode_decode_attention"
+DENSE_TARGET = "meshnode_dense_matmul"
 
 _SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
 _SYMBOLS = {
     MATMUL_TARGET: "MeshnodeQMatmul",
     DEQUANT_TARGET: "MeshnodeQDequant",
     ATTENTION_TARGET: "MeshnodeDecodeAttention",
+    DENSE_TARGET: "MeshnodeDenseMatmul",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)

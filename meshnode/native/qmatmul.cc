@@ -25,6 +25,7 @@
 // already taken, so it never depends on a pool thread being free.
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -100,7 +101,7 @@ inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
 
 #ifdef MESHNODE_AVX512
 // 32 signed 8-bit codes as two vectors of 16 floats (4-bit rows use the table
-// lookup in row_dot instead).
+// lookup in tile_dot instead).
 inline void unpack_int8_avx512(const uint8_t* codes, __m512 c[2]) {
   for (int k = 0; k < 2; ++k) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k));
@@ -120,11 +121,16 @@ inline float offset_term(const float* offset, const float* sums, int64_t blocks)
   return (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
-// Row o of W times one input x [in] whose sums per scale group are sums [groups].
-// Independent accumulators take alternate blocks, so consecutive blocks' FMAs
-// do not wait on each other.
-template <int Bits>
-inline float row_dot(const Weights& w, int64_t o, const float* x, const float* sums) {
+// Row o of W times the R inputs of a tile: x [R, in] (row stride w.in) whose sums per
+// scale group are sums [R, groups]; y[r * y_stride] = W[o] . x[r]. Each block is
+// decoded once for the whole tile, and each input row keeps its own accumulators,
+// whose pattern and final reduction do not depend on R: a row's result is bitwise
+// the same in a tile of any size (batch invariance). Within a row, independent
+// accumulators take alternate blocks, so consecutive blocks' FMAs do not wait on
+// each other.
+template <int Bits, int R>
+inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* sums, float* y,
+                     int64_t y_stride) {
   const int64_t block_bytes = Bits * kBlock / 8;
   const uint8_t* row = w.codes + o * w.row_bytes;
   const float* scale = w.scale + o * w.groups;
@@ -134,75 +140,126 @@ inline float row_dot(const Weights& w, int64_t o, const float* x, const float* s
   if constexpr (Bits == 4) {
     // Per block, a 16-entry table of its dequantized values, in which vpermps
     // looks each code up (it reads only an index's low 4 bits: no masking).
-    // 7 vector uops per 32 weights, multiplying by the exact float32 weights.
+    // 7 vector uops per 32 weights, multiplying by the exact float32 weights;
+    // the table and the two looked-up vectors serve every row of the tile.
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    for (int64_t b = 0; b < w.blocks; ++b) {
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_ps();
+    }
+    auto step = [&](int64_t b, int k) {
       const __m512i bytes = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * block_bytes)));
       const __m512 table =
           _mm512_fmadd_ps(iota, _mm512_set1_ps(scale[b]), _mm512_set1_ps(offset[b]));
       const __m512 low = _mm512_permutexvar_ps(bytes, table);
       const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-      const float* xb = x + b * kBlock;
-      const int64_t k = 2 * (b & 1);
-      acc[k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[k]);
-      acc[k + 1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb + 16), acc[k + 1]);
+      for (int r = 0; r < R; ++r) {
+        const float* xb = x + r * w.in + b * kBlock;
+        acc[r][k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[r][k]);
+        acc[r][k + 1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb + 16), acc[r][k + 1]);
+      }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= w.blocks; b += 2) {  // even blocks into acc 0-1, odd ones into 2-3
+      step(b, 0);
+      step(b + 1, 2);
     }
-    return _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    if (b < w.blocks) step(b, 0);
+    for (int r = 0; r < R; ++r) {
+      y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                           _mm512_add_ps(acc[r][2], acc[r][3])));
+    }
   } else {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int64_t b = 0; b < w.blocks; ++b) {
       __m512 c[2];
       unpack_int8_avx512(row + b * block_bytes, c);
-      const float* xb = x + b * kBlock;
-      for (int k = 0; k < 2; ++k) {  // 16 inputs each: scale b * per + k * per / 2
-        const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
-        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(scale[b * per + k * per / 2]), dot, acc[k]);
+      const __m512 s[2] = {_mm512_set1_ps(scale[b * per]),  // 16 inputs each
+                           _mm512_set1_ps(scale[b * per + per / 2])};
+      for (int r = 0; r < R; ++r) {
+        const float* xb = x + r * w.in + b * kBlock;
+        for (int k = 0; k < 2; ++k) {
+          const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
+          acc[r][k] = _mm512_fmadd_ps(s[k], dot, acc[r][k]);
+        }
       }
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) +
-           offset_term(offset, sums, w.groups);
+    for (int r = 0; r < R; ++r) {
+      y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) +
+                        offset_term(offset, sums + r * w.groups, w.groups);
+    }
   }
 #elif defined(MESHNODE_AVX2)
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     __m256 c[4];
     unpack_block_avx2<Bits>(row + b * block_bytes, c);
-    const float* xb = x + b * kBlock;
-    for (int half = 0; half < 2; ++half) {  // 16 inputs each: scale b * per + half * per / 2
-      __m256 dot = _mm256_mul_ps(c[2 * half], _mm256_loadu_ps(xb + 16 * half));
-      dot = _mm256_fmadd_ps(c[2 * half + 1], _mm256_loadu_ps(xb + 16 * half + 8), dot);
-      const __m256 s = _mm256_set1_ps(scale[b * per + half * per / 2]);
-      acc[half] = _mm256_fmadd_ps(s, dot, acc[half]);
+    const __m256 s[2] = {_mm256_set1_ps(scale[b * per]),  // 16 inputs each
+                         _mm256_set1_ps(scale[b * per + per / 2])};
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * w.in + b * kBlock;
+      for (int half = 0; half < 2; ++half) {
+        __m256 dot = _mm256_mul_ps(c[2 * half], _mm256_loadu_ps(xb + 16 * half));
+        dot = _mm256_fmadd_ps(c[2 * half + 1], _mm256_loadu_ps(xb + 16 * half + 8), dot);
+        acc[r][half] = _mm256_fmadd_ps(s[half], dot, acc[r][half]);
+      }
     }
   }
-  return horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offset_term(offset, sums, w.groups);
+  for (int r = 0; r < R; ++r) {
+    y[r * y_stride] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) +
+                      offset_term(offset, sums + r * w.groups, w.groups);
+  }
 #else
   float codes[kBlock];
-  float total = offset_term(offset, sums, w.groups);
+  float total[R];
+  for (int r = 0; r < R; ++r) total[r] = offset_term(offset, sums + r * w.groups, w.groups);
   for (int64_t b = 0; b < w.blocks; ++b) {
     unpack_block<Bits>(row + b * block_bytes, codes);
-    const float* xb = x + b * kBlock;
-    for (int half = 0; half < 2; ++half) {
-      float dot = 0.f;
-      for (int j = 16 * half; j < 16 * half + 16; ++j) dot += codes[j] * xb[j];
-      total += scale[b * per + half * per / 2] * dot;
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * w.in + b * kBlock;
+      for (int half = 0; half < 2; ++half) {
+        float dot = 0.f;
+        for (int j = 16 * half; j < 16 * half + 16; ++j) dot += codes[j] * xb[j];
+        total[r] += scale[b * per + half * per / 2] * dot;
+      }
     }
   }
-  return total;
+  for (int r = 0; r < R; ++r) y[r * y_stride] = total[r];
 #endif
 }
 
-// y[n, o] for rows [first, last): x [tokens, in], x_sums [tokens, groups].
+// Input rows that share each decoded block. 4 rows of the 4-bit AVX-512 path hold 16
+// accumulators, half the vector registers.
+constexpr int64_t kTile = 4;
+// Weight rows visited per tile before the next tile: their codes stay in L1 while
+// every tile of inputs passes over them.
+constexpr int64_t kRowBlock = 16;
+
+template <int Bits, int R>
+void tile_rows(const Weights& w, const float* x, const float* sums, float* y, int64_t first,
+               int64_t last) {
+  for (int64_t o = first; o < last; ++o) tile_dot<Bits, R>(w, o, x, sums, y + o, w.out);
+}
+
+// y[n, o] for weight rows [first, last): x [tokens, in], x_sums [tokens, groups].
 template <int Bits>
 void matmul_rows(const Weights& w, const float* x, const float* x_sums, int64_t tokens, float* y,
                  int64_t first, int64_t last) {
-  for (int64_t o = first; o < last; ++o) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      y[n * w.out + o] = row_dot<Bits>(w, o, x + n * w.in, x_sums + n * w.groups);
+  for (int64_t lo = first; lo < last; lo += kRowBlock) {
+    const int64_t hi = std::min(last, lo + kRowBlock);
+    for (int64_t n = 0; n < tokens; n += kTile) {
+      const float* xt = x + n * w.in;
+      const float* st = x_sums + n * w.groups;
+      float* yt = y + n * w.out;
+      switch (std::min(kTile, tokens - n)) {
+        case 4: tile_rows<Bits, 4>(w, xt, st, yt, lo, hi); break;
+        case 3: tile_rows<Bits, 3>(w, xt, st, yt, lo, hi); break;
+        case 2: tile_rows<Bits, 2>(w, xt, st, yt, lo, hi); break;
+        default: tile_rows<Bits, 1>(w, xt, st, yt, lo, hi); break;
+      }
     }
   }
 }
@@ -342,6 +399,142 @@ ffi::Error QDequant(ffi::ThreadPool pool, ffi::AnyBuffer /*after*/, ffi::AnyBuff
   return ffi::Error::Success();
 }
 
+
+// --- float32 dense matmul -------------------------------------------------------------
+//
+// y[n, o] = sum_i x[n, i] * w[i, o] for w [in, out] row-major: every output is one
+// FMA chain over i in order, whatever the number of rows, so a row's result is
+// bitwise the same alone or among others. Columns go in vectors (64 at a time
+// with AVX-512, 16 with AVX2); each weight row segment is loaded once for a tile of
+// input rows, each with its own accumulators. Threads take groups of columns.
+
+struct Dense {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t rows, in, out;
+};
+
+#if defined(MESHNODE_AVX512)
+constexpr int64_t kDenseWidth = 64;  // columns per group: 4 vectors of 16
+
+// Columns [o, o + 16 * V) of a tile of R rows; the last vector takes `tail` columns.
+template <int R, int V>
+inline void dense_tile(const Dense& d, int64_t n, int64_t o, __mmask16 tail) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < d.in; ++i) {
+    const float* wi = d.w + i * d.out + o;
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) {
+      wv[v] = v + 1 < V ? _mm512_loadu_ps(wi + 16 * v) : _mm512_maskz_loadu_ps(tail, wi + 16 * v);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(d.x[(n + r) * d.in + i]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = d.y + (n + r) * d.out + o;
+    for (int v = 0; v < V; ++v) {
+      if (v + 1 < V) {
+        _mm512_storeu_ps(yr + 16 * v, acc[r][v]);
+      } else {
+        _mm512_mask_storeu_ps(yr + 16 * v, tail, acc[r][v]);
+      }
+    }
+  }
+}
+
+template <int R>
+void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  for (int64_t o = first; o < last;) {
+    if (last - o >= 64) {
+      dense_tile<R, 4>(d, n, o, 0xFFFF);
+      o += 64;
+    } else {
+      const int64_t width = std::min<int64_t>(16, last - o);
+      dense_tile<R, 1>(d, n, o, static_cast<__mmask16>((1u << width) - 1));
+      o += width;
+    }
+  }
+}
+#elif defined(MESHNODE_AVX2)
+constexpr int64_t kDenseWidth = 16;  // 2 vectors of 8: 4 rows x 2 accumulators fit 16 ymm
+
+template <int R>
+void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  int64_t o = first;
+  for (; o + 16 <= last; o += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d.in; ++i) {
+      const float* wi = d.w + i * d.out + o;
+      const __m256 w0 = _mm256_loadu_ps(wi), w1 = _mm256_loadu_ps(wi + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_set1_ps(d.x[(n + r) * d.in + i]);
+        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(d.y + (n + r) * d.out + o, acc[r][0]);
+      _mm256_storeu_ps(d.y + (n + r) * d.out + o + 8, acc[r][1]);
+    }
+  }
+  for (; o < last; ++o) {  // std::fma: the same rounding as the vector lanes
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < d.in; ++i) acc = std::fma(d.x[(n + r) * d.in + i], d.w[i * d.out + o], acc);
+      d.y[(n + r) * d.out + o] = acc;
+    }
+  }
+}
+#else
+constexpr int64_t kDenseWidth = 64;
+
+template <int R>
+void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  for (int r = 0; r < R; ++r) {
+    float* yr = d.y + (n + r) * d.out;
+    for (int64_t o = first; o < last; ++o) yr[o] = 0.f;
+    for (int64_t i = 0; i < d.in; ++i) {
+      const float xi = d.x[(n + r) * d.in + i];
+      const float* wi = d.w + i * d.out;
+      for (int64_t o = first; o < last; ++o) yr[o] += xi * wi[o];
+    }
+  }
+}
+#endif
+
+// Every row times the columns [first, last), a tile of rows at a time.
+void dense_rows(const Dense& d, int64_t first, int64_t last) {
+  for (int64_t n = 0; n < d.rows; n += kTile) {
+    switch (std::min(kTile, d.rows - n)) {
+      case 4: dense_columns<4>(d, n, first, last); break;
+      case 3: dense_columns<3>(d, n, first, last); break;
+      case 2: dense_columns<2>(d, n, first, last); break;
+      default: dense_columns<1>(d, n, first, last); break;
+    }
+  }
+}
+
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("x must be [rows, in] and w [in, out]");
+  }
+  const Dense d{x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[1]};
+  const int64_t groups = (d.out + kDenseWidth - 1) / kDenseWidth;
+  parallel_rows(pool, groups, 4, [&d](int64_t first, int64_t last) {
+    dense_rows(d, first * kDenseWidth, std::min(d.out, last * kDenseWidth));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeQMatmul, QMatmul,
@@ -363,3 +556,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeQDequant, QDequant,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // offset
                                   .Ret<ffi::Buffer<ffi::F32>>()  // W [out, in]
                                   .Attr<int32_t>("bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeDenseMatmul, DenseMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [rows, in]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [in, out]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y [rows, out]
