@@ -294,17 +294,26 @@ def linear(x: jax.Array, weight: Any) -> jax.Array:
     if not native.load():
         y = rows @ dequantize(weight).T  # [N, out]
     elif rows.shape[0] <= FUSED_MAX_ROWS:
-        call = jax.ffi.ffi_call(
-            native.MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], out), jnp.float32)
-        )
-        y = call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
+        y = fused_matmul(rows, weight)  # [N, out]
     else:
-        call = jax.ffi.ffi_call(
-            native.DEQUANT_TARGET, jax.ShapeDtypeStruct((out, width), jnp.float32)
-        )
-        w = call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
-        y = jnp.einsum("ni,oi->no", rows, w)  # [N, out]
+        y = dequantized_matmul(rows, weight)  # [N, out]
     return y.reshape(*lead, out).astype(x.dtype)
+
+
+def fused_matmul(rows: jax.Array, weight: QuantizedMatrix) -> jax.Array:
+    """rows [N, in] float32 @ weight.T by the native fused kernel -> [N, out] (batch-invariant)."""
+    shape = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[-2]), jnp.float32)
+    call = jax.ffi.ffi_call(native.MATMUL_TARGET, shape)
+    return call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
+
+
+def dequantized_matmul(rows: jax.Array, weight: QuantizedMatrix) -> jax.Array:
+    """rows [N, in] float32 @ weight.T, the weight dequantized by the native kernel then
+    multiplied by XLA -> [N, out] (for long inputs; not batch-invariant)."""
+    shape = jax.ShapeDtypeStruct(weight.shape, jnp.float32)
+    call = jax.ffi.ffi_call(native.DEQUANT_TARGET, shape)
+    w = call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
+    return jnp.einsum("ni,oi->no", rows, w)  # [N, out]
 
 
 def _dense(x: jax.Array, weight: Any) -> jax.Array:
@@ -315,9 +324,14 @@ def _dense(x: jax.Array, weight: Any) -> jax.Array:
     native_ok = x.dtype == jnp.float32 and weight.dtype == jnp.float32 and weight.ndim == 2
     if not (native_ok and 0 < rows <= FUSED_MAX_ROWS and native.load()):
         return x @ weight
-    out = weight.shape[-1]
-    call = jax.ffi.ffi_call(native.DENSE_TARGET, jax.ShapeDtypeStruct((rows, out), jnp.float32))
-    return call(x.reshape(rows, width), weight).reshape(*lead, out)  # [..., out]
+    return dense_matmul(x.reshape(rows, width), weight).reshape(*lead, weight.shape[-1])
+
+
+def dense_matmul(rows: jax.Array, weight: Any) -> jax.Array:
+    """rows [N, in] float32 @ weight [in, out] float32 by the native dense kernel -> [N, out]
+    (batch-invariant)."""
+    shape = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(native.DENSE_TARGET, shape)(rows, weight)
 
 
 def dequantize(weight: QuantizedMatrix) -> jax.Array:

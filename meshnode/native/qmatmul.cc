@@ -171,23 +171,32 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
                                                            _mm512_add_ps(acc[r][2], acc[r][3])));
     }
   } else {
-    __m512 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < w.blocks; ++b) {
+    // The block's 32 weights, scaled once for the tile (their offsets are summed
+    // apart, over the inputs' group sums); alternate blocks as above.
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_ps();
+    }
+    auto step = [&](int64_t b, int k) {
       __m512 c[2];
       unpack_int8_avx512(row + b * block_bytes, c);
-      const __m512 s[2] = {_mm512_set1_ps(scale[b * per]),  // 16 inputs each
-                           _mm512_set1_ps(scale[b * per + per / 2])};
+      const __m512 low = _mm512_mul_ps(c[0], _mm512_set1_ps(scale[b * per]));  // 16 inputs each
+      const __m512 high = _mm512_mul_ps(c[1], _mm512_set1_ps(scale[b * per + per / 2]));
       for (int r = 0; r < R; ++r) {
         const float* xb = x + r * w.in + b * kBlock;
-        for (int k = 0; k < 2; ++k) {
-          const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
-          acc[r][k] = _mm512_fmadd_ps(s[k], dot, acc[r][k]);
-        }
+        acc[r][k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[r][k]);
+        acc[r][k + 1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb + 16), acc[r][k + 1]);
       }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= w.blocks; b += 2) {
+      step(b, 0);
+      step(b + 1, 2);
     }
+    if (b < w.blocks) step(b, 0);
     for (int r = 0; r < R; ++r) {
-      y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) +
+      y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                           _mm512_add_ps(acc[r][2], acc[r][3]))) +
                         offset_term(offset, sums + r * w.groups, w.groups);
     }
   }
