@@ -1,9 +1,10 @@
 """Native CPU kernels, built on first use and registered as XLA FFI targets.
 
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
-its header for the weight layout) and the float32 dense matmul, both matmuls
-batch-invariant (a row's bits do not depend on the other rows of the call);
-``attention.cc`` the attention of one new position over a KV cache. ``load()`` compiles them into one library once per machine
+its header for the weight layout), ``dense.cc`` the float32 dense matmul and
+RMSNorm's row statistic, all batch-invariant (a row's bits do not depend on
+the other rows of the call), ``attention.cc`` the attention of one new position
+over a KV cache; ``parallel.h`` splits rows among threads. ``load()`` compiles them into one library once per machine
 with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
 jaxlib ships, ``-march=native`` (or ``-march=$MESHNODE_NATIVE_MARCH``, e.g.
 ``x86-64-v3`` for a library that runs on any AVX2 machine; without ``-march``
@@ -38,13 +39,18 @@ MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
 ATTENTION_TARGET = "meshnode_decode_attention"
 DENSE_TARGET = "meshnode_dense_matmul"
+MEAN_SQUARE_TARGET = "meshnode_row_mean_square"
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
+_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("qmatmul.cc", "dense.cc", "attention.cc")
+)
+_HEADERS = (Path(__file__).with_name("parallel.h"),)
 _SYMBOLS = {
     MATMUL_TARGET: "MeshnodeQMatmul",
     DEQUANT_TARGET: "MeshnodeQDequant",
     ATTENTION_TARGET: "MeshnodeDecodeAttention",
     DENSE_TARGET: "MeshnodeDenseMatmul",
+    MEAN_SQUARE_TARGET: "MeshnodeRowMeanSquare",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)
@@ -114,7 +120,7 @@ def _build() -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise _Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
-    source = b"\0".join(path.read_bytes() for path in _SOURCES)
+    source = b"\0".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     include = jax.ffi.include_dir()
     try:
         folder = _writable_cache()

@@ -19,13 +19,15 @@
 // multiply, is not read: depending on it keeps XLA from hoisting every layer's
 // dequantization to the start of the program, where all would be live at once.
 //
+// Batch invariance: the matmul decodes each block once for a tile of up to 4
+// input rows, each with its own accumulators; a row's arithmetic (accumulator
+// pattern, final reduction) is the same in a tile of any size, so its result is
+// bitwise the same whatever other rows share the call.
+//
 // Vector paths: AVX-512, AVX2 + FMA, else portable C++ (the compiler's choice).
-// Rows are split into chunks that the calling thread and XLA's intra-op
-// thread pool take from a shared counter; the caller waits only for chunks
-// already taken, so it never depends on a pool thread being free.
+// Weight rows are split among threads (parallel.h).
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <functional>
@@ -41,11 +43,14 @@
 #define MESHNODE_AVX512 1
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using meshnode::parallel_rows;
 
 constexpr int64_t kBlock = 32;
 
@@ -301,35 +306,6 @@ void dequantize_rows(const Weights& w, float* out, int64_t first, int64_t last) 
   }
 }
 
-// Runs body(first, last) over [0, rows) in chunks, on this thread and the pool.
-void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t min_chunk,
-                   std::function<void(int64_t, int64_t)> body) {
-  struct Shared {
-    std::function<void(int64_t, int64_t)> body;
-    int64_t rows, chunk, chunks;
-    std::atomic<int64_t> next{0}, finished{0};
-    void work() {
-      for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
-        body(i * chunk, std::min(rows, (i + 1) * chunk));
-        finished.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto shared = std::make_shared<Shared>();
-  shared->body = std::move(body);
-  shared->rows = rows;
-  shared->chunk = std::max(min_chunk, (rows + 4 * threads - 1) / (4 * threads));
-  shared->chunks = (rows + shared->chunk - 1) / shared->chunk;
-  for (int64_t t = 1; t < std::min(threads + 1, shared->chunks); ++t) {
-    pool.Schedule([shared] { shared->work(); });
-  }
-  shared->work();
-  while (shared->finished.load(std::memory_order_acquire) < shared->chunks) {
-    std::this_thread::yield();
-  }
-}
-
 ffi::Error check_weights(const ffi::AnyBuffer& codes, const ffi::Buffer<ffi::F32>& scale,
                          const ffi::Buffer<ffi::F32>& offset, int32_t bits, Weights* w) {
   if (bits != 4 && bits != 8) {
@@ -409,141 +385,6 @@ ffi::Error QDequant(ffi::ThreadPool pool, ffi::AnyBuffer /*after*/, ffi::AnyBuff
 }
 
 
-// --- float32 dense matmul -------------------------------------------------------------
-//
-// y[n, o] = sum_i x[n, i] * w[i, o] for w [in, out] row-major: every output is one
-// FMA chain over i in order, whatever the number of rows, so a row's result is
-// bitwise the same alone or among others. Columns go in vectors (64 at a time
-// with AVX-512, 16 with AVX2); each weight row segment is loaded once for a tile of
-// input rows, each with its own accumulators. Threads take groups of columns.
-
-struct Dense {
-  const float* x;
-  const float* w;
-  float* y;
-  int64_t rows, in, out;
-};
-
-#if defined(MESHNODE_AVX512)
-constexpr int64_t kDenseWidth = 64;  // columns per group: 4 vectors of 16
-
-// Columns [o, o + 16 * V) of a tile of R rows; the last vector takes `tail` columns.
-template <int R, int V>
-inline void dense_tile(const Dense& d, int64_t n, int64_t o, __mmask16 tail) {
-  __m512 acc[R][V];
-  for (int r = 0; r < R; ++r) {
-    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
-  }
-  for (int64_t i = 0; i < d.in; ++i) {
-    const float* wi = d.w + i * d.out + o;
-    __m512 wv[V];
-    for (int v = 0; v < V; ++v) {
-      wv[v] = v + 1 < V ? _mm512_loadu_ps(wi + 16 * v) : _mm512_maskz_loadu_ps(tail, wi + 16 * v);
-    }
-    for (int r = 0; r < R; ++r) {
-      const __m512 xv = _mm512_set1_ps(d.x[(n + r) * d.in + i]);
-      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    float* yr = d.y + (n + r) * d.out + o;
-    for (int v = 0; v < V; ++v) {
-      if (v + 1 < V) {
-        _mm512_storeu_ps(yr + 16 * v, acc[r][v]);
-      } else {
-        _mm512_mask_storeu_ps(yr + 16 * v, tail, acc[r][v]);
-      }
-    }
-  }
-}
-
-template <int R>
-void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
-  for (int64_t o = first; o < last;) {
-    if (last - o >= 64) {
-      dense_tile<R, 4>(d, n, o, 0xFFFF);
-      o += 64;
-    } else {
-      const int64_t width = std::min<int64_t>(16, last - o);
-      dense_tile<R, 1>(d, n, o, static_cast<__mmask16>((1u << width) - 1));
-      o += width;
-    }
-  }
-}
-#elif defined(MESHNODE_AVX2)
-constexpr int64_t kDenseWidth = 16;  // 2 vectors of 8: 4 rows x 2 accumulators fit 16 ymm
-
-template <int R>
-void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
-  int64_t o = first;
-  for (; o + 16 <= last; o += 16) {
-    __m256 acc[R][2];
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < d.in; ++i) {
-      const float* wi = d.w + i * d.out + o;
-      const __m256 w0 = _mm256_loadu_ps(wi), w1 = _mm256_loadu_ps(wi + 8);
-      for (int r = 0; r < R; ++r) {
-        const __m256 xv = _mm256_set1_ps(d.x[(n + r) * d.in + i]);
-        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
-        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
-      }
-    }
-    for (int r = 0; r < R; ++r) {
-      _mm256_storeu_ps(d.y + (n + r) * d.out + o, acc[r][0]);
-      _mm256_storeu_ps(d.y + (n + r) * d.out + o + 8, acc[r][1]);
-    }
-  }
-  for (; o < last; ++o) {  // std::fma: the same rounding as the vector lanes
-    for (int r = 0; r < R; ++r) {
-      float acc = 0.f;
-      for (int64_t i = 0; i < d.in; ++i) acc = std::fma(d.x[(n + r) * d.in + i], d.w[i * d.out + o], acc);
-      d.y[(n + r) * d.out + o] = acc;
-    }
-  }
-}
-#else
-constexpr int64_t kDenseWidth = 64;
-
-template <int R>
-void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
-  for (int r = 0; r < R; ++r) {
-    float* yr = d.y + (n + r) * d.out;
-    for (int64_t o = first; o < last; ++o) yr[o] = 0.f;
-    for (int64_t i = 0; i < d.in; ++i) {
-      const float xi = d.x[(n + r) * d.in + i];
-      const float* wi = d.w + i * d.out;
-      for (int64_t o = first; o < last; ++o) yr[o] += xi * wi[o];
-    }
-  }
-}
-#endif
-
-// Every row times the columns [first, last), a tile of rows at a time.
-void dense_rows(const Dense& d, int64_t first, int64_t last) {
-  for (int64_t n = 0; n < d.rows; n += kTile) {
-    switch (std::min(kTile, d.rows - n)) {
-      case 4: dense_columns<4>(d, n, first, last); break;
-      case 3: dense_columns<3>(d, n, first, last); break;
-      case 2: dense_columns<2>(d, n, first, last); break;
-      default: dense_columns<1>(d, n, first, last); break;
-    }
-  }
-}
-
-ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions(), wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
-    return ffi::Error::InvalidArgument("x must be [rows, in] and w [in, out]");
-  }
-  const Dense d{x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[1]};
-  const int64_t groups = (d.out + kDenseWidth - 1) / kDenseWidth;
-  parallel_rows(pool, groups, 4, [&d](int64_t first, int64_t last) {
-    dense_rows(d, first * kDenseWidth, std::min(d.out, last * kDenseWidth));
-  });
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeQMatmul, QMatmul,
@@ -565,10 +406,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeQDequant, QDequant,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // offset
                                   .Ret<ffi::Buffer<ffi::F32>>()  // W [out, in]
                                   .Attr<int32_t>("bits"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeDenseMatmul, DenseMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [rows, in]
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [in, out]
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // y [rows, out]

@@ -1,0 +1,220 @@
+// Float32 row kernels for XLA:CPU whose rows do not depend on each other's
+// presence (batch invariance): a row's result is bitwise the same alone or in a
+// call of any number of rows, which XLA's own dot and reductions do not promise
+// (its row reductions change their order from 8 rows on).
+//
+// MeshnodeDenseMatmul(x [N, in], w [in, out]) -> y [N, out]:
+//   y[n, o] = sum_i x[n, i] * w[i, o], one FMA chain over i in order per output.
+//   Columns go in vectors (64 at a time with AVX-512, 16 with AVX2); each weight
+//   row segment is loaded once for a tile of up to 4 input rows, each row with its
+//   own accumulators. Threads take groups of columns (parallel.h).
+// MeshnodeRowMeanSquare(x [N, H]) -> [N, 1]: mean of x^2 per row (RMSNorm's
+//   statistic), in a fixed order: 4 vector accumulators over chunks, then a fixed
+//   tree.
+//
+// Vector paths: AVX-512, AVX2 + FMA, else portable C++.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MESHNODE_AVX2 1
+#endif
+#if defined(MESHNODE_AVX2) && defined(__AVX512F__)
+#define MESHNODE_AVX512 1
+#endif
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kTile = 4;  // input rows that share each weight load
+
+struct Dense {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t rows, in, out;
+};
+
+#if defined(MESHNODE_AVX512)
+constexpr int64_t kDenseWidth = 64;  // columns per group: 4 vectors of 16
+
+// Columns [o, o + 16 * V) of a tile of R rows; the last vector takes `tail` columns.
+template <int R, int V>
+inline void dense_tile(const Dense& d, int64_t n, int64_t o, __mmask16 tail) {
+  __m512 acc[R][V];
+  for (int r = 0; r < R; ++r) {
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < d.in; ++i) {
+    const float* wi = d.w + i * d.out + o;
+    __m512 wv[V];
+    for (int v = 0; v < V; ++v) {
+      wv[v] = v + 1 < V ? _mm512_loadu_ps(wi + 16 * v) : _mm512_maskz_loadu_ps(tail, wi + 16 * v);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_set1_ps(d.x[(n + r) * d.in + i]);
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* yr = d.y + (n + r) * d.out + o;
+    for (int v = 0; v < V; ++v) {
+      if (v + 1 < V) {
+        _mm512_storeu_ps(yr + 16 * v, acc[r][v]);
+      } else {
+        _mm512_mask_storeu_ps(yr + 16 * v, tail, acc[r][v]);
+      }
+    }
+  }
+}
+
+template <int R>
+void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  for (int64_t o = first; o < last;) {
+    if (last - o >= 64) {
+      dense_tile<R, 4>(d, n, o, 0xFFFF);
+      o += 64;
+    } else {
+      const int64_t width = std::min<int64_t>(16, last - o);
+      dense_tile<R, 1>(d, n, o, static_cast<__mmask16>((1u << width) - 1));
+      o += width;
+    }
+  }
+}
+#elif defined(MESHNODE_AVX2)
+constexpr int64_t kDenseWidth = 16;  // 2 vectors of 8: 4 rows x 2 accumulators fit 16 ymm
+
+template <int R>
+void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  int64_t o = first;
+  for (; o + 16 <= last; o += 16) {
+    __m256 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d.in; ++i) {
+      const float* wi = d.w + i * d.out + o;
+      const __m256 w0 = _mm256_loadu_ps(wi), w1 = _mm256_loadu_ps(wi + 8);
+      for (int r = 0; r < R; ++r) {
+        const __m256 xv = _mm256_set1_ps(d.x[(n + r) * d.in + i]);
+        acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(d.y + (n + r) * d.out + o, acc[r][0]);
+      _mm256_storeu_ps(d.y + (n + r) * d.out + o + 8, acc[r][1]);
+    }
+  }
+  for (; o < last; ++o) {  // std::fma: the same rounding as the vector lanes
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < d.in; ++i) acc = std::fma(d.x[(n + r) * d.in + i], d.w[i * d.out + o], acc);
+      d.y[(n + r) * d.out + o] = acc;
+    }
+  }
+}
+#else
+constexpr int64_t kDenseWidth = 64;
+
+template <int R>
+void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  for (int r = 0; r < R; ++r) {
+    float* yr = d.y + (n + r) * d.out;
+    for (int64_t o = first; o < last; ++o) yr[o] = 0.f;
+    for (int64_t i = 0; i < d.in; ++i) {
+      const float xi = d.x[(n + r) * d.in + i];
+      const float* wi = d.w + i * d.out;
+      for (int64_t o = first; o < last; ++o) yr[o] += xi * wi[o];
+    }
+  }
+}
+#endif
+
+// Every row times the columns [first, last), a tile of rows at a time.
+void dense_rows(const Dense& d, int64_t first, int64_t last) {
+  for (int64_t n = 0; n < d.rows; n += kTile) {
+    switch (std::min(kTile, d.rows - n)) {
+      case 4: dense_columns<4>(d, n, first, last); break;
+      case 3: dense_columns<3>(d, n, first, last); break;
+      case 2: dense_columns<2>(d, n, first, last); break;
+      default: dense_columns<1>(d, n, first, last); break;
+    }
+  }
+}
+
+ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                       ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
+    return ffi::Error::InvalidArgument("x must be [rows, in] and w [in, out]");
+  }
+  const Dense d{x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[1]};
+  const int64_t groups = (d.out + kDenseWidth - 1) / kDenseWidth;
+  meshnode::parallel_rows(pool, groups, 4, [&d](int64_t first, int64_t last) {
+    dense_rows(d, first * kDenseWidth, std::min(d.out, last * kDenseWidth));
+  });
+  return ffi::Error::Success();
+}
+
+
+// sum_j x[j]^2 over one row, in the fixed order described above.
+inline float row_square_sum(const float* x, int64_t width) {
+  int64_t j = 0;
+#if defined(MESHNODE_AVX512)
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                   _mm512_setzero_ps()};
+  for (; j + 64 <= width; j += 64) {
+    for (int k = 0; k < 4; ++k) {
+      const __m512 v = _mm512_loadu_ps(x + j + 16 * k);
+      acc[k] = _mm512_fmadd_ps(v, v, acc[k]);
+    }
+  }
+  for (int k = 0; j < width; j += 16, k = (k + 1) % 4) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, width - j)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + j);
+    acc[k] = _mm512_fmadd_ps(v, v, acc[k]);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]),
+                                            _mm512_add_ps(acc[2], acc[3])));
+#else
+  float acc[16] = {0.f};
+  for (; j + 16 <= width; j += 16) {
+    for (int k = 0; k < 16; ++k) acc[k] += x[j + k] * x[j + k];
+  }
+  for (int k = 0; j < width; ++j, ++k) acc[k] += x[j] * x[j];
+  for (int step = 8; step > 0; step /= 2) {
+    for (int k = 0; k < step; ++k) acc[k] += acc[k + step];
+  }
+  return acc[0];
+#endif
+}
+
+ffi::Error RowMeanSquare(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [rows, width]");
+  const int64_t rows = xd[0], width = xd[1];
+  for (int64_t n = 0; n < rows; ++n) {
+    y->typed_data()[n] = row_square_sum(x.typed_data() + n * width, width) / width;
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeDenseMatmul, DenseMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x [rows, in]
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w [in, out]
+                                  .Ret<ffi::Buffer<ffi::F32>>()); // y [rows, out]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeRowMeanSquare, RowMeanSquare,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [rows, width]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // [rows, 1]
