@@ -4,14 +4,15 @@
 its header for the weight layout), ``dense.cc`` the float32 dense matmul and
 RMSNorm's row statistic, all batch-invariant (a row's bits do not depend on
 the other rows of the call), ``attention.cc`` the attention of one new position
-over a KV cache; ``parallel.h`` splits rows among threads. ``load()`` compiles them into one library once per machine
-with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
-jaxlib ships, ``-march=native`` (or ``-march=$MESHNODE_NATIVE_MARCH``, e.g.
-``x86-64-v3`` for a library that runs on any AVX2 machine; without ``-march``
-if the compiler refuses it), into a cache folder keyed by the source, the
-flags, the jaxlib version, the compiler and the CPU's model and flags
-(``$MESHNODE_NATIVE_CACHE``, else ``~/.cache/meshnode/native``, else a folder
-in the temp dir); later processes only load the library.
+over a KV cache; ``parallel.h`` splits rows among threads. ``load()`` compiles
+them into one library once per machine with the C++ compiler (``$CXX``, else
+``g++``) against the XLA FFI headers that jaxlib ships, ``-march=native`` (or
+``-march=$MESHNODE_NATIVE_MARCH``, e.g. ``x86-64-v3`` for a library that runs
+on any AVX2 machine; without ``-march`` if the compiler refuses it), into a
+cache folder keyed by the sources, the flags, the jaxlib version, the compiler
+and the CPU's model and flags (``$MESHNODE_NATIVE_CACHE``, else
+``~/.cache/meshnode/native``, else a folder in the temp dir); later processes
+only load the library.
 Concurrent builds are safe: each writes its own file and renames it into place.
 
 Without a compiler, on a non-CPU backend, or with ``MESHNODE_NATIVE=0``,

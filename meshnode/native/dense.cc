@@ -6,8 +6,9 @@
 // MeshnodeDenseMatmul(x [N, in], w [in, out]) -> y [N, out]:
 //   y[n, o] = sum_i x[n, i] * w[i, o], one FMA chain over i in order per output.
 //   Columns go in vectors (64 at a time with AVX-512, 16 with AVX2); each weight
-//   row segment is loaded once for a tile of up to 4 input rows, each row with its
-//   own accumulators. Threads take groups of columns (parallel.h).
+//   row segment is loaded once for a tile of input rows, each row with its
+//   own accumulators (up to 6 rows with AVX-512, 4 otherwise). Threads take
+//   groups of columns (parallel.h).
 // MeshnodeRowMeanSquare(x [N, H]) -> [N, 1]: mean of x^2 per row (RMSNorm's
 //   statistic), in a fixed order: 4 vector accumulators over chunks, then a fixed
 //   tree.
@@ -33,7 +34,13 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTile = 4;  // input rows that share each weight load
+// Input rows that share each weight load: 6 rows x 4 vectors of AVX-512 hold 24
+// accumulators of 32 registers; AVX2's 16 registers take 4 rows x 2 vectors.
+#if defined(MESHNODE_AVX512)
+constexpr int64_t kDenseTile = 6;
+#else
+constexpr int64_t kDenseTile = 4;
+#endif
 
 struct Dense {
   const float* x;
@@ -49,22 +56,29 @@ constexpr int64_t kDenseWidth = 64;  // columns per group: 4 vectors of 16
 template <int R, int V>
 inline void dense_tile(const Dense& d, int64_t n, int64_t o, __mmask16 tail) {
   __m512 acc[R][V];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
+    #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
   }
   for (int64_t i = 0; i < d.in; ++i) {
     const float* wi = d.w + i * d.out + o;
     __m512 wv[V];
+    #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       wv[v] = v + 1 < V ? _mm512_loadu_ps(wi + 16 * v) : _mm512_maskz_loadu_ps(tail, wi + 16 * v);
     }
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const __m512 xv = _mm512_set1_ps(d.x[(n + r) * d.in + i]);
+      #pragma GCC unroll 8
       for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(xv, wv[v], acc[r][v]);
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* yr = d.y + (n + r) * d.out + o;
+    #pragma GCC unroll 8
     for (int v = 0; v < V; ++v) {
       if (v + 1 < V) {
         _mm512_storeu_ps(yr + 16 * v, acc[r][v]);
@@ -96,22 +110,26 @@ void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
   int64_t o = first;
   for (; o + 16 <= last; o += 16) {
     __m256 acc[R][2];
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t i = 0; i < d.in; ++i) {
       const float* wi = d.w + i * d.out + o;
       const __m256 w0 = _mm256_loadu_ps(wi), w1 = _mm256_loadu_ps(wi + 8);
+      #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const __m256 xv = _mm256_set1_ps(d.x[(n + r) * d.in + i]);
         acc[r][0] = _mm256_fmadd_ps(xv, w0, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(xv, w1, acc[r][1]);
       }
     }
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       _mm256_storeu_ps(d.y + (n + r) * d.out + o, acc[r][0]);
       _mm256_storeu_ps(d.y + (n + r) * d.out + o + 8, acc[r][1]);
     }
   }
   for (; o < last; ++o) {  // std::fma: the same rounding as the vector lanes
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       float acc = 0.f;
       for (int64_t i = 0; i < d.in; ++i) acc = std::fma(d.x[(n + r) * d.in + i], d.w[i * d.out + o], acc);
@@ -124,6 +142,7 @@ constexpr int64_t kDenseWidth = 64;
 
 template <int R>
 void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     float* yr = d.y + (n + r) * d.out;
     for (int64_t o = first; o < last; ++o) yr[o] = 0.f;
@@ -136,14 +155,20 @@ void dense_columns(const Dense& d, int64_t n, int64_t first, int64_t last) {
 }
 #endif
 
-// Every row times the columns [first, last), a tile of rows at a time.
+// Every row times the columns [first, last): one group of columns at a time (its
+// weights stay in cache), every tile of rows over it.
 void dense_rows(const Dense& d, int64_t first, int64_t last) {
-  for (int64_t n = 0; n < d.rows; n += kTile) {
-    switch (std::min(kTile, d.rows - n)) {
-      case 4: dense_columns<4>(d, n, first, last); break;
-      case 3: dense_columns<3>(d, n, first, last); break;
-      case 2: dense_columns<2>(d, n, first, last); break;
-      default: dense_columns<1>(d, n, first, last); break;
+  for (int64_t lo = first; lo < last; lo += kDenseWidth) {
+    const int64_t hi = std::min(last, lo + kDenseWidth);
+    for (int64_t n = 0; n < d.rows; n += kDenseTile) {
+      switch (std::min(kDenseTile, d.rows - n)) {
+        case 6: dense_columns<6>(d, n, lo, hi); break;
+        case 5: dense_columns<5>(d, n, lo, hi); break;
+        case 4: dense_columns<4>(d, n, lo, hi); break;
+        case 3: dense_columns<3>(d, n, lo, hi); break;
+        case 2: dense_columns<2>(d, n, lo, hi); break;
+        default: dense_columns<1>(d, n, lo, hi); break;
+      }
     }
   }
 }
@@ -170,6 +195,7 @@ inline float row_square_sum(const float* x, int64_t width) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                    _mm512_setzero_ps()};
   for (; j + 64 <= width; j += 64) {
+    #pragma GCC unroll 8
     for (int k = 0; k < 4; ++k) {
       const __m512 v = _mm512_loadu_ps(x + j + 16 * k);
       acc[k] = _mm512_fmadd_ps(v, v, acc[k]);

@@ -96,6 +96,7 @@ inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
     c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
   } else {
+    #pragma GCC unroll 8
     for (int k = 0; k < 4; ++k) {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
       c[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
@@ -108,6 +109,7 @@ inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
 // 32 signed 8-bit codes as two vectors of 16 floats (4-bit rows use the table
 // lookup in tile_dot instead).
 inline void unpack_int8_avx512(const uint8_t* codes, __m512 c[2]) {
+  #pragma GCC unroll 8
   for (int k = 0; k < 2; ++k) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k));
     c[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
@@ -120,6 +122,7 @@ inline float offset_term(const float* offset, const float* sums, int64_t blocks)
   float partial[4] = {0.f, 0.f, 0.f, 0.f};
   int64_t b = 0;
   for (; b + 4 <= blocks; b += 4) {
+    #pragma GCC unroll 8
     for (int k = 0; k < 4; ++k) partial[k] += offset[b + k] * sums[b + k];
   }
   for (; b < blocks; ++b) partial[0] += offset[b] * sums[b];
@@ -149,7 +152,9 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
     // the table and the two looked-up vectors serve every row of the tile.
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 acc[R][4];
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      #pragma GCC unroll 8
       for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_ps();
     }
     auto step = [&](int64_t b, int k) {
@@ -159,6 +164,7 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
           _mm512_fmadd_ps(iota, _mm512_set1_ps(scale[b]), _mm512_set1_ps(offset[b]));
       const __m512 low = _mm512_permutexvar_ps(bytes, table);
       const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
+      #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const float* xb = x + r * w.in + b * kBlock;
         acc[r][k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[r][k]);
@@ -171,6 +177,7 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
       step(b + 1, 2);
     }
     if (b < w.blocks) step(b, 0);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
                                                            _mm512_add_ps(acc[r][2], acc[r][3])));
@@ -179,7 +186,9 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
     // The block's 32 weights, scaled once for the tile (their offsets are summed
     // apart, over the inputs' group sums); alternate blocks as above.
     __m512 acc[R][4];
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      #pragma GCC unroll 8
       for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_ps();
     }
     auto step = [&](int64_t b, int k) {
@@ -187,6 +196,7 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
       unpack_int8_avx512(row + b * block_bytes, c);
       const __m512 low = _mm512_mul_ps(c[0], _mm512_set1_ps(scale[b * per]));  // 16 inputs each
       const __m512 high = _mm512_mul_ps(c[1], _mm512_set1_ps(scale[b * per + per / 2]));
+      #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         const float* xb = x + r * w.in + b * kBlock;
         acc[r][k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[r][k]);
@@ -199,6 +209,7 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
       step(b + 1, 2);
     }
     if (b < w.blocks) step(b, 0);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
                                                            _mm512_add_ps(acc[r][2], acc[r][3]))) +
@@ -207,14 +218,17 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
   }
 #elif defined(MESHNODE_AVX2)
   __m256 acc[R][2];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     __m256 c[4];
     unpack_block_avx2<Bits>(row + b * block_bytes, c);
     const __m256 s[2] = {_mm256_set1_ps(scale[b * per]),  // 16 inputs each
                          _mm256_set1_ps(scale[b * per + per / 2])};
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float* xb = x + r * w.in + b * kBlock;
+      #pragma GCC unroll 8
       for (int half = 0; half < 2; ++half) {
         __m256 dot = _mm256_mul_ps(c[2 * half], _mm256_loadu_ps(xb + 16 * half));
         dot = _mm256_fmadd_ps(c[2 * half + 1], _mm256_loadu_ps(xb + 16 * half + 8), dot);
@@ -222,6 +236,7 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
       }
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) {
     y[r * y_stride] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) +
                       offset_term(offset, sums + r * w.groups, w.groups);
@@ -229,11 +244,14 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
 #else
   float codes[kBlock];
   float total[R];
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) total[r] = offset_term(offset, sums + r * w.groups, w.groups);
   for (int64_t b = 0; b < w.blocks; ++b) {
     unpack_block<Bits>(row + b * block_bytes, codes);
+    #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const float* xb = x + r * w.in + b * kBlock;
+      #pragma GCC unroll 8
       for (int half = 0; half < 2; ++half) {
         float dot = 0.f;
         for (int j = 16 * half; j < 16 * half + 16; ++j) dot += codes[j] * xb[j];
@@ -241,6 +259,7 @@ inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* s
       }
     }
   }
+  #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) y[r * y_stride] = total[r];
 #endif
 }
@@ -290,6 +309,7 @@ void dequantize_rows(const Weights& w, float* out, int64_t first, int64_t last) 
 #ifdef MESHNODE_AVX2
       __m256 c[4];
       unpack_block_avx2<Bits>(codes, c);
+      #pragma GCC unroll 8
       for (int k = 0; k < 4; ++k) {  // 8 inputs each, in group 8k / G of the chunk
         const int64_t g = 8 * k / w.group;
         const __m256 s = _mm256_set1_ps(scale[g]), m = _mm256_set1_ps(offset[g]);
