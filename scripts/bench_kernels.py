@@ -15,7 +15,8 @@ and for the same block's weights loaded as float32:
 - ``B x 1``: B single-row calls, as B sessions cost without batching;
 - ``dequant``: the prefill path (dequantize by the kernel, then XLA's matmul),
   to show where the crossover lies (``quant.FUSED_MAX_ROWS``);
-- for float weights, the native dense kernel against XLA's ``x @ w``.
+- for the same weights (and the head) in float32, the native dense kernel
+  against XLA's ``x @ w``.
 
 Each figure is the median of 5 timings of as many calls as fit in
 ``--seconds``; the machine's load makes them indicative only.
@@ -80,7 +81,7 @@ def bench_quantized(name: str, weight, rows: list[int], seconds: float) -> list[
 
 
 def bench_dense(name: str, weight: np.ndarray, rows: list[int], seconds: float) -> list[dict]:
-    w = jnp.asarray(weight, dtype=jnp.float32)
+    w = jnp.asarray(np.ascontiguousarray(weight), dtype=jnp.float32)
     dense = jax.jit(lambda x: quant.dense_matmul(x, w))
     xla = jax.jit(lambda x: x @ w)
     x = np.random.default_rng(0).standard_normal((max(rows), w.shape[0])).astype(np.float32)
@@ -136,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         report += bench_quantized("head", lm_head, rows, args.seconds)
     for name in names:
         report += bench_dense(name, np.asarray(floats[name]), rows, args.seconds)
+    float_head = source.load_client_params(quantized=False)
+    if float_head.lm_head is not None:
+        report += bench_dense("head", np.asarray(float_head.lm_head), rows, args.seconds)
+    else:  # tied: ClientHead keeps the embedding transposed, [H, V], for the dense kernel
+        report += bench_dense("head", np.asarray(float_head.embed).T, rows, args.seconds)
     if args.json:
         print(json.dumps({"model": source.name, "cpus": os.cpu_count(), "rows": report}))
     else:

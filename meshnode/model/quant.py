@@ -26,7 +26,6 @@ as it is). Without the native kernels (``MESHNODE_NATIVE=0``, no compiler, a
 GPU or TPU backend) a quantized weight is dequantized in the graph and every
 matmul is XLA's, whose results may depend on the number of rows: batch
 invariance is then not guaranteed (``batch_invariant()`` says which holds).
-``mean_square`` is RMSNorm's row statistic under the same rule.
 """
 
 from __future__ import annotations
@@ -333,19 +332,6 @@ def dense_matmul(rows: jax.Array, weight: Any) -> jax.Array:
     (batch-invariant)."""
     shape = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[-1]), jnp.float32)
     return jax.ffi.ffi_call(native.DENSE_TARGET, shape)(rows, weight)
-
-
-def mean_square(x: jax.Array) -> jax.Array:
-    """mean(x * x) over the last axis, float32 [..., H] -> [..., 1] (RMSNorm's statistic):
-    by the native kernel, batch-invariant, for up to ``FUSED_MAX_ROWS`` rows (XLA's row
-    reduction changes its order from 8 rows on), else by XLA."""
-    *lead, width = x.shape
-    rows = math.prod(lead)
-    if not (x.dtype == jnp.float32 and 0 < rows <= FUSED_MAX_ROWS and native.load()):
-        return jnp.mean(x * x, axis=-1, keepdims=True)
-    shape = jax.ShapeDtypeStruct((rows, 1), jnp.float32)
-    call = jax.ffi.ffi_call(native.MEAN_SQUARE_TARGET, shape)
-    return call(x.reshape(rows, width)).reshape(*lead, 1)
 
 
 def dequantize(weight: QuantizedMatrix) -> jax.Array:

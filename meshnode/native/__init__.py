@@ -1,12 +1,12 @@
 """Native CPU kernels, built on first use and registered as XLA FFI targets.
 
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
-its header for the weight layout), ``dense.cc`` the float32 dense matmul and
-RMSNorm's row statistic, all batch-invariant (a row's bits do not depend on
-the other rows of the call), ``attention.cc`` the attention of one new position
-over a KV cache; ``parallel.h`` splits rows among threads. ``load()`` compiles
-them into one library once per machine with the C++ compiler (``$CXX``, else
-``g++``) against the XLA FFI headers that jaxlib ships, ``-march=native`` (or
+its header for the weight layout), ``dense.cc`` the float32 dense matmul, both
+batch-invariant (a row's bits do not depend on the other rows of the call),
+``attention.cc`` the attention of one new position over a KV cache;
+``parallel.h`` splits rows among threads. ``load()`` compiles them into one
+library once per machine with the C++ compiler (``$CXX``, else ``g++``)
+against the XLA FFI headers that jaxlib ships, ``-march=native`` (or
 ``-march=$MESHNODE_NATIVE_MARCH``, e.g. ``x86-64-v3`` for a library that runs
 on any AVX2 machine; without ``-march`` if the compiler refuses it), into a
 cache folder keyed by the sources, the flags, the jaxlib version, the compiler
@@ -40,7 +40,6 @@ MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
 ATTENTION_TARGET = "meshnode_decode_attention"
 DENSE_TARGET = "meshnode_dense_matmul"
-MEAN_SQUARE_TARGET = "meshnode_row_mean_square"
 
 _SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("qmatmul.cc", "dense.cc", "attention.cc")
@@ -51,7 +50,6 @@ _SYMBOLS = {
     DEQUANT_TARGET: "MeshnodeQDequant",
     ATTENTION_TARGET: "MeshnodeDecodeAttention",
     DENSE_TARGET: "MeshnodeDenseMatmul",
-    MEAN_SQUARE_TARGET: "MeshnodeRowMeanSquare",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)

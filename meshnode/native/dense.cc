@@ -1,7 +1,6 @@
-// Float32 row kernels for XLA:CPU whose rows do not depend on each other's
+// Float32 dense matmul for XLA:CPU whose rows do not depend on each other's
 // presence (batch invariance): a row's result is bitwise the same alone or in a
-// call of any number of rows, which XLA's own dot and reductions do not promise
-// (its row reductions change their order from 8 rows on).
+// call of any number of rows, which XLA's own dot does not promise.
 //
 // MeshnodeDenseMatmul(x [N, in], w [in, out]) -> y [N, out]:
 //   y[n, o] = sum_i x[n, i] * w[i, o], one FMA chain over i in order per output.
@@ -9,9 +8,6 @@
 //   row segment is loaded once for a tile of input rows, each row with its
 //   own accumulators (up to 6 rows with AVX-512, 4 otherwise). Threads take
 //   groups of columns (parallel.h).
-// MeshnodeRowMeanSquare(x [N, H]) -> [N, 1]: mean of x^2 per row (RMSNorm's
-//   statistic), in a fixed order: 4 vector accumulators over chunks, then a fixed
-//   tree.
 //
 // Vector paths: AVX-512, AVX2 + FMA, else portable C++.
 
@@ -223,49 +219,6 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }
 
 
-// sum_j x[j]^2 over one row, in the fixed order described above.
-inline float row_square_sum(const float* x, int64_t width) {
-  int64_t j = 0;
-#if defined(MESHNODE_AVX512)
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                   _mm512_setzero_ps()};
-  for (; j + 64 <= width; j += 64) {
-    #pragma GCC unroll 8
-    for (int k = 0; k < 4; ++k) {
-      const __m512 v = _mm512_loadu_ps(x + j + 16 * k);
-      acc[k] = _mm512_fmadd_ps(v, v, acc[k]);
-    }
-  }
-  for (int k = 0; j < width; j += 16, k = (k + 1) % 4) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, width - j)) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(mask, x + j);
-    acc[k] = _mm512_fmadd_ps(v, v, acc[k]);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]),
-                                            _mm512_add_ps(acc[2], acc[3])));
-#else
-  float acc[16] = {0.f};
-  for (; j + 16 <= width; j += 16) {
-    for (int k = 0; k < 16; ++k) acc[k] += x[j + k] * x[j + k];
-  }
-  for (int k = 0; j < width; ++j, ++k) acc[k] += x[j] * x[j];
-  for (int step = 8; step > 0; step /= 2) {
-    for (int k = 0; k < step; ++k) acc[k] += acc[k + step];
-  }
-  return acc[0];
-#endif
-}
-
-ffi::Error RowMeanSquare(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
-  if (xd.size() != 2) return ffi::Error::InvalidArgument("x must be [rows, width]");
-  const int64_t rows = xd[0], width = xd[1];
-  for (int64_t n = 0; n < rows; ++n) {
-    y->typed_data()[n] = row_square_sum(x.typed_data() + n * width, width) / width;
-  }
-  return ffi::Error::Success();
-}
-
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeDenseMatmul, DenseMatmul,
@@ -275,7 +228,3 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeDenseMatmul, DenseMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w [in, out]
                                   .Ret<ffi::Buffer<ffi::F32>>()); // y [rows, out]
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodeRowMeanSquare, RowMeanSquare,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [rows, width]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // [rows, 1]
