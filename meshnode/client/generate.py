@@ -7,8 +7,9 @@ it sends each step's hidden states through the ``InferenceChain``, then hands
 the chain's output to the client's compute thread (``HeadCompute``), which
 computes the logits, samples the next token and embeds it as the next step's
 input, in one call. No thread is held per generation: many
-generations interleave on the reactor and share the one compute thread;
-``on_token`` runs on the reactor thread.
+generations interleave on the reactor and share the one compute thread, and
+the advances that wait for it at once run as one batched logits call and one
+batched embed call (``head_batch``); ``on_token`` runs on the reactor thread.
 
 Hidden states travel in the head's compute dtype (float32 on CPU, bfloat16 on
 accelerators, as local generation computes), so the mesh's tokens are the
@@ -26,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from meshnode.client.chain import InferenceChain
+from meshnode.client.head_batch import AdvanceQueue, rows_by_key
 from meshnode.client.routing.route import Route
 from meshnode.compute import ComputeThread
 from meshnode.errors import ClientError, GenerationInterrupted
@@ -74,16 +76,31 @@ class Advance:
     hidden: np.ndarray | None
 
 
-class HeadCompute:
-    """The client head's JAX work on the compute thread: one call per step.
+#: the most advances one batched head call takes (the native kernels' batch-invariant rows)
+MAX_HEAD_BATCH = 64
 
-    Each call turns the chain's output into logits, samples the next token and
+
+class HeadCompute:
+    """The client head's JAX work on the compute thread, batched across generations.
+
+    ``advance`` turns the chain's output into logits, samples the next token and
     embeds it as the next input, so a step crosses to the compute thread once.
+    Concurrent generations share those calls: the advances waiting when the
+    head is free run as one batch (``head_batch.AdvanceQueue``): one logits
+    call over every row's last position, one embed call per input length, then
+    each generation gets its own result (or its own failure). A head whose rows
+    are not bitwise independent of their batch-mates (``batch_invariant`` false:
+    no native kernels, an accelerator) runs one advance per call, so tokens are
+    always those of the generation run alone.
     """
 
-    def __init__(self, head: Any, compute: ComputeThread):
+    def __init__(self, head: Any, compute: ComputeThread, max_batch: int | None = None):
         self.head = head
         self.compute = compute
+        if max_batch is None:
+            max_batch = MAX_HEAD_BATCH if getattr(head, "batch_invariant", False) else 1
+        self._queue: AdvanceQueue[_Waiting] = AdvanceQueue(max_batch)
+        self._starting = self._again = False
 
     def first(self, generation: Generation) -> Deferred[Advance]:
         """The prefill's input, embedded."""
@@ -91,23 +108,133 @@ class HeadCompute:
 
     def advance(self, generation: Generation, hidden: np.ndarray) -> Deferred[Advance]:
         """The chain's output [1, T, H] -> ``generation``'s next token and next input."""
-        return self.compute.call(self._advance, generation, hidden)
+        waiting = _Waiting(generation, hidden, Deferred())
+        if self._queue.add(waiting):
+            self._start()
+        return waiting.done
+
+    def _start(self) -> None:
+        """Hand the waiting advances to the compute thread as one batch, if the head is
+        free. A loop, not recursion, when the compute call fires at once (in tests)."""
+        if self._starting:
+            self._again = True
+            return
+        self._starting = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                batch = self._queue.take()
+                if batch:
+                    rows = [(w.generation, w.hidden) for w in batch]
+                    self.compute.call(self._advance_rows, rows).addBoth(self._deliver, batch)
+        finally:
+            self._starting = False
+
+    def _deliver(self, results: list[Advance | Failure] | Failure, batch: list[_Waiting]) -> None:
+        for index, waiting in enumerate(batch):
+            outcome = results if isinstance(results, Failure) else results[index]
+            if waiting.done.called:  # cancelled meanwhile
+                continue
+            if isinstance(outcome, Failure):
+                waiting.done.errback(outcome)
+            else:
+                waiting.done.callback(outcome)
+        self._start()
 
     def _first(self, generation: Generation) -> Advance:
         step = generation.next_input()
-        return Advance(None, step, self._embed(step))
+        hidden = self._embed([step])[0]
+        if isinstance(hidden, Failure):
+            hidden.raiseException()
+        return Advance(None, step, hidden)
 
-    def _advance(self, generation: Generation, hidden: np.ndarray) -> Advance:
-        logits = np.asarray(self.head.logits(hidden))[0]  # [V] float32
-        produced = generation.take_logits(logits)
-        if generation.done:
-            return Advance(produced, None, None)
-        step = generation.next_input()
-        return Advance(produced, step, self._embed(step))
+    def _advance_rows(
+        self, rows: list[tuple[Generation, np.ndarray]]
+    ) -> list[Advance | Failure]:
+        """On the compute thread: every row's logits, token and next input, batched."""
+        logits = self._logits([hidden for _, hidden in rows])
+        chosen: list[tuple[NextToken, BlocksInput | None] | Failure] = []
+        for (generation, _), row in zip(rows, logits, strict=True):
+            chosen.append(row if isinstance(row, Failure) else _choose(generation, row))
+        steps = [c[1] for c in chosen if not isinstance(c, Failure) and c[1] is not None]
+        embedded = iter(self._embed(steps))
+        results: list[Advance | Failure] = []
+        for c in chosen:
+            if isinstance(c, Failure) or c[1] is None:
+                results.append(c if isinstance(c, Failure) else Advance(c[0], None, None))
+                continue
+            hidden = next(embedded)
+            results.append(hidden if isinstance(hidden, Failure) else Advance(*c, hidden))
+        return results
 
-    def _embed(self, step: BlocksInput) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(self.head.embed(step.ids())))  # [1, T, H]
-        return x if x.dtype.name in WIRE_FLOAT_DTYPES else x.astype(np.float32)
+    def _logits(self, outputs: list[np.ndarray]) -> list[np.ndarray | Failure]:
+        """Each output's last-position logits [V]; outputs of one form share one call."""
+        rows: list[np.ndarray | Failure] = [None] * len(outputs)  # type: ignore[list-item]
+        for group in rows_by_key(outputs, _output_key):
+            parts = [outputs[i] for i in group]
+            batched = [np.asarray(p)[:, -1:] for p in parts] if len(parts) > 1 else parts
+            for index, value in zip(group, _calls(self.head.logits, batched), strict=True):
+                rows[index] = value
+        return rows
+
+    def _embed(self, steps: list[BlocksInput]) -> list[np.ndarray | Failure]:
+        """Each step's input [1, T, H] for the wire; steps of one length share one call."""
+        rows: list[np.ndarray | Failure] = [None] * len(steps)  # type: ignore[list-item]
+        for group in rows_by_key(steps, lambda step: len(step.token_ids)):
+            ids = [np.asarray(steps[i].ids()) for i in group]  # [1, T] each
+            for index, value in zip(group, _calls(self.head.embed, ids), strict=True):
+                rows[index] = value if isinstance(value, Failure) else _wire(value)
+        return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class _Waiting:
+    generation: Generation
+    hidden: np.ndarray
+    done: Deferred
+
+
+def _output_key(hidden: Any) -> tuple | None:
+    """What outputs must share to go in one logits call (None: a shape to refuse alone)."""
+    shape = getattr(hidden, "shape", ())
+    if len(shape) != 3 or shape[0] != 1:
+        return None
+    return (shape[-1], np.asarray(hidden).dtype.str)
+
+
+def _calls(function: Callable[[Any], Any], parts: list[Any]) -> list[Any]:
+    """``function`` over ``parts`` [1, ...] stacked on the first axis, one result row per
+    part; if the stacked call fails, each part alone, so a failure is its own part's."""
+    if len(parts) > 1:
+        try:
+            out = np.asarray(function(np.concatenate(parts)))  # [B, ...]
+            return [out[i : i + 1] for i in range(len(parts))]
+        except Exception:  # noqa: BLE001 - each part again, alone, for its own error
+            pass
+    results: list[Any] = []
+    for part in parts:
+        try:
+            results.append(np.asarray(function(part)))  # [1, ...]
+        except Exception:  # noqa: BLE001 - this part's failure, for its generation
+            results.append(Failure())
+    return results
+
+
+def _choose(
+    generation: Generation, logits: np.ndarray
+) -> tuple[NextToken, BlocksInput | None] | Failure:
+    """The token from ``logits`` [1, V], and the generation's next input unless it is done."""
+    try:
+        produced = generation.take_logits(logits[0])
+        return produced, None if generation.done else generation.next_input()
+    except Exception:  # noqa: BLE001 - this generation's failure alone
+        return Failure()
+
+
+def _wire(x: np.ndarray) -> np.ndarray:
+    x = np.ascontiguousarray(x)  # [1, T, H]
+    return x if x.dtype.name in WIRE_FLOAT_DTYPES else x.astype(np.float32)
 
 
 class StopRequest:

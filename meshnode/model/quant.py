@@ -14,17 +14,25 @@ sub-block ones. Other types (Q2_K, Q3_K, float) are dequantized to float
 arrays at load time, as are all weights when the native kernels are
 unavailable.
 
-``linear(x, w)`` is the one matmul the model code calls: a float weight is
-[in, out] and goes to XLA; a quantized one goes to the native kernel
-(``meshnode/native``) for short inputs (decode steps read 4-7x fewer bytes
-than float32), and is dequantized by the kernel then multiplied by XLA for
-long ones (prefill). Without the native kernels it is dequantized in the graph.
+``linear(x, w)`` is the one matmul the model code calls. Inputs of at most
+``FUSED_MAX_ROWS`` rows (decode steps, batched or not) go to a native kernel
+(``meshnode/native``): a quantized weight [out, in] to the fused one (decode
+steps read 4-7x fewer bytes than float32), a float32 weight [in, out] to the
+dense one. Both are batch-invariant: each row's result is bitwise what it is
+when that row is multiplied alone, whatever else shares the call, which keeps a
+session's outputs independent of its batch-mates. Longer inputs (prefill) are
+dequantized by the kernel then multiplied by XLA (a float weight goes to XLA
+as it is). Without the native kernels (``MESHNODE_NATIVE=0``, no compiler, a
+GPU or TPU backend) a quantized weight is dequantized in the graph and every
+matmul is XLA's, whose results may depend on the number of rows: batch
+invariance is then not guaranteed (``batch_invariant()`` says which holds).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,8 +44,9 @@ from gguf import GGMLQuantizationType
 from meshnode import native
 
 BLOCK = 32
-#: inputs with at most this many rows use the fused kernel; longer ones dequantize
-FUSED_MAX_ROWS = 4
+#: inputs with at most this many rows use the native (batch-invariant) kernels; longer ones
+#: (prefill) dequantize and go to XLA. Decode batches of up to 64 sessions stay under it.
+FUSED_MAX_ROWS = 64
 
 
 @functools.partial(
@@ -269,27 +278,60 @@ def is_quantized(weight: Any) -> bool:
     return isinstance(weight, QuantizedMatrix)
 
 
+def batch_invariant() -> bool:
+    """Whether ``linear`` gives each row of up to ``FUSED_MAX_ROWS`` rows bitwise what it
+    gives that row alone (for float32 inputs): True when the native kernels run here."""
+    return native.load()
+
+
 def linear(x: jax.Array, weight: Any) -> jax.Array:
     """x [..., in] times a weight: float [in, out] or QuantizedMatrix [out, in] -> [..., out]."""
     if not is_quantized(weight):
-        return x @ weight
+        return _dense(x, weight)
     *lead, width = x.shape
     out = weight.shape[-2]
     rows = x.reshape(-1, width).astype(jnp.float32)  # [N, in]
     if not native.load():
-        y = rows @ dequantize(weight).T
+        y = rows @ dequantize(weight).T  # [N, out]
     elif rows.shape[0] <= FUSED_MAX_ROWS:
-        call = jax.ffi.ffi_call(
-            native.MATMUL_TARGET, jax.ShapeDtypeStruct((rows.shape[0], out), jnp.float32)
-        )
-        y = call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
+        y = fused_matmul(rows, weight)  # [N, out]
     else:
-        call = jax.ffi.ffi_call(
-            native.DEQUANT_TARGET, jax.ShapeDtypeStruct((out, width), jnp.float32)
-        )
-        w = call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
-        y = jnp.einsum("ni,oi->no", rows, w)
+        y = dequantized_matmul(rows, weight)  # [N, out]
     return y.reshape(*lead, out).astype(x.dtype)
+
+
+def fused_matmul(rows: jax.Array, weight: QuantizedMatrix) -> jax.Array:
+    """rows [N, in] float32 @ weight.T by the native fused kernel -> [N, out] (batch-invariant)."""
+    shape = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[-2]), jnp.float32)
+    call = jax.ffi.ffi_call(native.MATMUL_TARGET, shape)
+    return call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
+
+
+def dequantized_matmul(rows: jax.Array, weight: QuantizedMatrix) -> jax.Array:
+    """rows [N, in] float32 @ weight.T, the weight dequantized by the native kernel then
+    multiplied by XLA -> [N, out] (for long inputs; not batch-invariant)."""
+    shape = jax.ShapeDtypeStruct(weight.shape, jnp.float32)
+    call = jax.ffi.ffi_call(native.DEQUANT_TARGET, shape)
+    w = call(rows, weight.codes, weight.scale, weight.offset, bits=np.int32(weight.bits))
+    return jnp.einsum("ni,oi->no", rows, w)  # [N, out]
+
+
+def _dense(x: jax.Array, weight: Any) -> jax.Array:
+    """x [..., in] @ float weight [in, out]: the native dense kernel for short float32 inputs
+    (batch-invariant), else XLA."""
+    *lead, width = x.shape
+    rows = math.prod(lead)
+    native_ok = x.dtype == jnp.float32 and weight.dtype == jnp.float32 and weight.ndim == 2
+    if not (native_ok and 0 < rows <= FUSED_MAX_ROWS and native.load()):
+        return x @ weight
+    return dense_matmul(x.reshape(rows, width), weight).reshape(*lead, weight.shape[-1])
+
+
+def dense_matmul(rows: jax.Array, weight: Any) -> jax.Array:
+    """rows [N, in] float32 @ weight [in, out] float32 by the native dense kernel -> [N, out]
+    (batch-invariant)."""
+    shape = jax.ShapeDtypeStruct((rows.shape[0], weight.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(native.DENSE_TARGET, shape)(rows, weight)
 
 
 def dequantize(weight: QuantizedMatrix) -> jax.Array:

@@ -1,15 +1,18 @@
 """Native CPU kernels, built on first use and registered as XLA FFI targets.
 
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
-its header for the weight layout), ``attention.cc`` the attention of one new
-position over a KV cache. ``load()`` compiles them into one library once per machine
-with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
-jaxlib ships, ``-march=native`` (or ``-march=$MESHNODE_NATIVE_MARCH``, e.g.
-``x86-64-v3`` for a library that runs on any AVX2 machine; without ``-march``
-if the compiler refuses it), into a cache folder keyed by the source, the
-flags, the jaxlib version, the compiler and the CPU's model and flags
-(``$MESHNODE_NATIVE_CACHE``, else ``~/.cache/meshnode/native``, else a folder
-in the temp dir); later processes only load the library.
+its header for the weight layout), ``dense.cc`` the float32 dense matmul, both
+batch-invariant (a row's bits do not depend on the other rows of the call),
+``attention.cc`` the attention of one new position over a KV cache;
+``parallel.h`` splits rows among threads. ``load()`` compiles them into one
+library once per machine with the C++ compiler (``$CXX``, else ``g++``)
+against the XLA FFI headers that jaxlib ships, ``-march=native`` (or
+``-march=$MESHNODE_NATIVE_MARCH``, e.g. ``x86-64-v3`` for a library that runs
+on any AVX2 machine; without ``-march`` if the compiler refuses it), into a
+cache folder keyed by the sources, the flags, the jaxlib version, the compiler
+and the CPU's model and flags (``$MESHNODE_NATIVE_CACHE``, else
+``~/.cache/meshnode/native``, else a folder in the temp dir); later processes
+only load the library.
 Concurrent builds are safe: each writes its own file and renames it into place.
 
 Without a compiler, on a non-CPU backend, or with ``MESHNODE_NATIVE=0``,
@@ -36,12 +39,17 @@ import jaxlib
 MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
 ATTENTION_TARGET = "meshnode_decode_attention"
+DENSE_TARGET = "meshnode_dense_matmul"
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
+_SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("qmatmul.cc", "dense.cc", "attention.cc")
+)
+_HEADERS = (Path(__file__).with_name("parallel.h"),)
 _SYMBOLS = {
     MATMUL_TARGET: "MeshnodeQMatmul",
     DEQUANT_TARGET: "MeshnodeQDequant",
     ATTENTION_TARGET: "MeshnodeDecodeAttention",
+    DENSE_TARGET: "MeshnodeDenseMatmul",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)
@@ -111,7 +119,7 @@ def _build() -> Path:
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise _Unavailable(f"no C++ compiler ({os.environ.get('CXX', 'g++')}) on PATH")
-    source = b"\0".join(path.read_bytes() for path in _SOURCES)
+    source = b"\0".join(path.read_bytes() for path in (*_SOURCES, *_HEADERS))
     include = jax.ffi.include_dir()
     try:
         folder = _writable_cache()

@@ -19,10 +19,13 @@
 // multiply, is not read: depending on it keeps XLA from hoisting every layer's
 // dequantization to the start of the program, where all would be live at once.
 //
+// Batch invariance: the matmul decodes each block once for a tile of up to 4
+// input rows, each with its own accumulators; a row's arithmetic (accumulator
+// pattern, final reduction) is the same in a tile of any size, so its result is
+// bitwise the same whatever other rows share the call.
+//
 // Vector paths: AVX-512, AVX2 + FMA, else portable C++ (the compiler's choice).
-// Rows are split into chunks that the calling thread and XLA's intra-op
-// thread pool take from a shared counter; the caller waits only for chunks
-// already taken, so it never depends on a pool thread being free.
+// Weight rows are split among threads (parallel.h).
 
 #include <algorithm>
 #include <atomic>
@@ -40,11 +43,14 @@
 #define MESHNODE_AVX512 1
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+using meshnode::parallel_rows;
 
 constexpr int64_t kBlock = 32;
 
@@ -90,6 +96,7 @@ inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
     c[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(high));
     c[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(high, 8)));
   } else {
+    #pragma GCC unroll 8
     for (int k = 0; k < 4; ++k) {
       const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + 8 * k));
       c[k] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
@@ -100,8 +107,9 @@ inline void unpack_block_avx2(const uint8_t* codes, __m256 c[4]) {
 
 #ifdef MESHNODE_AVX512
 // 32 signed 8-bit codes as two vectors of 16 floats (4-bit rows use the table
-// lookup in row_dot instead).
+// lookup in tile_dot instead).
 inline void unpack_int8_avx512(const uint8_t* codes, __m512 c[2]) {
+  #pragma GCC unroll 8
   for (int k = 0; k < 2; ++k) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * k));
     c[k] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
@@ -114,17 +122,23 @@ inline float offset_term(const float* offset, const float* sums, int64_t blocks)
   float partial[4] = {0.f, 0.f, 0.f, 0.f};
   int64_t b = 0;
   for (; b + 4 <= blocks; b += 4) {
+    #pragma GCC unroll 8
     for (int k = 0; k < 4; ++k) partial[k] += offset[b + k] * sums[b + k];
   }
   for (; b < blocks; ++b) partial[0] += offset[b] * sums[b];
   return (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
-// Row o of W times one input x [in] whose sums per scale group are sums [groups].
-// Independent accumulators take alternate blocks, so consecutive blocks' FMAs
-// do not wait on each other.
-template <int Bits>
-inline float row_dot(const Weights& w, int64_t o, const float* x, const float* sums) {
+// Row o of W times the R inputs of a tile: x [R, in] (row stride w.in) whose sums per
+// scale group are sums [R, groups]; y[r * y_stride] = W[o] . x[r]. Each block is
+// decoded once for the whole tile, and each input row keeps its own accumulators,
+// whose pattern and final reduction do not depend on R: a row's result is bitwise
+// the same in a tile of any size (batch invariance). Within a row, independent
+// accumulators take alternate blocks, so consecutive blocks' FMAs do not wait on
+// each other.
+template <int Bits, int R>
+inline void tile_dot(const Weights& w, int64_t o, const float* x, const float* sums, float* y,
+                     int64_t y_stride) {
   const int64_t block_bytes = Bits * kBlock / 8;
   const uint8_t* row = w.codes + o * w.row_bytes;
   const float* scale = w.scale + o * w.groups;
@@ -134,75 +148,151 @@ inline float row_dot(const Weights& w, int64_t o, const float* x, const float* s
   if constexpr (Bits == 4) {
     // Per block, a 16-entry table of its dequantized values, in which vpermps
     // looks each code up (it reads only an index's low 4 bits: no masking).
-    // 7 vector uops per 32 weights, multiplying by the exact float32 weights.
+    // 7 vector uops per 32 weights, multiplying by the exact float32 weights;
+    // the table and the two looked-up vectors serve every row of the tile.
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                     _mm512_setzero_ps()};
-    for (int64_t b = 0; b < w.blocks; ++b) {
+    __m512 acc[R][4];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      #pragma GCC unroll 8
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_ps();
+    }
+    auto step = [&](int64_t b, int k) {
       const __m512i bytes = _mm512_cvtepu8_epi32(
           _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * block_bytes)));
       const __m512 table =
           _mm512_fmadd_ps(iota, _mm512_set1_ps(scale[b]), _mm512_set1_ps(offset[b]));
       const __m512 low = _mm512_permutexvar_ps(bytes, table);
       const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
-      const float* xb = x + b * kBlock;
-      const int64_t k = 2 * (b & 1);
-      acc[k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[k]);
-      acc[k + 1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb + 16), acc[k + 1]);
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float* xb = x + r * w.in + b * kBlock;
+        acc[r][k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[r][k]);
+        acc[r][k + 1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb + 16), acc[r][k + 1]);
+      }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= w.blocks; b += 2) {  // even blocks into acc 0-1, odd ones into 2-3
+      step(b, 0);
+      step(b + 1, 2);
     }
-    return _mm512_reduce_add_ps(
-        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+    if (b < w.blocks) step(b, 0);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                           _mm512_add_ps(acc[r][2], acc[r][3])));
+    }
   } else {
-    __m512 acc[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t b = 0; b < w.blocks; ++b) {
+    // The block's 32 weights, scaled once for the tile (their offsets are summed
+    // apart, over the inputs' group sums); alternate blocks as above.
+    __m512 acc[R][4];
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      #pragma GCC unroll 8
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm512_setzero_ps();
+    }
+    auto step = [&](int64_t b, int k) {
       __m512 c[2];
       unpack_int8_avx512(row + b * block_bytes, c);
-      const float* xb = x + b * kBlock;
-      for (int k = 0; k < 2; ++k) {  // 16 inputs each: scale b * per + k * per / 2
-        const __m512 dot = _mm512_mul_ps(c[k], _mm512_loadu_ps(xb + 16 * k));
-        acc[k] = _mm512_fmadd_ps(_mm512_set1_ps(scale[b * per + k * per / 2]), dot, acc[k]);
+      const __m512 low = _mm512_mul_ps(c[0], _mm512_set1_ps(scale[b * per]));  // 16 inputs each
+      const __m512 high = _mm512_mul_ps(c[1], _mm512_set1_ps(scale[b * per + per / 2]));
+      #pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const float* xb = x + r * w.in + b * kBlock;
+        acc[r][k] = _mm512_fmadd_ps(low, _mm512_loadu_ps(xb), acc[r][k]);
+        acc[r][k + 1] = _mm512_fmadd_ps(high, _mm512_loadu_ps(xb + 16), acc[r][k + 1]);
       }
+    };
+    int64_t b = 0;
+    for (; b + 2 <= w.blocks; b += 2) {
+      step(b, 0);
+      step(b + 1, 2);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1])) +
-           offset_term(offset, sums, w.groups);
+    if (b < w.blocks) step(b, 0);
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      y[r * y_stride] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]),
+                                                           _mm512_add_ps(acc[r][2], acc[r][3]))) +
+                        offset_term(offset, sums + r * w.groups, w.groups);
+    }
   }
 #elif defined(MESHNODE_AVX2)
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  __m256 acc[R][2];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     __m256 c[4];
     unpack_block_avx2<Bits>(row + b * block_bytes, c);
-    const float* xb = x + b * kBlock;
-    for (int half = 0; half < 2; ++half) {  // 16 inputs each: scale b * per + half * per / 2
-      __m256 dot = _mm256_mul_ps(c[2 * half], _mm256_loadu_ps(xb + 16 * half));
-      dot = _mm256_fmadd_ps(c[2 * half + 1], _mm256_loadu_ps(xb + 16 * half + 8), dot);
-      const __m256 s = _mm256_set1_ps(scale[b * per + half * per / 2]);
-      acc[half] = _mm256_fmadd_ps(s, dot, acc[half]);
+    const __m256 s[2] = {_mm256_set1_ps(scale[b * per]),  // 16 inputs each
+                         _mm256_set1_ps(scale[b * per + per / 2])};
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * w.in + b * kBlock;
+      #pragma GCC unroll 8
+      for (int half = 0; half < 2; ++half) {
+        __m256 dot = _mm256_mul_ps(c[2 * half], _mm256_loadu_ps(xb + 16 * half));
+        dot = _mm256_fmadd_ps(c[2 * half + 1], _mm256_loadu_ps(xb + 16 * half + 8), dot);
+        acc[r][half] = _mm256_fmadd_ps(s[half], dot, acc[r][half]);
+      }
     }
   }
-  return horizontal_sum(_mm256_add_ps(acc[0], acc[1])) + offset_term(offset, sums, w.groups);
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    y[r * y_stride] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) +
+                      offset_term(offset, sums + r * w.groups, w.groups);
+  }
 #else
   float codes[kBlock];
-  float total = offset_term(offset, sums, w.groups);
+  float total[R];
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) total[r] = offset_term(offset, sums + r * w.groups, w.groups);
   for (int64_t b = 0; b < w.blocks; ++b) {
     unpack_block<Bits>(row + b * block_bytes, codes);
-    const float* xb = x + b * kBlock;
-    for (int half = 0; half < 2; ++half) {
-      float dot = 0.f;
-      for (int j = 16 * half; j < 16 * half + 16; ++j) dot += codes[j] * xb[j];
-      total += scale[b * per + half * per / 2] * dot;
+    #pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float* xb = x + r * w.in + b * kBlock;
+      #pragma GCC unroll 8
+      for (int half = 0; half < 2; ++half) {
+        float dot = 0.f;
+        for (int j = 16 * half; j < 16 * half + 16; ++j) dot += codes[j] * xb[j];
+        total[r] += scale[b * per + half * per / 2] * dot;
+      }
     }
   }
-  return total;
+  #pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) y[r * y_stride] = total[r];
 #endif
 }
 
-// y[n, o] for rows [first, last): x [tokens, in], x_sums [tokens, groups].
+// Input rows that share each decoded block. 4 rows of the 4-bit AVX-512 path hold 16
+// accumulators, half the vector registers.
+constexpr int64_t kTile = 4;
+// Weight rows visited per tile before the next tile: their codes stay in L1 while
+// every tile of inputs passes over them.
+constexpr int64_t kRowBlock = 16;
+
+template <int Bits, int R>
+void tile_rows(const Weights& w, const float* x, const float* sums, float* y, int64_t first,
+               int64_t last) {
+  for (int64_t o = first; o < last; ++o) tile_dot<Bits, R>(w, o, x, sums, y + o, w.out);
+}
+
+// y[n, o] for weight rows [first, last): x [tokens, in], x_sums [tokens, groups].
 template <int Bits>
 void matmul_rows(const Weights& w, const float* x, const float* x_sums, int64_t tokens, float* y,
                  int64_t first, int64_t last) {
-  for (int64_t o = first; o < last; ++o) {
-    for (int64_t n = 0; n < tokens; ++n) {
-      y[n * w.out + o] = row_dot<Bits>(w, o, x + n * w.in, x_sums + n * w.groups);
+  for (int64_t lo = first; lo < last; lo += kRowBlock) {
+    const int64_t hi = std::min(last, lo + kRowBlock);
+    for (int64_t n = 0; n < tokens; n += kTile) {
+      const float* xt = x + n * w.in;
+      const float* st = x_sums + n * w.groups;
+      float* yt = y + n * w.out;
+      switch (std::min(kTile, tokens - n)) {
+        case 4: tile_rows<Bits, 4>(w, xt, st, yt, lo, hi); break;
+        case 3: tile_rows<Bits, 3>(w, xt, st, yt, lo, hi); break;
+        case 2: tile_rows<Bits, 2>(w, xt, st, yt, lo, hi); break;
+        default: tile_rows<Bits, 1>(w, xt, st, yt, lo, hi); break;
+      }
     }
   }
 }
@@ -219,6 +309,7 @@ void dequantize_rows(const Weights& w, float* out, int64_t first, int64_t last) 
 #ifdef MESHNODE_AVX2
       __m256 c[4];
       unpack_block_avx2<Bits>(codes, c);
+      #pragma GCC unroll 8
       for (int k = 0; k < 4; ++k) {  // 8 inputs each, in group 8k / G of the chunk
         const int64_t g = 8 * k / w.group;
         const __m256 s = _mm256_set1_ps(scale[g]), m = _mm256_set1_ps(offset[g]);
@@ -232,35 +323,6 @@ void dequantize_rows(const Weights& w, float* out, int64_t first, int64_t last) 
       }
 #endif
     }
-  }
-}
-
-// Runs body(first, last) over [0, rows) in chunks, on this thread and the pool.
-void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t min_chunk,
-                   std::function<void(int64_t, int64_t)> body) {
-  struct Shared {
-    std::function<void(int64_t, int64_t)> body;
-    int64_t rows, chunk, chunks;
-    std::atomic<int64_t> next{0}, finished{0};
-    void work() {
-      for (int64_t i; (i = next.fetch_add(1)) < chunks;) {
-        body(i * chunk, std::min(rows, (i + 1) * chunk));
-        finished.fetch_add(1, std::memory_order_release);
-      }
-    }
-  };
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  auto shared = std::make_shared<Shared>();
-  shared->body = std::move(body);
-  shared->rows = rows;
-  shared->chunk = std::max(min_chunk, (rows + 4 * threads - 1) / (4 * threads));
-  shared->chunks = (rows + shared->chunk - 1) / shared->chunk;
-  for (int64_t t = 1; t < std::min(threads + 1, shared->chunks); ++t) {
-    pool.Schedule([shared] { shared->work(); });
-  }
-  shared->work();
-  while (shared->finished.load(std::memory_order_acquire) < shared->chunks) {
-    std::this_thread::yield();
   }
 }
 
@@ -341,6 +403,7 @@ ffi::Error QDequant(ffi::ThreadPool pool, ffi::AnyBuffer /*after*/, ffi::AnyBuff
   });
   return ffi::Error::Success();
 }
+
 
 }  // namespace
 

@@ -95,10 +95,10 @@ def test_every_block_form_reads_raw_blocks_as_gguf_does(name):
 
 @needs_native
 @pytest.mark.parametrize("name", sorted(RAW_LAYOUTS))
-@pytest.mark.parametrize("tokens", [1, 9])
+@pytest.mark.parametrize("tokens", [1, 9, 70])
 def test_native_linear_equals_a_float_matmul_for_every_block_form(name, tokens):
     """When x meets any mapped GGUF type (K-quants, 16-input groups), then linear equals
-    x @ W.T through the fused kernel (1 row) and dequantize-then-matmul (9 rows)."""
+    x @ W.T through the fused kernel (1 and 9 rows) and dequantize-then-matmul (70 rows)."""
     matrix, dense = _random_blocks(name, rows=21, width=512, seed=tokens)
     x = np.random.default_rng(2).standard_normal((1, tokens, 512)).astype(np.float32)
     expected = x @ dense.T
@@ -132,10 +132,10 @@ def test_types_without_a_block_form_are_left_to_the_dequantizer():
 
 @needs_native
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.name)
-@pytest.mark.parametrize("tokens", [1, 3, 17])
+@pytest.mark.parametrize("tokens", [1, 3, 17, 40])
 def test_native_linear_equals_a_float_matmul(qtype, tokens):
     """When x [B, T, in] meets a quantized weight, then linear equals x @ W.T in float32,
-    through the fused kernel (T <= 4) and dequantize-then-matmul (longer)."""
+    through the fused kernel (B * T <= FUSED_MAX_ROWS) and dequantize-then-matmul (longer)."""
     matrix, dense = _quantized(qtype, rows=37, width=160, seed=tokens)
     x = np.random.default_rng(1).standard_normal((2, tokens, 160)).astype(np.float32)
     got = np.asarray(jax.jit(linear)(x, matrix))
@@ -351,7 +351,7 @@ def test_quantized_embedding_and_head_equal_their_float_forms(tied):
         np.asarray(quantized.embed(ids)), np.asarray(dense.embed(ids)), rtol=1e-6, atol=1e-7
     )
     hidden_states = np.random.default_rng(4).standard_normal((1, 3, hidden)).astype(np.float32)
-    for method in ("logits", "all_logits"):  # 1 row: fused kernel; 3 rows: dequantized
+    for method in ("logits", "all_logits"):  # 1 row, 3 rows: the fused kernel
         got = np.asarray(getattr(quantized, method)(hidden_states))
         expected = np.asarray(getattr(dense, method)(hidden_states))
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
