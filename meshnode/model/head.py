@@ -9,13 +9,17 @@ Gemma scales the embedding by sqrt(hidden) (cast to the compute dtype first,
 as transformers casts it to the weights' dtype), its final norm scales by
 ``(1 + w)``; a config's ``final_softcap`` caps the logits with tanh.
 
-Batch invariance: with float32 compute on the native kernels
-(``batch_invariant``), each row of ``logits`` over B rows is bitwise that row's
-logits alone (the norm's statistic and the projection are the native
-kernels'; the rest is elementwise), and so is each row of ``embed`` (a gather).
-A float tied head then keeps a transposed copy of the embedding ([H, V], the
-dense kernel's layout). Elsewhere (no native kernels, bfloat16) rows may
-differ in their last bits with the batch size.
+Batch invariance: with float32 compute, a quantized head on the native
+kernels (``batch_invariant``) gives each row of ``logits`` over B rows bitwise
+that row's logits alone (the norm's statistic is a fixed tree, the projection
+the fused kernel's; the rest is elementwise), and so is each row of ``embed``
+(a gather). A float head stays on XLA's matmul: the native dense kernel is
+row-invariant too, but for one row it measured about 2x slower than XLA's on
+a vocabulary-sized head (6-11 against 5-6 ms for SmolLM2 in float), which
+cost float checkpoints a quarter of their single-session decode rate. So a
+float head is not batch-invariant, and the client does not batch it
+(``meshnode.client.generate.HeadCompute``). Elsewhere (no native kernels,
+bfloat16) rows may differ in their last bits with the batch size.
 """
 
 from __future__ import annotations
@@ -63,18 +67,18 @@ class ClientHead:
         }
         self._embed_scale = spec.embed_scale
         self._params = jax.device_put({"embed": params.embed, "final_norm": params.final_norm})
-        lm_head = params.lm_head
-        if lm_head is None and self.batch_invariant and not is_quantized(params.embed):
-            # the dense kernel takes [in, out]: a float tied head keeps its own [H, V] copy
-            lm_head = np.ascontiguousarray(np.asarray(params.embed, dtype=np.float32).T)
-        if lm_head is not None:
-            self._params["lm_head"] = jax.device_put(lm_head)
+        if params.lm_head is not None:
+            self._params["lm_head"] = jax.device_put(params.lm_head)
+        self._quantized_head = is_quantized(
+            params.embed if params.lm_head is None else params.lm_head)
 
     @property
     def batch_invariant(self) -> bool:
         """Whether a row of ``logits`` and ``embed`` for B rows is bitwise that row's result
-        alone (B <= ``quant.FUSED_MAX_ROWS``): float32 compute on the native kernels."""
-        return self.compute_dtype == jnp.float32 and quant_batch_invariant()
+        alone (B <= ``quant.FUSED_MAX_ROWS``): float32 compute, a quantized head, the native
+        kernels."""
+        return (self.compute_dtype == jnp.float32 and self._quantized_head
+                and quant_batch_invariant())
 
     def embed(self, token_ids: Any) -> jax.Array:
         """token ids [B, T] (ints) -> hidden [B, T, H] in the compute dtype."""
@@ -139,9 +143,7 @@ def _head(params: dict, x: jax.Array, dtype: Any) -> jax.Array:
     head = params.get("lm_head", params["embed"])
     if is_quantized(head):  # [V, H]
         return linear(x.astype(jnp.float32), head)  # [..., V]
-    if "lm_head" in params:
-        if dtype == jnp.float32:  # the native dense kernel for decode rows
-            return linear(x, params["lm_head"].astype(jnp.float32))  # [..., V]
+    if "lm_head" in params:  # XLA's matmul: see "Batch invariance" above
         return jnp.einsum(
             "...h,hv->...v", x, params["lm_head"].astype(dtype), preferred_element_type=jnp.float32
         )  # [..., V]

@@ -113,16 +113,31 @@ def test_longer_inputs_keep_the_prefill_path_and_its_values():
 
 
 @needs_native
-@pytest.mark.parametrize("quantized", [True, False], ids=["Q8_0-embedding", "float"])
-def test_client_head_logits_are_batch_invariant(quantized):
-    """When the client head computes logits for B rows (norm, projection by a tied embedding
-    quantized or float, softcap), then each row is bitwise that row's logits alone."""
-    head = _small_head(quantized, softcap=30.0)
+def test_client_head_logits_are_batch_invariant():
+    """When the client head computes logits for B rows (norm, projection by a quantized tied
+    embedding, softcap), then each row is bitwise that row's logits alone."""
+    head = _small_head(True, softcap=30.0)
     assert head.batch_invariant
     hidden = np.random.default_rng(4).standard_normal((33, 2, 64)).astype(np.float32)
     alone = _rows_alone(head.logits, hidden)  # [33, V]
     for rows in (2, 8, 9, 33):
         np.testing.assert_array_equal(np.asarray(head.logits(hidden[:rows])), alone[:rows])
+
+
+@needs_native
+def test_a_float_head_stays_on_xla_and_says_it_is_not_batch_invariant():
+    """When the head is float, then it keeps XLA's matmul (faster for one row than the dense
+    kernel), makes no transposed copy, and says it is not batch-invariant, so the client
+    does not batch it; its logits still equal the float64 reference."""
+    head = _small_head(False)
+    assert not head.batch_invariant and "lm_head" not in head._params
+    hidden = np.random.default_rng(5).standard_normal((3, 1, 64)).astype(np.float32)
+    _, dense = _matrix("Q8_0", 96, 64, seed=7)
+    norm = np.linspace(0.5, 1.5, 64)
+    x = hidden[:, -1].astype(np.float64)
+    x = x / np.sqrt((x**2).mean(-1, keepdims=True) + 1e-6) * norm
+    np.testing.assert_allclose(np.asarray(head.logits(hidden)), x @ dense.T.astype(np.float64),
+                               rtol=1e-4, atol=1e-4)
 
 
 def _small_head(quantized: bool, softcap: float | None = None):
