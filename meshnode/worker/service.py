@@ -4,7 +4,9 @@ Start-up, in order: identity from the data dir, the Endpoint listening on its
 pinned address, the DHT joined through the bootstrap nodes, the model opened,
 the span chosen (``--blocks`` or ``choose_span`` over the DHT's records), its
 blocks loaded and warmed up on the compute thread (which measures
-throughput), the ``infer.*`` handlers installed, the blocks announced. Then
+throughput), the shared paged KV cache allocated and the batched decode
+rates measured (``--no-batching``: one cache per session, one step at a time
+through a ``FairQueue``), the ``infer.*`` handlers installed, the blocks announced. Then
 the address is printed and written to ``<data dir>/address`` for launchers,
 and the step programs of common sessions compile in the background
 (``meshnode.worker.precompile``). Each phase prints one line with its time
@@ -41,6 +43,7 @@ from meshnode.phases import StartupPhases, say
 from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer
+from meshnode.worker.batching import BatchScheduler
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
@@ -78,6 +81,7 @@ class WorkerOptions:
     open_wait: float = DEFAULT_OPEN_WAIT
     precompile: bool = True
     metrics_port: int | None = None  # serve /metrics there (0: ephemeral)
+    batching: bool = True  # steps of all sessions in shared iterations (meshnode.worker.batching)
 
 
 class WorkerService(Service):
@@ -104,6 +108,7 @@ class WorkerService(Service):
         self.swarm: Any = None
         self.metrics = WorkerMetrics()
         self.metrics_port: Any = None
+        self.scheduler: BatchScheduler | None = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -146,8 +151,14 @@ class WorkerService(Service):
             await compute.load()
         with phases.phase("compile"):
             await compute.warm_up(min(options.max_length, source.config.max_position_embeddings))
+        max_length = min(options.max_length, source.config.max_position_embeddings)
+        if options.batching:
+            with phases.phase("allocate shared cache"):
+                await compute.enable_batching(options.cache_tokens, max_length)
         with phases.phase("measure speed"):
             self.throughput = await compute.measure_throughput()
+            if options.batching:
+                await compute.measure_batches()
         self._serve(source, compute)
         await self._listen_metrics()
         with phases.phase("announce"):
@@ -189,11 +200,13 @@ class WorkerService(Service):
         # a session can never be longer than the positions the model was trained for
         max_length = min(options.max_length, source.config.max_position_embeddings)
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
+        if options.batching:
+            self.scheduler = BatchScheduler(compute, on_cache_lost=self.table.close_all)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
-                                     FairQueue(),
+                                     None if options.batching else FairQueue(),
                                      admission=OpenAdmission(self.table, self.reactor,
                                                              options.open_wait),
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, scheduler=self.scheduler)
         self.metrics.watch(self.table)
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
