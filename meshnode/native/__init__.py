@@ -3,7 +3,8 @@
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
 its header for the weight layout), ``attention.cc`` the attention of one new
 position over a KV cache (one session's, or a paged arena's for a batch of
-sessions). ``load()`` compiles them into one library once per machine
+sessions), ``rows.cc`` a row-invariant mean of squares (RMSNorm's statistic).
+``load()`` compiles them into one library once per machine
 with the C++ compiler (``$CXX``, else ``g++``) against the XLA FFI headers that
 jaxlib ships, ``-march=native`` (or ``-march=$MESHNODE_NATIVE_MARCH``, e.g.
 ``x86-64-v3`` for a library that runs on any AVX2 machine; without ``-march``
@@ -38,13 +39,16 @@ MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
 ATTENTION_TARGET = "meshnode_decode_attention"
 PAGED_ATTENTION_TARGET = "meshnode_paged_attention"
+ROW_MEAN_SQUARE_TARGET = "meshnode_row_mean_square"
 
-_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc"))
+_SOURCES = tuple(Path(__file__).with_name(name) for name in ("qmatmul.cc", "attention.cc",
+                                                                   "rows.cc"))
 _SYMBOLS = {
     MATMUL_TARGET: "MeshnodeQMatmul",
     DEQUANT_TARGET: "MeshnodeQDequant",
     ATTENTION_TARGET: "MeshnodeDecodeAttention",
     PAGED_ATTENTION_TARGET: "MeshnodePagedAttention",
+    ROW_MEAN_SQUARE_TARGET: "MeshnodeRowMeanSquare",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)
