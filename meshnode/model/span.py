@@ -272,6 +272,27 @@ class SpanRunner:
         )
         return out, PagedArena(k, v, arena.start)
 
+    def compile_paged(self, batch: int, length: int, width: int, pages: int, kv_length: int,
+                      page_size: int = PAGE, arena_start: int | None = None) -> None:
+        """Compile the ``forward_paged`` program of rows [batch, length, H], page tables
+        [batch, width] over an arena of ``pages`` pages, without allocating anything (the
+        program lands in the persistent compilation cache, where the first call finds it)."""
+        c = self.config
+        arena_start = self.start if arena_start is None else arena_start
+        shape = (self.num_layers, pages, page_size, c.num_kv_heads, c.head_dim)
+        arena = jax.ShapeDtypeStruct(shape, self.compute_dtype)
+        self._paged_step.lower(
+            tuple(p.leaves for p in self._programs),
+            jax.ShapeDtypeStruct((batch, length, c.hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            arena,
+            arena,
+            first=self.start - arena_start,
+            kv_length=int(kv_length),
+            compute_dtype=self.compute_dtype.name,
+        ).compile()
+
     def forward(
         self, hidden: Any, start_position: int, cache: KVCache
     ) -> tuple[jax.Array, KVCache]:

@@ -49,7 +49,12 @@ from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.worker.metrics import WorkerMetrics, metrics_site
-from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
+from meshnode.worker.precompile import (
+    Precompiler,
+    paged_shapes,
+    session_cache_length,
+    step_shapes,
+)
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
 from meshnode.worker.span_choice import choose_span
 
@@ -172,8 +177,14 @@ class WorkerService(Service):
         """The step programs of common sessions, compiled on a thread of their own."""
         if not self.options.precompile:
             return
-        shapes = step_shapes(max_length)
-        done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)
+        if compute.shared is not None:
+            shared = compute.shared
+            shapes = paged_shapes(shared.width * shared.page_size)
+            done = self.precompiler.run_paged(compute.runner(self.span), shapes, shared.width,
+                                              shared.pages)
+        else:
+            shapes = step_shapes(max_length)
+            done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)
         done.addCallback(lambda seconds: self._say(
             f"meshnode worker: precompiled {len(shapes)} step programs in the background: "
             f"{seconds:.1f} s"))
