@@ -120,3 +120,70 @@ def test_a_client_with_too_many_steps_waiting_is_overloaded():
 def test_rows_pad_to_a_few_buckets():
     """When a batch has 1, 3, 17 or 64 rows, then it runs padded to 1, 4, 32 or 64."""
     assert [row_bucket(n) for n in (1, 3, 17, 64)] == [1, 4, 32, 64]
+
+
+class HeldCompute:
+    """Iterations wait until the test finishes them; each row's output is its input + 1."""
+
+    def __init__(self):
+        self.iterations: list = []
+
+    def run_iteration(self, iteration):
+        from twisted.internet.defer import Deferred
+
+        done = Deferred()
+        self.iterations.append((iteration, done))
+        return done
+
+    def finish(self):
+        iteration, done = self.iterations.pop(0)
+        done.callback({work: work.hidden() + 1 for work in iteration.works})
+
+
+def outcome(d) -> list:
+    out: list = []
+    d.addBoth(out.append)
+    return out
+
+
+def test_the_scheduler_fires_each_step_with_its_own_positions():
+    """When steps of three sessions wait behind a running iteration, then they run as one
+    iteration and each step's Deferred fires with its own positions only, a long one's
+    chunks put back together in order."""
+    from meshnode.worker.batching import BatchScheduler
+
+    compute = HeldCompute()
+    scheduler = BatchScheduler(compute, BatchPlanner(chunk=4, tokens=8))
+    first = outcome(scheduler.submit(ALICE, FakeSession(), np.zeros((1, 1, 4), np.float32), 0))
+    hidden = [np.full((1, n, 4), n, np.float32) for n in (1, 1, 10)]
+    waiting = [outcome(scheduler.submit(o, FakeSession(), h, 5))
+               for o, h in zip((BOB, CAROL, ALICE), hidden)]
+    compute.finish()
+    assert np.array_equal(first[0], np.ones((1, 1, 4)))
+    assert scheduler.last_rows == 2 and scheduler.last_tokens == 6
+    while compute.iterations:
+        compute.finish()
+    for got, sent in zip(waiting, hidden):
+        assert np.array_equal(got[0], sent + 1)
+    assert scheduler.iterations == 4  # the first, then rows + chunk 1, chunk 2, chunk 3
+
+
+def test_a_cancelled_waiting_step_never_runs_and_overload_is_per_client():
+    """When a waiting step is cancelled, then no iteration holds it; when a client has its
+    limit of steps waiting, then its next is Overloaded and another client's is taken."""
+    from meshnode.worker.batching import BatchScheduler
+
+    compute = HeldCompute()
+    scheduler = BatchScheduler(compute, BatchPlanner(max_queued=1))
+    step = np.zeros((1, 1, 4), np.float32)
+    outcome(scheduler.submit(ALICE, FakeSession(), step, 0))  # running
+    cancelled = scheduler.submit(BOB, FakeSession(), step, 0)
+    cancelled.addErrback(lambda _: None)
+    cancelled.cancel()
+    outcome(scheduler.submit(ALICE, FakeSession(), step, 0))
+    (refused,) = outcome(scheduler.submit(ALICE, FakeSession(), step, 0))
+    assert refused.check(Overloaded)
+    outcome(scheduler.submit(CAROL, FakeSession(), step, 0))
+    compute.finish()
+    (next_iteration, _) = compute.iterations[0]
+    assert sorted(owners(next_iteration.works)) == [ALICE, CAROL]
