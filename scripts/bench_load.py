@@ -12,7 +12,8 @@ In the same run, against the same workers, it first measures one session
 alone (the single-session rate the aggregate is compared with), and with
 ``--prefill 128,1800`` the prefill rate of prompts of those lengths (prompt
 tokens / time to the first token, warm: each measured twice, the second
-kept), through the mesh and locally (all blocks in this process).
+kept), through the mesh and locally (all blocks in this process). It waits
+for the workers' background precompiling to end before measuring.
 ``--worker-args=--no-batching`` runs the same load on workers that take one
 step at a time (the behaviour before continuous batching).
 
@@ -71,6 +72,7 @@ async def measure(reactor, args: argparse.Namespace) -> None:
         nodes = [mesh.start_worker(span, extra, wait=False) for span in args.spans.split(",")]
         for node in nodes:
             node.wait_ready()
+        wait_precompiled(nodes, extra)
         client = MeshClient(reactor, [mesh.join_address], args.model, max_concurrent=args.sessions)
         await client.start()
         try:
@@ -109,6 +111,21 @@ async def measure(reactor, args: argparse.Namespace) -> None:
     print_report(report, args.json)
     if report.get("mismatches"):
         raise SystemExit(1)
+
+
+def wait_precompiled(nodes, extra: list[str], timeout: float = 900.0) -> None:
+    """Block until every worker says its background programs are compiled (they would
+    otherwise compete for the cores and compile on demand in the middle of the load)."""
+    import time
+
+    if "--no-precompile" in extra:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all("precompiled" in node.log_tail(400) for node in nodes):
+            return
+        time.sleep(1.0)
+    print("workers still precompiling: measuring anyway", file=sys.stderr)
 
 
 def lengths(args: argparse.Namespace) -> list[int]:
