@@ -30,8 +30,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from twisted.python.failure import Failure
 
-from meshnode.errors import NoCapacity
+from meshnode.errors import CacheOverflow, NoCapacity
 from meshnode.model.paged import PAGE, PageAllocator, PagedCache, pages_for
 from meshnode.model.span import bucket_length
 from meshnode.worker.batching import CHUNK, Iteration, Work, row_bucket
@@ -50,6 +51,7 @@ class SharedCache:
         self.width = pages_for(max_length, page_size)
         self._metrics = metrics
         self.resets = 0
+        self._resets_seen = 0  # resets when the running iteration began
         self.arena = runner_of(span).new_arena(self.pages, page_size)
         self.allocator = PageAllocator(self.pages)
 
@@ -61,24 +63,44 @@ class SharedCache:
         """A session's pages for ``positions`` (``NoCapacity`` when the arena lacks them)."""
         try:
             pages = self.allocator.allocate(pages_for(positions, self.page_size))
-        except Exception as exc:
+        except CacheOverflow as exc:
             raise NoCapacity(f"no free cache pages: {exc}") from None
         return PagedCache(self.allocator, pages, self.page_size)
 
-    def run(self, iteration: Iteration) -> dict[Work, np.ndarray]:
-        """Every piece of ``iteration`` -> its output [1, t, H]; on the compute thread."""
-        outputs: dict[Work, np.ndarray] = {}
+    def run(self, iteration: Iteration) -> dict[Work, Any]:
+        """Every piece of ``iteration`` -> its output [1, t, H]; on the compute thread.
+
+        A forward that fails with the arena intact fails only its own pieces (their value is
+        the ``Failure``); one that took the arena with it fails the whole iteration."""
+        self._resets_seen = self.resets
+        outputs: dict[Work, Any] = {}
         for span, works in iteration.rows.items():
-            out = self._forward(span, [w.hidden() for w in works], works, 1,
-                                self.width * self.page_size)  # [Bp, 1, H]
-            for i, work in enumerate(works):
-                outputs[work] = self._wire(out[i : i + 1], work)
+            outputs.update(self._guarded(works, lambda span=span, works=works: self._rows(
+                span, works)))
         for work in iteration.chunks:
-            padded = bucket_length(work.length, _CHUNK_BUCKETS)
-            kv_length = min(bucket_length(work.start + padded), self.width * self.page_size)
-            out = self._forward(work.job.session.span, [work.hidden()], [work], padded, kv_length)
-            outputs[work] = self._wire(out[:, : work.length], work)
+            outputs.update(self._guarded([work], lambda work=work: self._chunk(work)))
         return outputs
+
+    def _rows(self, span: Any, works: list[Work]) -> dict[Work, np.ndarray]:
+        out = self._forward(span, [w.hidden() for w in works], works, 1,
+                            self.width * self.page_size)  # [Bp, 1, H]
+        return {work: self._wire(out[i : i + 1], work) for i, work in enumerate(works)}
+
+    def _chunk(self, work: Work) -> dict[Work, np.ndarray]:
+        padded = bucket_length(work.length, _CHUNK_BUCKETS)
+        kv_length = min(bucket_length(work.start + padded), self.width * self.page_size)
+        out = self._forward(work.job.session.span, [work.hidden()], [work], padded, kv_length)
+        return {work: self._wire(out[:, : work.length], work)}
+
+    def _guarded(self, works: list[Work], forward: Callable[[], dict[Work, np.ndarray]]
+                 ) -> dict[Work, Any]:
+        try:
+            return forward()
+        except Exception:
+            if self.resets != self._resets_seen:
+                raise  # the arena went with it: nothing of this iteration stands
+            failure = Failure()
+            return {work: failure for work in works}
 
     def measure(self, rows: int, steps: int, span: Any = None) -> float:
         """Decode tokens per second of ``rows`` sessions batched (scratch pages only)."""

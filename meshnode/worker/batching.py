@@ -19,7 +19,7 @@ with ``max_queued`` steps waiting gets ``Overloaded``.
 
 ``BatchPlanner`` is pure (no reactor, no model). ``BatchScheduler`` runs its
 iterations one at a time through a compute object (``run_iteration(iteration)
--> Deferred[{Work: hidden}]``, see ``SpanCompute``), fires each step's
+-> Deferred[{Work: hidden or Failure}]``, see ``SpanCompute``), fires each step's
 Deferred with its own positions only once all its chunks ran, and keeps the
 figures routing reads (``last_rows``, ``last_tokens``, ``waiting()``).
 """
@@ -160,14 +160,15 @@ class BatchPlanner:
         if not self._waiting:
             return None
         self._iterations += 1
-        iteration, rows, budget = Iteration(), 0, self.tokens
+        iteration, rows, budget, taken = Iteration(), 0, self.tokens, 0
         owners = sorted(self._waiting, key=lambda o: self._last_turn.get(o, -1))
         while owners:
             still = []
             for owner in owners:
-                work = self._take(owner, rows, budget, first=not iteration.works)
+                work = self._take(owner, rows, budget, first=not taken)
                 if work is None:
                     continue
+                taken += 1
                 self._last_turn[owner] = self._iterations
                 still.append(owner)
                 if work.job.is_decode:
@@ -258,8 +259,11 @@ class BatchScheduler:
             self._on_cache_lost()
         self._pump()
 
-    def _advance(self, work: Work, hidden: np.ndarray) -> None:
+    def _advance(self, work: Work, hidden: Any) -> None:
         job = work.job
+        if isinstance(hidden, Failure):  # its own forward failed, the others' stand
+            self._fire(job, hidden)
+            return
         job.outputs.append(hidden)
         job.done += work.length
         if job.done == job.length:

@@ -198,3 +198,35 @@ def test_a_failed_call_that_took_the_cache_closes_every_session(tiny, monkeypatc
     fresh.open(worker)
     run_together(worker, head, [fresh])
     assert fresh.tokens == alone(tiny, fresh).tokens
+
+
+def test_a_failed_forward_that_kept_the_cache_fails_only_its_own_steps(tiny, monkeypatch):
+    """When one forward of an iteration fails before touching the cache (here the prompt
+    of a session over a sub-span), then only its step fails, and the session sharing the
+    iteration over the whole span gets what it gets alone."""
+    source, head = tiny
+    worker = make_worker(source, SPAN, cache_tokens=1024)
+    part = BlockSpan(0, 3)
+    whole, broken = sessions_of(2)
+    broken.span = part
+    whole.open(worker)
+    broken.open(worker)
+    runner_class = type(worker.compute.runner(SPAN))
+    forward = runner_class.forward_paged
+
+    def refuse_the_part(runner, *args, **kwargs):
+        if runner.end == part.end:
+            raise ValueError("no program for this span")
+        return forward(runner, *args, **kwargs)
+
+    monkeypatch.setattr(runner_class, "forward_paged", refuse_the_part)
+    whole.new_tokens = 1
+    outcomes = [(s, s.send(worker, head)) for s in (whole, broken)]
+    worker.thread.run_all()
+    monkeypatch.undo()
+    for session, outcome in outcomes:
+        session.receive(outcome, head)
+    assert broken.error is not None and broken.error.check(ValueError)
+    assert whole.error is None and worker.compute.cache_resets == 0
+    solo = alone(tiny, whole)
+    assert np.array_equal(whole.hidden[0], solo.hidden[0])
