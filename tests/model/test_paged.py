@@ -16,9 +16,12 @@ WIDTH = 4  # pages per row's table: 256 positions
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    folder = write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama")
-    source = open_model(str(folder))
+def source(tmp_path_factory):
+    return open_model(str(write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny")))
+
+
+@pytest.fixture(scope="module")
+def runner(source):
     return SpanRunner(source.config, source.load_span_params(0, 6, np.float32))
 
 
@@ -135,3 +138,25 @@ def test_padding_rows_write_only_the_scratch_page(runner):
     changed = {int(p) for p in np.nonzero((after != before).any(axis=(0, 2, 3, 4)))[0]}
     assert changed <= {SCRATCH_PAGE, caches[1].pages[lengths[1] // 64]}
     assert caches[1].pages[lengths[1] // 64] in changed
+
+
+def test_a_scanned_span_runs_the_paged_step_as_the_unrolled_one(source, runner):
+    """When the span's layers run under lax.scan (the accelerator layout), and a sub-span
+    writes its own layers of the arena, then prefill and decode over the arena match the
+    unrolled runner."""
+    scanned = SpanRunner(source.config, source.load_span_params(0, 6, np.float32), scan=True)
+    rng = np.random.default_rng(5)
+    prompt = rng.standard_normal((1, 16, 64)).astype(np.float32)  # [1, T, H]
+    token = rng.standard_normal((1, 1, 64)).astype(np.float32)  # [1, 1, H]
+    outs = []
+    for each in (runner, scanned):
+        allocator = PageAllocator(5)
+        arena = each.new_arena(5)
+        table = PagedCache(allocator, allocator.allocate(4)).table(WIDTH)[None]  # [1, M]
+        first, arena = each.sub_runner(0, 2).forward_paged(prompt, [0], table, arena, 16)
+        rest, arena = each.sub_runner(2, 6).forward_paged(first, [0], table, arena, 16)
+        step, arena = each.forward_paged(token, [16], table, arena, 256)
+        outs.append((np.asarray(rest), np.asarray(step)))
+    for ours, theirs in zip(*outs):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
