@@ -119,18 +119,29 @@ def test_the_cache_budget_and_no_capacity_are_as_before(tiny):
     assert worker.compute.shared.allocator.free == 0
 
 
-def test_a_session_closed_mid_batch_frees_its_pages_when_the_batch_ends(tiny):
-    """When a session is closed while its step runs in a batch with others, then the
-    others' outputs are those they get alone, and its pages come back after the batch."""
+@pytest.mark.parametrize("ending", ["closed", "timed out"])
+def test_a_session_ended_mid_batch_frees_its_pages_when_the_batch_ends(tiny, ending):
+    """When a session is closed, or outlives its max age, while its step runs in a batch
+    with others, then the others' outputs are those they get alone, and its pages come
+    back after the batch."""
     source, head = tiny
     worker = make_worker(source, SPAN, cache_tokens=1024)
     sessions = sessions_of(3)
-    for session in sessions:
+    for session in sessions[1:2]:
+        session.open(worker)
+    worker.clock.advance(worker.table.max_age - 1)  # the others open later: they stay
+    for session in sessions[0:1] + sessions[2:]:
         session.open(worker)
     free_before = worker.compute.shared.allocator.free
 
     def close_the_second(worker):
-        worker.handlers.close(sessions[1].peer, messages.build_close(sessions[1].session_id))
+        if ending == "closed":
+            worker.handlers.close(sessions[1].peer,
+                                  messages.build_close(sessions[1].session_id))
+        else:
+            worker.clock.advance(1)
+            expired = worker.table.expire_idle()
+            assert [s.session_id for s in expired] == [sessions[1].session_id]
         assert worker.compute.shared.allocator.free == free_before  # still in the batch
 
     outcomes = [(s, s.send(worker, head)) for s in sessions]
