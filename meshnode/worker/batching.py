@@ -64,6 +64,8 @@ class StepJob:
     done: int = 0  # positions already computed
     outputs: list[np.ndarray] = field(default_factory=list)
     result: Deferred | None = None
+    #: called when the step's first positions enter an iteration (metrics: its queue wait)
+    on_start: Callable[[], None] | None = None
 
     @property
     def length(self) -> int:
@@ -213,11 +215,13 @@ class BatchScheduler:
         self.last_rows = 0
         self.last_tokens = 0
 
-    def submit(self, owner: bytes, session: Any, hidden: np.ndarray, start: int) -> Deferred:
-        """Run ``hidden [1, T, H]`` of ``session`` from ``start``; fires with ``[1, T, H]``."""
+    def submit(self, owner: bytes, session: Any, hidden: np.ndarray, start: int,
+               on_start: Callable[[], None] | None = None) -> Deferred:
+        """Run ``hidden [1, T, H]`` of ``session`` from ``start``; fires with ``[1, T, H]``.
+        ``on_start()`` is called when its first positions enter an iteration."""
         if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1:
             return fail(ShapeMismatch(f"a step is [1, T, H], got shape {hidden.shape}"))
-        job = StepJob(owner, session, hidden, start)
+        job = StepJob(owner, session, hidden, start, on_start=on_start)
         job.result = Deferred(lambda _: self.planner.remove(job))
         try:
             self.planner.add(job)
@@ -242,6 +246,9 @@ class BatchScheduler:
         self._running = iteration
         self.iterations += 1
         self.last_rows, self.last_tokens = iteration.row_count, iteration.tokens
+        for work in iteration.works:
+            if work.offset == 0 and work.job.on_start is not None:
+                work.job.on_start()
         done = self.compute.run_iteration(iteration)
         done.addBoth(self._finished, iteration)
 

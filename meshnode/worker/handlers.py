@@ -158,8 +158,14 @@ class InferenceHandlers:
         if self.scheduler is None:
             return self._compute(peer, lambda: self.compute.forward(
                 session.span, request.hidden, request.start, session.cache))
-        done = self.scheduler.submit(peer.node_id, session, request.hidden, request.start)
+        done = self.scheduler.submit(peer.node_id, session, request.hidden, request.start,
+                                     on_start=self._waited() if self.metrics else None)
         return done.addCallback(lambda hidden: (hidden, session.cache))
+
+    def _waited(self) -> Callable[[], None]:
+        """A callable recording how long since now a step waited for its compute turn."""
+        arrived = time.perf_counter()
+        return lambda: self.metrics.queue_wait.observe(time.perf_counter() - arrived)
 
     def close(self, peer: PeerInfo, message: Message) -> Message:
         self.table.close(peer.node_id, messages.parse_close(message))
