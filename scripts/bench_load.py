@@ -8,7 +8,17 @@ tokens / wall time of the whole batch) and the p50 / p99 time per token (the
 gaps between consecutive tokens of a session, all sessions together), then
 checks every output against local greedy generation of the same model.
 
+In the same run, against the same workers, it first measures one session
+alone (the single-session rate the aggregate is compared with), and with
+``--prefill 128,1800`` the prefill rate of prompts of those lengths (prompt
+tokens / time to the first token, warm: each measured twice, the second
+kept), through the mesh and locally (all blocks in this process). It waits
+for the workers' background precompiling to end before measuring.
+``--worker-args=--no-batching`` runs the same load on workers that take one
+step at a time (the behaviour before continuous batching).
+
     scripts/bench_load.py                      # SmolLM2, 32 x 200 through 0:10, 10:20, 20:30
+    scripts/bench_load.py --sessions 16 --new-tokens 64 --prefill 128,1800
     scripts/bench_load.py --sessions 8 --new-tokens 50 --json
 """
 
@@ -35,6 +45,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=200)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-check", action="store_true", help="skip the local reference")
+    parser.add_argument("--no-single", action="store_true",
+                        help="skip the one-session baseline")
+    parser.add_argument("--prefill", default="", help="prompt lengths to time, e.g. 128,1800")
+    parser.add_argument("--worker-args", default="", help="extra worker options, space separated")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     return parser.parse_args(argv)
 
@@ -54,16 +68,24 @@ async def measure(reactor, args: argparse.Namespace) -> None:
     root = Path(tempfile.mkdtemp(prefix="meshnode-bench-load-"))
     with LocalMesh(args.model, root=root) as mesh:
         mesh.start_bootstrap()
-        nodes = [mesh.start_worker(span, wait=False) for span in args.spans.split(",")]
+        extra = args.worker_args.split()
+        nodes = [mesh.start_worker(span, extra, wait=False) for span in args.spans.split(",")]
         for node in nodes:
             node.wait_ready()
+        wait_precompiled(nodes, extra)
         client = MeshClient(reactor, [mesh.join_address], args.model, max_concurrent=args.sessions)
         await client.start()
         try:
             await client.wait_for_route(60)
-            batch = random_prompts(args.sessions, client.source.config.vocab_size, args.seed)
+            vocab = client.source.config.vocab_size
+            batch = random_prompts(args.sessions, vocab, args.seed)
+            single = None
+            if not args.no_single:
+                await run_load(client, reactor, batch[:1], 4)  # warm the decode programs
+                single = await run_load(client, reactor, batch[:1], args.new_tokens)
             load = await run_load(client, reactor, batch, args.new_tokens)
             route = client.last_route.describe()
+            prefill = {n: await prefill_rate(client, reactor, vocab, n) for n in lengths(args)}
         finally:
             await client.close()
     report = {
@@ -78,11 +100,64 @@ async def measure(reactor, args: argparse.Namespace) -> None:
         "p99_ms_per_token": 1000 * load.gap_percentile(0.99),
         "route": route,
     }
+    if single is not None:
+        report["single_tokens_per_second"] = single.tokens_per_second
+        report["speedup"] = load.tokens_per_second / max(single.tokens_per_second, 1e-9)
+    if prefill:
+        report["prefill_mesh_tokens_per_second"] = prefill
+        report["prefill_local_tokens_per_second"] = local_prefill(args.model, lengths(args))
     if not args.no_check:
         report["mismatches"] = check(args.model, batch, load.tokens, args.new_tokens)
     print_report(report, args.json)
     if report.get("mismatches"):
         raise SystemExit(1)
+
+
+def wait_precompiled(nodes, extra: list[str], timeout: float = 900.0) -> None:
+    """Block until every worker says its background programs are compiled (they would
+    otherwise compete for the cores and compile on demand in the middle of the load)."""
+    import time
+
+    if "--no-precompile" in extra:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all("precompiled" in node.log_tail(400) for node in nodes):
+            return
+        time.sleep(1.0)
+    print("workers still precompiling: measuring anyway", file=sys.stderr)
+
+
+def lengths(args: argparse.Namespace) -> list[int]:
+    return [int(n) for n in args.prefill.split(",") if n]
+
+
+async def prefill_rate(client, reactor, vocab: int, length: int) -> float:
+    """Prompt tokens per second to the first token, the second of two runs."""
+    from meshnode.client.generate import GenerationOptions
+
+    (prompt,) = random_prompts(1, vocab, length)
+    prompt = (prompt * (length // len(prompt) + 1))[:length]
+    for _ in range(2):
+        began = reactor.seconds()
+        await client.generate_ids(prompt, GenerationOptions(max_new_tokens=1))
+        seconds = reactor.seconds() - began
+    return length / seconds
+
+
+def local_prefill(model: str, sizes: list[int]) -> dict[int, float]:
+    """The same, with every block in this process (LocalModel's prefill_s)."""
+    from meshnode.model.generate import LocalModel
+    from meshnode.model.source import open_model
+
+    local = LocalModel.load(open_model(model))
+    rates = {}
+    for length in sizes:
+        prompt = list(range(1, length + 1))
+        for _ in range(2):
+            result = local.generate(prompt_ids=prompt, max_new_tokens=1)
+        rates[length] = length / result.prefill_s
+    return rates
 
 
 def check(model: str, batch: list[list[int]], outputs: list[list[int]], new_tokens: int) -> int:
@@ -113,6 +188,13 @@ def print_report(report: dict, as_json: bool) -> None:
         f"  time per token: p50 {report['p50_ms_per_token']:.1f} ms, "
         f"p99 {report['p99_ms_per_token']:.1f} ms"
     )
+    if "single_tokens_per_second" in report:
+        print(f"  one session alone, same workers: {report['single_tokens_per_second']:.1f} "
+              f"tokens/s; aggregate {report['speedup']:.2f}x that")
+    for where in ("mesh", "local"):
+        rates = report.get(f"prefill_{where}_tokens_per_second", {})
+        for length, rate in rates.items():
+            print(f"  prefill of {length} tokens, {where}: {rate:.0f} tokens/s")
     if "mismatches" in report:
         print(
             f"  outputs equal to local greedy: {report['sessions'] - report['mismatches']}"

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not compile the step programs of common prompt lengths in the background",
     )
+    parser.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="run one session's step at a time, each over its own cache (no shared batches)",
+    )
     parser.add_argument("--metrics-port", type=int, default=None, metavar="N",
                         help="serve Prometheus metrics at http://HOST:N/metrics (0: ephemeral)")
 
@@ -115,6 +120,7 @@ def options_from_args(args: argparse.Namespace) -> WorkerOptions:
         reclaim_idle=args.reclaim_after,
         open_wait=args.open_wait,
         precompile=not args.no_precompile,
+        batching=not args.no_batching,
         metrics_port=args.metrics_port,
     )
 

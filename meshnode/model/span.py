@@ -25,6 +25,14 @@ overwritten); attention reads only a bucketed prefix of the cache.
     cache = runner.new_cache(max_length=512)
     hidden, cache = runner.forward(embedded, start_position=0, cache=cache)   # prefill
     hidden, cache = runner.forward(next_embedded, start_position=n, cache=cache)
+
+Many sessions at different positions share one paged arena instead
+(meshnode/model/paged.py): ``new_arena(pages)`` allocates it over this span,
+``forward_paged`` runs B rows, each at its own start with its own page table,
+and any sub-runner writes its own layers of the same arena.
+
+    arena = runner.new_arena(pages=257)
+    hidden, arena = runner.forward_paged(rows, starts, tables, arena)   # rows [B, T, H]
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from meshnode.model.families.llama import attention_spec
 from meshnode.model.families.registry import build_stack, family
 from meshnode.model.layers.attention import CacheView
 from meshnode.model.layers.block import DecoderStack, positions_from
+from meshnode.model.paged import PAGE, PagedArena, paged_step_function
 from meshnode.model.quant import is_quantized
 
 #: prefill lengths are padded up to the next of these (then to multiples of the last)
@@ -167,6 +176,7 @@ class SpanRunner:
         self.scan = programs[0].scanned > 0
         self._programs = programs  # device arrays: one stack (unrolled) or one per run (scan)
         self._step = _step_function(tuple(p.key for p in programs))
+        self._paged_step = paged_step_function(tuple(p.key for p in programs))
 
     @property
     def module(self) -> nnx.Module:
@@ -214,6 +224,74 @@ class SpanRunner:
         positions = cache_length(max_length)
         per_position = 2 * c.num_kv_heads * c.head_dim * self.compute_dtype.itemsize
         return self.num_layers * batch * positions * per_position
+
+    def new_arena(self, pages: int, page_size: int = PAGE) -> PagedArena:
+        """A zeroed paged arena of ``pages`` pages (page 0 being scratch) over this span."""
+        c = self.config
+        shape = (self.num_layers, pages, page_size, c.num_kv_heads, c.head_dim)
+        return PagedArena(jnp.zeros(shape, self.compute_dtype),
+                          jnp.zeros(shape, self.compute_dtype), self.start)
+
+    def arena_bytes(self, pages: int, page_size: int = PAGE) -> int:
+        """What new_arena(pages, page_size) would allocate."""
+        c = self.config
+        per_position = 2 * c.num_kv_heads * c.head_dim * self.compute_dtype.itemsize
+        return self.num_layers * pages * page_size * per_position
+
+    def forward_paged(
+        self, hidden: Any, starts: Any, tables: Any, arena: PagedArena, kv_length: int
+    ) -> tuple[jax.Array, PagedArena]:
+        """Rows hidden [B, T, H], row b's positions from starts[b] (int32 [B]) in its pages
+        tables[b] (int32 [B, M]) of an arena over a span that holds this runner's blocks.
+
+        Attention through XLA reads the first ``kv_length`` positions of each row (the
+        native decode kernel reads exactly the row's positions). Returns (hidden_out
+        [B, T, H], the updated arena); the arena passed in is donated.
+        """
+        first = self.start - arena.start
+        if not 0 <= first <= arena.num_layers - self.num_layers:
+            raise ShapeMismatch(
+                f"blocks {self.start}:{self.end} are not in the arena's {arena.num_layers} "
+                f"layers from {arena.start}")
+        shape = getattr(hidden, "shape", None)
+        if shape is None or len(shape) != 3 or shape[2] != self.config.hidden_size:
+            raise ShapeMismatch(f"rows must be [batch, length, hidden], got shape {shape}")
+        width = np.shape(tables)[1] * arena.page_size
+        if not 0 < kv_length <= width:
+            raise CacheOverflow(f"kv_length {kv_length} outside the page tables' {width}")
+        out, k, v = self._paged_step(
+            tuple(p.leaves for p in self._programs),
+            hidden,
+            np.asarray(starts, np.int32),
+            np.asarray(tables, np.int32),
+            arena.k,
+            arena.v,
+            first=first,
+            kv_length=int(kv_length),
+            compute_dtype=self.compute_dtype.name,
+        )
+        return out, PagedArena(k, v, arena.start)
+
+    def compile_paged(self, batch: int, length: int, width: int, pages: int, kv_length: int,
+                      page_size: int = PAGE, arena_start: int | None = None) -> None:
+        """Compile the ``forward_paged`` program of rows [batch, length, H], page tables
+        [batch, width] over an arena of ``pages`` pages, without allocating anything (the
+        program lands in the persistent compilation cache, where the first call finds it)."""
+        c = self.config
+        arena_start = self.start if arena_start is None else arena_start
+        shape = (self.num_layers, pages, page_size, c.num_kv_heads, c.head_dim)
+        arena = jax.ShapeDtypeStruct(shape, self.compute_dtype)
+        self._paged_step.lower(
+            tuple(p.leaves for p in self._programs),
+            jax.ShapeDtypeStruct((batch, length, c.hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((batch,), jnp.int32),
+            jax.ShapeDtypeStruct((batch, width), jnp.int32),
+            arena,
+            arena,
+            first=self.start - arena_start,
+            kv_length=int(kv_length),
+            compute_dtype=self.compute_dtype.name,
+        ).compile()
 
     def forward(
         self, hidden: Any, start_position: int, cache: KVCache

@@ -3,7 +3,8 @@
 ``qmatmul.cc`` holds the block-quantized matmul and dequantize handlers (see
 its header for the weight layout), ``dense.cc`` the float32 dense matmul, both
 batch-invariant (a row's bits do not depend on the other rows of the call),
-``attention.cc`` the attention of one new position over a KV cache;
+``attention.cc`` the attention of one new position over a KV cache (one
+session's, or a paged arena's for a batch of sessions);
 ``parallel.h`` splits rows among threads. ``load()`` compiles them into one
 library once per machine with the C++ compiler (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, ``-march=native`` (or
@@ -40,6 +41,7 @@ MATMUL_TARGET = "meshnode_qmatmul"
 DEQUANT_TARGET = "meshnode_qdequant"
 ATTENTION_TARGET = "meshnode_decode_attention"
 DENSE_TARGET = "meshnode_dense_matmul"
+PAGED_ATTENTION_TARGET = "meshnode_paged_attention"
 
 _SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("qmatmul.cc", "dense.cc", "attention.cc")
@@ -50,6 +52,7 @@ _SYMBOLS = {
     DEQUANT_TARGET: "MeshnodeQDequant",
     ATTENTION_TARGET: "MeshnodeDecodeAttention",
     DENSE_TARGET: "MeshnodeDenseMatmul",
+    PAGED_ATTENTION_TARGET: "MeshnodePagedAttention",
 }
 _FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 _log = logging.getLogger(__name__)

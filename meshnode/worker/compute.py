@@ -7,6 +7,12 @@ one after another on the device, in the order they arrived. A session may cover
 only part of the worker's span (a route may enter or leave it in the middle); a
 runner per sub-span is built on first use from slices of the stacked parameters
 and kept.
+
+With ``enable_batching`` the sessions' caches are pages of one arena shared by
+the whole span (``meshnode.worker.arena.SharedCache``), and steps run as the
+iterations of a ``meshnode.worker.batching.BatchScheduler`` (``run_iteration``);
+``batch_throughput`` holds the decode rate measured at a few batch sizes, for
+routing to weigh a loaded worker against an idle one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 
 from meshnode.compute import ComputeThread
 from meshnode.inference.records import BlockSpan
@@ -26,6 +32,8 @@ T = TypeVar("T")
 #: positions of the prompt used to measure throughput at start
 WARMUP_PREFILL = 16
 WARMUP_DECODE_STEPS = 8
+#: batch sizes whose decode rate is measured at start (``batch_throughput``)
+MEASURED_BATCHES = (1, 4, 16)
 
 
 class SpanCompute:
@@ -41,6 +49,12 @@ class SpanCompute:
         self.compute_dtype = compute_dtype
         self.hidden_size: int = source.config.hidden_size
         self._runners: dict[BlockSpan, Any] = {}
+        #: the shared paged cache (``enable_batching``), None: one cache per session
+        self.shared: Any = None
+        #: failed iterations that took the shared cache with them (acknowledged here)
+        self.cache_resets = 0
+        #: batch size -> decode tokens/s over the whole span, measured at start
+        self.batch_throughput: dict[int, float] = {}
 
     def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         return self._thread.call(function, *args)
@@ -51,7 +65,44 @@ class SpanCompute:
 
     def new_cache(self, span: BlockSpan, max_length: int) -> Deferred[Any]:
         length = session_cache_length(max_length)  # the programs compiled ahead: see precompile
+        if self.shared is not None:
+            try:
+                return succeed(self.shared.new_cache(length))
+            except Exception as exc:
+                return fail(exc)
         return self.call(lambda: self._runner(span).new_cache(length))
+
+    def enable_batching(self, cache_tokens: int, max_length: int) -> Deferred[None]:
+        """Allocate the shared arena for ``cache_tokens`` positions, sessions of up to
+        ``max_length``; from then on caches are pages and steps run by ``run_iteration``."""
+        from meshnode.worker.arena import SharedCache
+
+        def allocate() -> None:
+            self.shared = SharedCache(self._runner, self.span, cache_tokens,
+                                      session_cache_length(max_length), metrics=self._metrics)
+
+        return self.call(allocate)
+
+    def run_iteration(self, iteration: Any) -> Deferred[dict[Any, np.ndarray]]:
+        """Every piece of a ``batching.Iteration`` over the shared cache."""
+        done = self.call(self.shared.run, iteration)
+        return done.addBoth(self._after_iteration)
+
+    def _after_iteration(self, outcome: Any) -> Any:
+        if self.shared.resets != self.cache_resets:
+            self.shared.free_all()
+            self.cache_resets = self.shared.resets
+        return outcome
+
+    def measure_batches(self, sizes: tuple[int, ...] = MEASURED_BATCHES,
+                        steps: int = WARMUP_DECODE_STEPS) -> Deferred[dict[int, float]]:
+        """Decode tokens/s of ``sizes`` rows batched, kept in ``batch_throughput``."""
+        def measure() -> dict[int, float]:
+            rates = {size: self.shared.measure(size, steps) for size in sizes}
+            self.batch_throughput = rates
+            return rates
+
+        return self.call(measure)
 
     def forward(
         self, span: BlockSpan, hidden: np.ndarray, start: int, cache: Any

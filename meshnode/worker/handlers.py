@@ -7,6 +7,10 @@ compute object (``SpanCompute`` or a fake in tests): anything with
 ``hidden_size``, ``new_cache(span, max_length)`` and
 ``forward(span, hidden, start, cache)`` returning Deferreds.
 
+With a ``scheduler`` (``meshnode.worker.batching.BatchScheduler``, the
+worker's), a step's compute is not a turn of its own: it joins the next
+batched iteration, and its cache is the session's pages of the shared arena.
+
 Opens go through an ``OpenAdmission`` when one is given (the worker's): an
 open that does not fit waits briefly for reclaimed room instead of failing
 at once (``meshnode.worker.admission``).
@@ -50,6 +54,7 @@ class InferenceHandlers:
         queue: Any = None,
         admission: Any = None,
         metrics: Any = None,
+        scheduler: Any = None,
     ):
         self.limits = limits
         # ``meshnode.worker.admission.OpenAdmission``, or None: a full budget refuses at once
@@ -61,6 +66,8 @@ class InferenceHandlers:
         self.queue = queue
         # ``meshnode.worker.metrics.WorkerMetrics`` (None: not counted)
         self.metrics = metrics
+        # ``meshnode.worker.batching.BatchScheduler``: steps join batched iterations
+        self.scheduler = scheduler
 
     def handlers(self) -> dict[str, Handler]:
         table = {
@@ -146,12 +153,27 @@ class InferenceHandlers:
         length = request.hidden.shape[1]
         session.check_step(request.span, request.start, length)
         self.table.begin_step(session)
-        done = self._compute(peer, lambda: self.compute.forward(
-            session.span, request.hidden, request.start, session.cache))
+        done = self._schedule(peer, session, request)
         return done.addCallbacks(
             lambda result: self._stepped(session, result, request.start + length),
             lambda failure: self._step_failed(session, failure),
         )
+
+    def _schedule(self, peer: PeerInfo, session: Session,
+                  request: messages.StepRequest) -> Deferred[tuple[Any, Any]]:
+        """The step's compute: a turn of the fair queue, or rows of a batched iteration
+        (the session's pages stay its cache); fires with (hidden, cache)."""
+        if self.scheduler is None:
+            return self._compute(peer, lambda: self.compute.forward(
+                session.span, request.hidden, request.start, session.cache))
+        done = self.scheduler.submit(peer.node_id, session, request.hidden, request.start,
+                                     on_start=self._waited() if self.metrics else None)
+        return done.addCallback(lambda hidden: (hidden, session.cache))
+
+    def _waited(self) -> Callable[[], None]:
+        """A callable recording how long since now a step waited for its compute turn."""
+        arrived = time.perf_counter()
+        return lambda: self.metrics.queue_wait.observe(time.perf_counter() - arrived)
 
     def close(self, peer: PeerInfo, message: Message) -> Message:
         self.table.close(peer.node_id, messages.parse_close(message))
@@ -196,7 +218,9 @@ class InferenceHandlers:
         return position, hidden
 
     def _step_failed(self, session: Session, failure: Any) -> Any:
-        # The donated cache may be gone: the session cannot go on.
+        # The donated cache may be gone: the session cannot go on. Pages of the shared
+        # cache stay with it until the table frees it, which gives them back.
         session.closed = True
-        self.table.end_step(session, None, session.position)
+        cache = session.cache if self.scheduler is not None else None
+        self.table.end_step(session, cache, session.position)
         return failure

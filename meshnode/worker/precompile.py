@@ -11,6 +11,13 @@ dozen programs whatever its prompt and new tokens; ``step_shapes`` lists them
 and ``Precompiler`` runs one dummy forward per program on a thread of its
 own, so the compute thread's steps are never queued behind a compilation. What is compiled lands
 in the persistent compilation cache too, so a restarted worker only loads it.
+
+A batching worker runs other programs (meshnode/worker/batching.py): decode
+rows padded to a row bucket, over the whole page table, and prefill chunks of
+a length bucket attending to a bucketed prefix. ``paged_shapes`` lists them
+(decode buckets and short prompts first), and ``Precompiler.run_paged``
+compiles each ahead of time from shapes alone (``SpanRunner.compile_paged``:
+no arena is allocated, and the first call finds the program in the cache).
 """
 
 from __future__ import annotations
@@ -59,6 +66,30 @@ def step_shapes(max_length: int) -> list[StepShape]:
     return decodes[:1] + prefills + decodes[1:]
 
 
+@dataclass(frozen=True)
+class PagedShape:
+    """One paged program: ``batch`` rows of ``positions`` attending to ``kv_length``."""
+
+    batch: int
+    positions: int
+    kv_length: int
+
+
+def paged_shapes(table_positions: int) -> list[PagedShape]:
+    """Every program of a batching worker whose page tables span ``table_positions`` (pure):
+    decode rows of each row bucket, chunks of each length bucket at each prefix bucket."""
+    from meshnode.model.span import LENGTH_BUCKETS, bucket_length
+    from meshnode.worker.batching import CHUNK, ROW_BUCKETS
+
+    decodes = [PagedShape(b, 1, table_positions) for b in ROW_BUCKETS]
+    lengths = [b for b in LENGTH_BUCKETS if 1 < b <= min(CHUNK, table_positions)]
+    first = [PagedShape(1, t, bucket_length(t)) for t in lengths]
+    prefixes = sorted({min(bucket_length(start + t), table_positions)
+                       for start in range(CHUNK, table_positions, CHUNK) for t in lengths})
+    later = [PagedShape(1, t, kv) for kv in prefixes for t in lengths if kv > CHUNK]
+    return decodes[:5] + first + decodes[5:] + later
+
+
 class Precompiler:
     """Compiles step programs of a runner on its own thread; stopping waits for the one
     in flight."""
@@ -75,6 +106,21 @@ class Precompiler:
         return deferToThreadPool(
             self._reactor, self._pool, self._compile_all, runner, hidden_size, shapes, clock
         )
+
+    def run_paged(self, runner: Any, shapes: list[PagedShape], width: int, pages: int,
+                  clock: Callable[[], float] = time.monotonic) -> Deferred[float]:
+        """Compile the paged programs ``shapes`` for page tables of ``width`` pages over an
+        arena of ``pages``; fires with the seconds it took."""
+        def compile_all() -> float:
+            began = clock()
+            for shape in shapes:
+                if self._stopped:
+                    break
+                runner.compile_paged(shape.batch, shape.positions, width, pages, shape.kv_length)
+            return clock() - began
+
+        self._pool.start()
+        return deferToThreadPool(self._reactor, self._pool, compile_all)
 
     def stop(self) -> None:
         self._stopped = True

@@ -4,8 +4,10 @@ Start-up, in order: identity from the data dir, the Endpoint listening on its
 pinned address, the DHT joined through the bootstrap nodes, the model opened,
 the span chosen (``--blocks`` or ``choose_span`` over the DHT's records), its
 blocks loaded and warmed up on the compute thread (which measures
-throughput), the ``infer.*`` handlers installed (forwarding's over them:
-``meshnode.worker.forwarding``), the blocks announced. Then
+throughput), the shared paged KV cache allocated and the batched decode
+rates measured (``--no-batching``: one cache per session, one step at a time
+through a ``FairQueue``), the ``infer.*`` handlers installed (forwarding's over
+them: ``meshnode.worker.forwarding``), the blocks announced. Then
 the address is printed and written to ``<data dir>/address`` for launchers,
 and the step programs of common sessions compile in the background
 (``meshnode.worker.precompile``). Each phase prints one line with its time
@@ -49,6 +51,7 @@ from meshnode.phases import StartupPhases, say
 from meshnode.swarm.policy import join_swarm, start_swarm
 from meshnode.worker.admission import DEFAULT_OPEN_WAIT, OpenAdmission
 from meshnode.worker.announce import DEFAULT_INTERVAL, DEFAULT_TTL, Announcer, batching_fields
+from meshnode.worker.batching import BatchScheduler
 from meshnode.worker.budget import CacheBudget
 from meshnode.worker.compute import SpanCompute
 from meshnode.worker.fairness import FairQueue
@@ -56,7 +59,12 @@ from meshnode.worker.forwarding import ForwardingHandlers
 from meshnode.worker.handlers import InferenceHandlers, WorkerLimits
 from meshnode.worker.links import LinkProber, PeerRtts
 from meshnode.worker.metrics import WorkerMetrics, metrics_site
-from meshnode.worker.precompile import Precompiler, session_cache_length, step_shapes
+from meshnode.worker.precompile import (
+    Precompiler,
+    paged_shapes,
+    session_cache_length,
+    step_shapes,
+)
 from meshnode.worker.sessions import DEFAULT_IDLE_TIMEOUT, DEFAULT_RECLAIM_IDLE, SessionTable
 from meshnode.worker.span_choice import choose_span
 
@@ -90,6 +98,7 @@ class WorkerOptions:
     open_wait: float = DEFAULT_OPEN_WAIT
     precompile: bool = True
     metrics_port: int | None = None  # serve /metrics there (0: ephemeral)
+    batching: bool = True  # steps of all sessions in shared iterations (meshnode.worker.batching)
 
 
 class WorkerService(Service):
@@ -121,6 +130,7 @@ class WorkerService(Service):
         self.swarm: Any = None
         self.metrics = WorkerMetrics()
         self.metrics_port: Any = None
+        self.scheduler: BatchScheduler | None = None
         self._expiry = LoopingCall(self._expire_idle)
         self._expiry.clock = reactor
 
@@ -171,8 +181,14 @@ class WorkerService(Service):
             await compute.load()
         with phases.phase("compile"):
             await compute.warm_up(min(options.max_length, source.config.max_position_embeddings))
+        max_length = min(options.max_length, source.config.max_position_embeddings)
+        if options.batching:
+            with phases.phase("allocate shared cache"):
+                await compute.enable_batching(options.cache_tokens, max_length)
         with phases.phase("measure speed"):
             self.throughput = await compute.measure_throughput()
+            if options.batching:
+                await compute.measure_batches()
         self._serve(source, compute)
         await self._listen_metrics()
         with phases.phase("announce"):
@@ -187,8 +203,14 @@ class WorkerService(Service):
         """The step programs of common sessions, compiled on a thread of their own."""
         if not self.options.precompile:
             return
-        shapes = step_shapes(max_length)
-        done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)
+        if compute.shared is not None:
+            shared = compute.shared
+            shapes = paged_shapes(shared.width * shared.page_size)
+            done = self.precompiler.run_paged(compute.runner(self.span), shapes, shared.width,
+                                              shared.pages)
+        else:
+            shapes = step_shapes(max_length)
+            done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)
         done.addCallback(lambda seconds: self._say(
             f"meshnode worker: precompiled {len(shapes)} step programs in the background: "
             f"{seconds:.1f} s"))
@@ -215,11 +237,13 @@ class WorkerService(Service):
         # a session can never be longer than the positions the model was trained for
         max_length = min(options.max_length, source.config.max_position_embeddings)
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
+        if options.batching:
+            self.scheduler = BatchScheduler(compute, on_cache_lost=self.table.close_all)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
-                                     FairQueue(),
+                                     None if options.batching else FairQueue(),
                                      admission=OpenAdmission(self.table, self.reactor,
                                                              options.open_wait),
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, scheduler=self.scheduler)
         self.metrics.watch(self.table)
         for message_type, handler in handlers.handlers().items():
             self.endpoint.add_handler(message_type, handler)
@@ -234,7 +258,7 @@ class WorkerService(Service):
             return ServerInfo(str(self.address), self.span, state, self.throughput,
                               self.table.budget.free, dtype, source.fingerprint,
                               max_length=max_length, peer_rtts=self.links.published(),
-                              **batching_fields(compute))
+                              **batching_fields(self.scheduler or compute))
 
         self.announcer = Announcer(self.dht, self.reactor, self.span,
                                    keys_for(source.fingerprint), info,

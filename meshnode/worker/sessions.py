@@ -16,7 +16,9 @@ long before giving up). The owner of a reclaimed session is told so at its
 next step (``UnknownSession`` "reclaimed"), and replays elsewhere or here.
 
 Pure: time comes from an injected clock (anything with ``seconds()``), ids from
-an injected factory; the cache object itself is opaque here.
+an injected factory; the cache object itself is opaque here, except that one
+with a ``release()`` method (pages of a worker's shared cache) is released
+when its session is freed, never while a step runs on it.
 """
 
 from __future__ import annotations
@@ -260,6 +262,9 @@ class SessionTable:
 
     def _free(self, session: Session) -> None:
         if self._sessions.pop(session.session_id, None) is not None:
+            release = getattr(session.cache, "release", None)
+            if release is not None:
+                release()
             session.cache = None
             self.budget.release(session.reserved)
             self._owned[session.owner] -= 1

@@ -53,3 +53,28 @@ def test_nothing_past_the_workers_max_length():
     assert max(s.positions for s in step_shapes(100)) == 128
     assert max(s.positions for s in step_shapes(64)) == 64
     assert len(step_shapes(2048)) == 11
+
+
+def paged_programs(prompt: int, table_positions: int) -> set[tuple]:
+    """The programs a batching worker runs for a prompt then decode rows of any batch, as
+    SharedCache.run picks them: chunks of at most CHUNK, padded, over a bucketed prefix."""
+    from meshnode.worker.arena import _CHUNK_BUCKETS
+    from meshnode.worker.batching import CHUNK, ROW_BUCKETS
+
+    programs = {(rows, 1, table_positions) for rows in ROW_BUCKETS}
+    for start in range(0, prompt, CHUNK):
+        padded = bucket_length(min(CHUNK, prompt - start), _CHUNK_BUCKETS)
+        programs.add((1, padded, min(bucket_length(start + padded), table_positions)))
+    return programs
+
+
+@pytest.mark.parametrize("prompt", [2, 16, 17, 100, 256, 300, 511, 1000, 1800, 2047])
+def test_a_batching_worker_finds_its_programs_compiled(prompt):
+    """When a batching worker (page tables of 2048 positions) runs a prompt of more than one
+    position, cut in chunks, then decode rows in any batch, then every program it runs but
+    a last chunk of a single position is one it compiled ahead."""
+    from meshnode.worker.precompile import paged_shapes
+
+    compiled = {(s.batch, s.positions, s.kv_length) for s in paged_shapes(2048)}
+    needed = {p for p in paged_programs(prompt, 2048) if p[1] > 1 or p[0] > 1 or p[2] == 2048}
+    assert needed <= compiled

@@ -11,6 +11,15 @@ cache positions attention reads (a bucket, so early decode steps of a long
 session do not pay for the whole cache). One float32 position (a decode step)
 goes to the native kernel where it runs, which reads the cache in place.
 Scores and softmax are float32 whatever the compute dtype.
+
+``PagedView`` is the other cache layout (meshnode/model/paged.py): an arena of
+pages shared by many sessions, each row of the batch at its own position with
+its own page table. Every row is computed on its own: its writes go to its
+pages, its rotary tables and masks come from its positions, and one position
+per row (a batched decode step) goes to the native paged kernel, which reads
+the arena in place; elsewhere an XLA path gathers the row's pages. A decode
+row through XLA reads its whole page table (not a bucket of the batch's
+longest row), so what it computes never depends on its batch-mates.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from meshnode.model.rope import apply_rope, rope_tables
 
 #: additive mask value; finite so fully masked (padding) rows stay NaN-free
 MASK_VALUE = -1e30
+#: the page of a paged arena nobody owns (padding goes there); see meshnode/model/paged.py
+SCRATCH_PAGE = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +91,37 @@ class CacheView:
         return dataclasses.replace(self, layer=layer)
 
 
+@dataclasses.dataclass(frozen=True)
+class PagedView:
+    """An arena k, v [L, pages, P, K, D] seen by a batch: row b's positions start at
+    ``starts[b]`` (int32 [B]) and live in its pages ``tables[b]`` (int32 [B, M]); ``layer``
+    is the arena layer being run (``first`` + the block's index in its program); attention
+    of positions written through XLA reads the first ``length`` positions of each row."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: Any
+    first: int
+    tables: jax.Array
+    starts: jax.Array
+    length: int
+
+    def at_layer(self, layer: Any) -> PagedView:
+        return dataclasses.replace(self, layer=self.first + layer)
+
+    @property
+    def page_size(self) -> int:
+        return int(self.k.shape[2])
+
+    def slots(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(page, offset) int32 [B, T] of positions [B, T]; past the table: the scratch page."""
+        size, width = self.page_size, self.tables.shape[1]
+        index = jnp.minimum(positions // size, width - 1)  # [B, T]
+        page = jnp.take_along_axis(self.tables, index, axis=1)  # [B, T]
+        page = jnp.where(positions < width * size, page, SCRATCH_PAGE)  # [B, T]
+        return page, positions % size
+
+
 def attention_mask(q_positions: jnp.ndarray, kv_length: int, window: Any) -> jnp.ndarray:
     """bool [T, A]: causal, and within ``window`` positions when window > 0."""
     kv_positions = jnp.arange(kv_length)[None, :]  # [1, A]
@@ -126,6 +168,8 @@ class Attention(nnx.Module):
         v = v.reshape(batch, length, kv_heads, dim)  # [B, T, K, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if isinstance(cache, PagedView):
+            return self._paged(q, k, v, positions, cache)
         inv_freq = jnp.asarray(spec.inv_freq, jnp.float32)  # [D/2]
         if spec.inv_freq_long:
             long = jnp.max(positions) + 1 > spec.long_after
@@ -145,6 +189,64 @@ class Attention(nnx.Module):
             out = self._attend(q, cache, positions)  # [B, T, N, D]
         out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
         return add_bias(out, self.bo), cache
+
+    def _paged(self, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+               cache: PagedView) -> tuple[jax.Array, PagedView]:
+        """q [B, T, N, D], k, v [B, T, K, D] (before rope) at positions [B, T], row by row."""
+        spec = self.spec
+        batch, length, heads, dim = q.shape
+        q, k = self._rope_rows(q, positions), self._rope_rows(k, positions)
+        page, offset = cache.slots(positions)  # [B, T] x2
+        k_arena = cache.k.at[cache.layer, page, offset].set(k.astype(cache.k.dtype))
+        v_arena = cache.v.at[cache.layer, page, offset].set(v.astype(cache.v.dtype))
+        cache = dataclasses.replace(cache, k=k_arena, v=v_arena)
+        if length == 1 and spec.softcap is None and _native_decode(q, k_arena):
+            q1 = q[:, 0] * (spec.score_scale * dim**0.5) if spec.scale is not None else q[:, 0]
+            out = paged_decode_attention(q1, k_arena, v_arena, cache.layer, positions[:, 0],
+                                         cache.tables, spec.window)[:, None]  # [B, 1, N, D]
+        else:
+            out = self._attend_pages(q, cache, positions)  # [B, T, N, D]
+        out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
+        return add_bias(out, self.bo), cache
+
+    def _rope_rows(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """x [B, T, h, D] rotated by each row's own positions [B, T] (and, for longrope,
+        each row's own choice of frequencies)."""
+        spec = self.spec
+        batch, length = positions.shape
+        flat = positions.reshape(-1)  # [B*T]
+        rows = x.reshape(1, batch * length, *x.shape[2:])  # [1, B*T, h, D]
+        cos, sin = rope_tables(jnp.asarray(spec.inv_freq, jnp.float32), flat, spec.rope_scale)
+        if spec.inv_freq_long:
+            long = jnp.max(positions, axis=1, keepdims=True) + 1 > spec.long_after  # [B, 1]
+            long = jnp.broadcast_to(long, positions.shape).reshape(-1, 1)  # [B*T, 1]
+            inv_long = jnp.asarray(spec.inv_freq_long, jnp.float32)  # [D/2]
+            cos_l, sin_l = rope_tables(inv_long, flat, spec.rope_scale)  # [B*T, D] x2
+            cos, sin = jnp.where(long, cos_l, cos), jnp.where(long, sin_l, sin)
+        return apply_rope(rows, cos, sin).reshape(x.shape)
+
+    def _attend_pages(self, q: jax.Array, cache: PagedView, positions: jax.Array) -> jax.Array:
+        """q [B, T, N, D] over the first cache.length positions of each row's pages."""
+        spec = self.spec
+        batch, length, heads, dim = q.shape
+        kv_heads = spec.num_kv_heads
+        read = -(-cache.length // cache.page_size)
+        tables = cache.tables[:, :read]  # [B, R]
+        keys = cache.k[cache.layer][tables].reshape(batch, -1, kv_heads, dim)  # [B, A, K, D]
+        values = cache.v[cache.layer][tables].reshape(batch, -1, kv_heads, dim)  # [B, A, K, D]
+        q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)  # [B, T, K, G, D]
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+        )  # [B, K, G, T, A]
+        scores = scores * spec.score_scale
+        if spec.softcap is not None:
+            scores = jnp.tanh(scores / spec.softcap) * spec.softcap
+        mask = jax.vmap(attention_mask, in_axes=(0, None, None))(
+            positions, keys.shape[1], spec.window)  # [B, T, A]
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, A]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))  # [B, T, K, G, D]
+        return out.reshape(batch, length, heads, dim)
 
     def _attend(self, q: jax.Array, cache: CacheView, positions: jax.Array) -> jax.Array:
         """q [B, T, N, D] over the first cache.length positions -> [B, T, N, D]."""
@@ -170,6 +272,26 @@ class Attention(nnx.Module):
 
 def _native_decode(q: jax.Array, k_cache: jax.Array) -> bool:
     return q.dtype == k_cache.dtype == jnp.float32 and native.load()
+
+
+def paged_decode_attention(
+    q: jax.Array,
+    k_arena: jax.Array,
+    v_arena: jax.Array,
+    layer_index: Any,
+    positions: jax.Array,
+    tables: jax.Array,
+    window: Any,
+) -> jax.Array:
+    """q [B, N, D], row b at its own position ``positions[b]`` (int32 [B]) over its pages
+    ``tables[b]`` (int32 [B, M]) of layer ``layer_index`` of the float32 arenas
+    [L, pages, P, K, D]: the native kernel (meshnode/native/attention.cc). -> [B, N, D]."""
+    def scalar(value):
+        return jnp.asarray(value, dtype=jnp.int32).reshape(())
+    call = jax.ffi.ffi_call(native.PAGED_ATTENTION_TARGET,
+                            jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q, k_arena, v_arena, scalar(layer_index), positions.astype(jnp.int32),
+                tables.astype(jnp.int32), scalar(window))
 
 
 def decode_attention(
