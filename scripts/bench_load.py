@@ -72,7 +72,8 @@ async def measure(reactor, args: argparse.Namespace) -> None:
         nodes = [mesh.start_worker(span, extra, wait=False) for span in args.spans.split(",")]
         for node in nodes:
             node.wait_ready()
-        wait_precompiled(nodes, extra)
+        if not mesh.wait_precompiled():
+            print("workers still precompiling: measuring anyway", file=sys.stderr)
         client = MeshClient(reactor, [mesh.join_address], args.model, max_concurrent=args.sessions)
         await client.start()
         try:
@@ -111,21 +112,6 @@ async def measure(reactor, args: argparse.Namespace) -> None:
     print_report(report, args.json)
     if report.get("mismatches"):
         raise SystemExit(1)
-
-
-def wait_precompiled(nodes, extra: list[str], timeout: float = 900.0) -> None:
-    """Block until every worker says its background programs are compiled (they would
-    otherwise compete for the cores and compile on demand in the middle of the load)."""
-    import time
-
-    if "--no-precompile" in extra:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all("precompiled" in node.log_tail(400) for node in nodes):
-            return
-        time.sleep(1.0)
-    print("workers still precompiling: measuring anyway", file=sys.stderr)
 
 
 def lengths(args: argparse.Namespace) -> list[int]:

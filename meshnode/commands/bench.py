@@ -4,7 +4,8 @@
                    [--no-forwarding]
 
 Starts a local mesh (bootstrap node + ``--workers`` worker processes, as the
-demo does), then, while the workers sit idle, measures local generation in
+demo does), waits for their background precompiling, then, while they sit
+idle, measures local generation in
 this process; then the same prompt through the mesh. Each side runs once to
 warm up (compilation) and ``--repeats`` times measured; the median run is
 reported: decode tokens/s (after the first token) and prefill seconds (prompt
@@ -48,6 +49,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         mesh.start_bootstrap()
         mesh.start_workers(split_spans(source.config.num_layers, args.workers))
+        # the workers compile their step programs in the background: wait, or they compete
+        # with the local measurement for the cores
+        if not mesh.wait_precompiled():
+            print("meshnode bench: workers still precompiling, measuring anyway",
+                  file=sys.stderr)
         local = _measure_local(source, prompt_ids, args)
         mesh_runs, route = _measure_mesh(mesh, args.model, prompt_ids, args)
     finally:

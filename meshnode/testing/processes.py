@@ -45,6 +45,10 @@ START_TIMEOUT = 180.0
 #: seconds between SIGTERM and SIGKILL
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.05
+#: what a worker logs once its background step programs are compiled (meshnode.worker.service)
+PRECOMPILED = "precompiled"
+#: seconds ``wait_precompiled`` waits at most
+PRECOMPILE_TIMEOUT = 900.0
 #: seconds a relay process may take to listen
 RELAY_START_TIMEOUT = 30.0
 
@@ -303,6 +307,18 @@ class LocalMesh:
 
     def workers(self) -> list[NodeProcess]:
         return [n for n in self.nodes if n is not self.bootstrap]
+
+    def wait_precompiled(self, timeout: float = PRECOMPILE_TIMEOUT) -> bool:
+        """Wait until every worker has said its background step programs are compiled
+        (benchmarks: until then they compete for the cores); True when all have, False at
+        ``timeout``. A worker started with ``--no-precompile`` has nothing to wait for."""
+        pending = [n for n in self.workers() if "--no-precompile" not in n.args]
+        deadline = time.monotonic() + timeout
+        while pending and time.monotonic() < deadline:
+            pending = [n for n in pending if PRECOMPILED not in n.log_tail(400)]
+            if pending:
+                time.sleep(10 * POLL_INTERVAL)
+        return not pending
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """Stop every node: SIGTERM to all at once, then SIGKILL whoever is left."""
