@@ -76,7 +76,9 @@ async def test_without_verification_the_liar_is_preferred_and_wins(liar_mesh, ti
     try:
         records = await with_timeout(client.block_records(), reactor())
         speeds = {n: i.throughput for n, i in records[0].items()}
-        assert speeds[liar.address.node_id] > 10 * min(speeds.values())
+        # 20x its own measured speed: the most of all, unless an honest worker measured over
+        # 20x faster (each measures at its own start, under whatever load there is then)
+        assert speeds[liar.address.node_id] == max(speeds.values())
         ids = prompts(1, 128, seed=41)[0]
         local = list(tiny_local.generate(prompt_ids=ids, max_new_tokens=NEW_TOKENS).token_ids)
         result = await generate(client, ids, route=await route_through(client, liar))
