@@ -228,34 +228,34 @@ class Attention(nnx.Module):
     def _attend_pages(self, q: jax.Array, cache: PagedView, positions: jax.Array) -> jax.Array:
         """q [B, T, N, D] over the first cache.length positions of each row's pages."""
         spec = self.spec
-        batch, length, heads, dim = q.shape
+        batch, _, _, dim = q.shape
         kv_heads = spec.num_kv_heads
         read = -(-cache.length // cache.page_size)
         tables = cache.tables[:, :read]  # [B, R]
         keys = cache.k[cache.layer][tables].reshape(batch, -1, kv_heads, dim)  # [B, A, K, D]
         values = cache.v[cache.layer][tables].reshape(batch, -1, kv_heads, dim)  # [B, A, K, D]
-        q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)  # [B, T, K, G, D]
-        scores = jnp.einsum(
-            "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
-        )  # [B, K, G, T, A]
-        scores = scores * spec.score_scale
-        if spec.softcap is not None:
-            scores = jnp.tanh(scores / spec.softcap) * spec.softcap
         mask = jax.vmap(attention_mask, in_axes=(0, None, None))(
             positions, keys.shape[1], spec.window)  # [B, T, A]
-        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, A]
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))  # [B, T, K, G, D]
-        return out.reshape(batch, length, heads, dim)
+        return self._grouped(q, keys, values, mask)
 
     def _attend(self, q: jax.Array, cache: CacheView, positions: jax.Array) -> jax.Array:
         """q [B, T, N, D] over the first cache.length positions -> [B, T, N, D]."""
         spec = self.spec
-        batch, length, heads, dim = q.shape
+        batch, _, _, dim = q.shape
         kv_heads = spec.num_kv_heads
         visible = (1, batch, cache.length, kv_heads, dim)
         keys = lax.dynamic_slice(cache.k, (cache.layer, 0, 0, 0, 0), visible)[0]  # [B, A, K, D]
         values = lax.dynamic_slice(cache.v, (cache.layer, 0, 0, 0, 0), visible)[0]  # [B, A, K, D]
+        mask = attention_mask(positions, cache.length, spec.window)  # [T, A]
+        return self._grouped(q, keys, values, mask[None])
+
+    def _grouped(self, q: jax.Array, keys: jax.Array, values: jax.Array,
+                 mask: jax.Array) -> jax.Array:
+        """q [B, T, N, D] over keys, values [B, A, K, D] where ``mask`` [B or 1, T, A] is
+        true (grouped-query heads, float32 scores) -> [B, T, N, D]."""
+        spec = self.spec
+        batch, length, heads, dim = q.shape
+        kv_heads = spec.num_kv_heads
         q = q.reshape(batch, length, kv_heads, heads // kv_heads, dim)  # [B, T, K, G, D]
         scores = jnp.einsum(
             "btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
@@ -263,8 +263,7 @@ class Attention(nnx.Module):
         scores = scores * spec.score_scale
         if spec.softcap is not None:
             scores = jnp.tanh(scores / spec.softcap) * spec.softcap
-        mask = attention_mask(positions, cache.length, spec.window)  # [T, A]
-        scores = jnp.where(mask[None, None, None], scores, MASK_VALUE)
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)  # [B, K, G, T, A]
         out = jnp.einsum("bkgts,bskd->btkgd", probs, values.astype(q.dtype))  # [B, T, K, G, D]
         return out.reshape(batch, length, heads, dim)
