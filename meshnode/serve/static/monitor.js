@@ -169,12 +169,21 @@ async function send(event) {
       const body = await response.json();
       throw new Error(body.error ? body.error.message : response.statusText);
     }
+    let pieces = 0;
     await readEvents(response, chunk => {
       if (chunk.error) throw new Error(chunk.error.message);
       for (const choice of chunk.choices) {
-        if (choice.delta && choice.delta.content) answer.textContent += choice.delta.content;
+        if (choice.delta && choice.delta.content) {
+          answer.textContent += choice.delta.content;
+          pieces += 1;
+        }
+        if (choice.finish_reason) answer.dataset.finish = choice.finish_reason;
       }
     });
+    // how many content pieces streamed in; an answer that is empty or only whitespace (the
+    // model stopped at once) is marked so the reader sees that it ended
+    answer.dataset.pieces = String(pieces);
+    if (!answer.textContent.trim()) answer.classList.add("empty");
     answer.dataset.done = "true";
     history.push({role: "assistant", content: answer.textContent});
   } catch (err) {
