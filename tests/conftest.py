@@ -66,6 +66,17 @@ def _guard_real_models() -> None:
 def pytest_configure(config):
     subprocess.Popen.__init__ = _guarded_popen_init
     _guard_real_models()
+    _no_background_precompiling()
+
+
+def _no_background_precompiling() -> None:
+    """Workers of the tests' meshes do not compile programs ahead in the background: on 2
+    cores that compiling competes with the very steps a test runs, and each test compiles
+    only the programs it uses. The tests of precompiling ask for it
+    (``LocalMesh(precompile=True)``); ``MESHNODE_TEST_PRECOMPILE=1`` turns it on for all."""
+    from meshnode.testing.processes import LocalMesh
+
+    LocalMesh.precompile = os.environ.get("MESHNODE_TEST_PRECOMPILE") == "1"
 
 
 @pytest.hookimpl(tryfirst=True)

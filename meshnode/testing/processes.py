@@ -224,6 +224,10 @@ class NodeProcess:
 class LocalMesh:
     """Bootstrap and worker processes under one temporary folder; a context manager."""
 
+    #: whether workers compile their step programs in the background (``--no-precompile``
+    #: when not), unless a mesh says otherwise
+    precompile = True
+
     def __init__(
         self,
         model: str,
@@ -232,9 +236,13 @@ class LocalMesh:
         extra_env: dict[str, str] | None = None,
         swarm: Path | None = None,
         daemon: bool = False,
+        precompile: bool | None = None,
     ):
-        """``daemon``: start nodes as real twistd daemons (no ``-n``; they fork and detach)."""
+        """``daemon``: start nodes as real twistd daemons (no ``-n``; they fork and detach).
+        ``precompile=False`` starts workers with ``--no-precompile``; None takes the class's
+        ``precompile`` (the test suite turns it off: see tests/conftest.py)."""
         self.model = model
+        self.precompile = type(self).precompile if precompile is None else precompile
         self.swarm = swarm
         self.daemon = daemon
         self._owned_root = root is None
@@ -275,6 +283,8 @@ class LocalMesh:
             args += ["--bootstrap", str(self.join_address)]
         if blocks is not None:
             args += ["--blocks", blocks]
+        if not self.precompile:
+            args.append("--no-precompile")
         preamble = ""
         if liar is not None:
             preamble = f"import meshnode.testing.liar as l; l.install({liar[0]!r}, {liar[1]!r}); "

@@ -78,3 +78,34 @@ def test_a_batching_worker_finds_its_programs_compiled(prompt):
     compiled = {(s.batch, s.positions, s.kv_length) for s in paged_shapes(2048)}
     needed = {p for p in paged_programs(prompt, 2048) if p[1] > 1 or p[0] > 1 or p[2] == 2048}
     assert needed <= compiled
+
+
+@pytest.mark.slow
+def test_a_worker_compiles_every_paged_program_in_the_background(tiny_checkpoint, tiny_local,
+                                                                tmp_path):
+    """When a batching worker process starts with precompiling on (the default outside the
+    test suite), then it says it compiled every program of its page tables in the
+    background, and then serves a generation equal to local generation."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from meshnode.testing.processes import LocalMesh
+    from meshnode.worker.precompile import paged_shapes
+    from tests.mesh.mesh_helpers import prompts
+
+    with LocalMesh(str(tiny_checkpoint), root=tmp_path, precompile=True) as mesh:
+        mesh.start_worker("0:6", ["--max-length", "512"])  # the tiny model's longest
+        assert mesh.wait_precompiled(300), mesh.workers()[0].log_tail()
+        said = re.search(r"precompiled (\d+) step programs", mesh.workers()[0].log_tail(400))
+        assert said and int(said.group(1)) == len(paged_shapes(512)), said
+        ids = prompts(1, 128, seed=5)[0]
+        done = subprocess.run(
+            [sys.executable, "-m", "meshnode", "generate", "--model", str(tiny_checkpoint),
+             "--bootstrap", str(mesh.join_address), "--prompt-ids", ",".join(map(str, ids)),
+             "--max-new-tokens", "6", "--json"],
+            capture_output=True, text=True, timeout=180, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+    local = tiny_local.generate(prompt_ids=ids, max_new_tokens=6)
+    assert json.loads(done.stdout)["token_ids"] == list(local.token_ids)
