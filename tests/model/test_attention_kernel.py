@@ -102,14 +102,14 @@ print(worst)
 @pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction sets")
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
-def test_kernels_built_without_avx512_compute_the_same(tmp_path, march):
+def test_kernels_built_without_avx512_compute_the_same(native_cache_for, march):
     """When the kernels are built for AVX2 (x86-64-v3) or plain x86-64, then the fused matmul
     and the attention still equal their references: every vector path is exercised."""
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
         MESHNODE_NATIVE_MARCH=march,
-        MESHNODE_NATIVE_CACHE=str(tmp_path),
+        MESHNODE_NATIVE_CACHE=str(native_cache_for(march)),
     )
     run = subprocess.run(
         [sys.executable, "-c", _VECTOR_PATHS_SCRIPT],

@@ -226,13 +226,13 @@ print("path ok")
 @pytest.mark.slow
 @needs_native
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
-def test_the_avx2_and_portable_paths_are_batch_invariant_too(tmp_path, march):
+def test_the_avx2_and_portable_paths_are_batch_invariant_too(native_cache_for, march):
     """When the kernels are built for AVX2 + FMA only, or for baseline x86-64 (the portable
     C++), then those paths are batch-invariant and right as well."""
     if os.uname().machine != "x86_64":
         pytest.skip("x86-64 instruction levels")
     env = dict(
-        os.environ, MESHNODE_NATIVE_MARCH=march, MESHNODE_NATIVE_CACHE=str(tmp_path),
+        os.environ, MESHNODE_NATIVE_MARCH=march, MESHNODE_NATIVE_CACHE=str(native_cache_for(march)),
         JAX_PLATFORMS="cpu",
     )
     out = subprocess.run(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meshnode.model.generate import LocalModel
-from meshnode.model.source import gemma3_270m_path, open_model
 from tests.model.model_helpers import reference_greedy, reference_logits, relative_error
 
 pytestmark = pytest.mark.slow
@@ -24,28 +22,20 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def source():
-    return open_model("gemma3-270m")
+@pytest.fixture
+def source(gemma3_source):
+    return gemma3_source
 
 
-@pytest.fixture(scope="module")
-def local(source):
-    return LocalModel.load(source)
+@pytest.fixture
+def local(gemma3_local):
+    return gemma3_local
 
 
-@pytest.fixture(scope="module")
-def reference():
-    """(transformers model, transformers tokenizer) over the same GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = gemma3_270m_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+@pytest.fixture
+def reference(gemma3_reference):
+    """(transformers model, transformers tokenizer): loaded once a session (conftest.py)."""
+    return gemma3_reference
 
 
 def test_the_config_is_the_preset(source):

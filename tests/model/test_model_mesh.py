@@ -75,24 +75,13 @@ def test_mixtral_through_two_workers_matches_transformers(tmp_path):
 
 
 @pytest.mark.timeout(1500)  # two model loads and three processes on a shared 2-core machine
-def test_gemma3_through_two_workers_matches_transformers_and_local(tmp_path):
+def test_gemma3_through_two_workers_matches_transformers_and_local(
+        tmp_path, gemma3_source, gemma3_local, gemma3_reference):
     """When Gemma 3 270M is split over two workers (blocks 0-8 and 9-17), then greedy tokens
     for a text prompt through them equal local generation's and transformers'."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from meshnode.model.generate import LocalModel
-    from meshnode.model.source import gemma3_270m_path, open_model
-
-    source = open_model("gemma3-270m")
-    ids = source.tokenizer().encode("The capital of France is")
-    local = LocalModel.load(source).generate(prompt_ids=ids, max_new_tokens=24)
-    path = gemma3_270m_path()
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    expected = reference_greedy(reference, ids, 24)
-    del reference
+    ids = gemma3_source.tokenizer().encode("The capital of France is")
+    local = gemma3_local.generate(prompt_ids=ids, max_new_tokens=24)
+    expected = reference_greedy(gemma3_reference[0], ids, 24)
     mesh = start_mesh("gemma3-270m", ("0:9", "9:18"), tmp_path / "mesh")
     try:
         result = mesh_generate(mesh, "gemma3-270m", ids, 24)

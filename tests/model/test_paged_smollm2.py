@@ -22,7 +22,7 @@ def smollm2():
     return runner, source.config.hidden_size
 
 
-@pytest.mark.parametrize("batch", [2, 4, 16, 64])
+@pytest.mark.parametrize("batch", [2, 64])
 def test_a_quantized_decode_row_is_bitwise_the_same_alone_or_batched(smollm2, batch,
                                                                       monkeypatch):
     """When SmolLM2's decode rows of sessions at different positions run alone or
