@@ -193,7 +193,7 @@ class MeshClient:
         if self.bootstrap:
             await self.dht.bootstrap(self.bootstrap)
         self.source, self.head, self.tokenizer = await loaded
-        self._head_compute = HeadCompute(self.head, self.compute)
+        self._head_compute = HeadCompute(self.head, self.compute, clock=self.reactor)
 
     def _key_for(self, block: int) -> bytes:
         return keys_for(self.source.fingerprint)(block)

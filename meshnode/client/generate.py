@@ -92,11 +92,19 @@ class HeadCompute:
     are not bitwise independent of their batch-mates (``batch_invariant`` false:
     no native kernels, an accelerator) runs one advance per call, so tokens are
     always those of the generation run alone.
+
+    With a ``clock`` (the client's reactor), an advance that finds the head free
+    starts a batch at the end of the reactor turn (``callLater(0)``), with every
+    advance that turn brought: the outputs of one worker iteration arrive
+    together, and would otherwise split into a batch of one and the rest.
     """
 
-    def __init__(self, head: Any, compute: ComputeThread, max_batch: int | None = None):
+    def __init__(self, head: Any, compute: ComputeThread, max_batch: int | None = None,
+                 clock: Any = None):
         self.head = head
         self.compute = compute
+        self.clock = clock
+        self._start_call: Any = None
         if max_batch is None:
             max_batch = MAX_HEAD_BATCH if getattr(head, "batch_invariant", False) else 1
         self._queue: AdvanceQueue[_Waiting] = AdvanceQueue(max_batch)
@@ -110,8 +118,19 @@ class HeadCompute:
         """The chain's output [1, T, H] -> ``generation``'s next token and next input."""
         waiting = _Waiting(generation, hidden, Deferred())
         if self._queue.add(waiting):
-            self._start()
+            self._start_soon()
         return waiting.done
+
+    def _start_soon(self) -> None:
+        """``_start`` at the end of this reactor turn (at once without a clock)."""
+        if self.clock is None:
+            self._start()
+        elif self._start_call is None:
+            self._start_call = self.clock.callLater(0, self._start_now)
+
+    def _start_now(self) -> None:
+        self._start_call = None
+        self._start()
 
     def _start(self) -> None:
         """Hand the waiting advances to the compute thread as one batch, if the head is

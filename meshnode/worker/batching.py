@@ -12,6 +12,15 @@ else waits, and every row and chunk is computed on its own
 (meshnode/model/paged.py): a session's outputs do not depend on its
 batch-mates.
 
+Steps that arrive in one reactor turn start together: with a ``clock`` (the
+worker's reactor), a step that finds the compute thread free does not start an
+iteration by itself, it schedules one at the end of the turn
+(``callLater(0)``), after every frame the turn read has been handled. Without
+it, a burst of 32 steps from one client (a client's head batch, or the 32
+pushes after the hop before finished an iteration) would start as 1 row, the
+other 31 waiting behind it; at each hop such splits repeat, and under load the
+iterations fragment into small ones that cost nearly as much as full ones.
+
 Fairness: jobs wait per client; an iteration admits them round-robin, one job
 of each client per round, clients served least recently first, so with ``n``
 clients waiting none gets more than about ``1/n`` of an iteration. A client
@@ -202,7 +211,7 @@ class BatchScheduler:
     """Runs the planner's iterations one at a time on a compute object."""
 
     def __init__(self, compute: Any, planner: BatchPlanner | None = None,
-                 on_cache_lost: Callable[[], None] = lambda: None):
+                 on_cache_lost: Callable[[], None] = lambda: None, clock: Any = None):
         # ``compute.run_iteration(iteration) -> Deferred[{Work: [1, t, H]}]``; its
         # ``cache_resets`` count goes up when a failed call took the shared cache with it
         self.compute = compute
@@ -210,6 +219,10 @@ class BatchScheduler:
         self._on_cache_lost = on_cache_lost
         self._resets = getattr(compute, "cache_resets", 0)
         self._running: Iteration | None = None
+        # ``clock.callLater``: a free compute thread starts at the end of the reactor turn,
+        # with every step that turn brought (None: at once, with the first)
+        self._clock = clock
+        self._pump_call: Any = None
         self.iterations = 0
         #: rows and positions of the last iteration run (what routing calls the current batch)
         self.last_rows = 0
@@ -227,7 +240,7 @@ class BatchScheduler:
             self.planner.add(job)
         except Overloaded as exc:
             return fail(exc)
-        self._pump()
+        self._pump_soon()
         return job.result
 
     def waiting(self, owner: bytes | None = None) -> int:
@@ -245,7 +258,19 @@ class BatchScheduler:
     def busy(self) -> bool:
         return self._running is not None
 
+    def _pump_soon(self) -> None:
+        """Start the next iteration at the end of this reactor turn (at once without a clock);
+        a running iteration starts the next itself when it ends."""
+        if self._clock is None:
+            self._pump()
+        elif self._running is None and self._pump_call is None:
+            self._pump_call = self._clock.callLater(0, self._pump)
+
     def _pump(self) -> None:
+        if self._pump_call is not None:
+            if self._pump_call.active():
+                self._pump_call.cancel()
+            self._pump_call = None
         if self._running is not None:
             return
         iteration = self.planner.plan()

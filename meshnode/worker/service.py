@@ -238,7 +238,8 @@ class WorkerService(Service):
         max_length = min(options.max_length, source.config.max_position_embeddings)
         limits = WorkerLimits(source.fingerprint, self.span, max_length, dtype)
         if options.batching:
-            self.scheduler = BatchScheduler(compute, on_cache_lost=self.table.close_all)
+            self.scheduler = BatchScheduler(compute, on_cache_lost=self.table.close_all,
+                                            clock=self.reactor)
         handlers = InferenceHandlers(limits, self.table, compute, lambda: self.throughput,
                                      None if options.batching else FairQueue(),
                                      admission=OpenAdmission(self.table, self.reactor,

@@ -187,3 +187,29 @@ def test_a_cancelled_waiting_step_never_runs_and_overload_is_per_client():
     compute.finish()
     (next_iteration, _) = compute.iterations[0]
     assert sorted(owners(next_iteration.works)) == [ALICE, CAROL]
+
+
+def test_steps_that_arrive_in_one_reactor_turn_start_as_one_iteration():
+    """When the compute thread is free and steps of five sessions arrive in one reactor turn,
+    then nothing starts before the turn ends, and then all five run as one iteration (not
+    one row alone and four behind it); a step after that waits for the running iteration."""
+    from twisted.internet.task import Clock
+
+    from meshnode.worker.batching import BatchScheduler
+
+    clock, compute = Clock(), HeldCompute()
+    scheduler = BatchScheduler(compute, BatchPlanner(), clock=clock)
+    step = np.zeros((1, 1, 4), np.float32)
+    burst = [outcome(scheduler.submit(owner, FakeSession(), step, 0))
+             for owner in (ALICE, BOB, CAROL, ALICE, BOB)]
+    assert compute.iterations == []
+    clock.advance(0)
+    assert len(compute.iterations) == 1 and scheduler.last_rows == 5
+    later = outcome(scheduler.submit(CAROL, FakeSession(), step, 1))
+    clock.advance(0)
+    assert len(compute.iterations) == 1  # behind the running one
+    compute.finish()
+    assert all(np.array_equal(got[0], step + 1) for got in burst)
+    assert len(compute.iterations) == 1 and scheduler.last_rows == 1
+    compute.finish()
+    assert np.array_equal(later[0], step + 1)

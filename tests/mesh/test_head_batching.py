@@ -203,3 +203,22 @@ def test_rows_are_grouped_by_what_lets_them_share_a_call():
     """When rows are grouped by a key, then equal keys share a group in first-seen order and
     a None key stands alone."""
     assert rows_by_key([1, 3, 1, None, 2, 1], lambda x: x) == [[0, 2, 5], [1], [4], [3]]
+
+
+def test_advances_of_one_reactor_turn_share_one_head_call():
+    """When the head is free and the chain outputs of several generations come in one
+    reactor turn, then the head waits for the end of that turn and runs them as one call."""
+    from twisted.internet.task import Clock
+
+    clock, head, compute = Clock(), CountingHead(), ManualCompute()
+    heads = HeadCompute(head, compute, clock=clock)
+    generations = [_generation(p, 4) for p in PROMPTS[:5]]
+    for generation in generations:
+        generation.next_input()
+    advances = [heads.advance(g, np.full((1, 1, 1), i, np.float32))
+                for i, g in enumerate(generations)]
+    assert compute.queued == []  # nothing before the turn ends
+    clock.advance(0)
+    compute.run()
+    assert head.logits_rows == [5]
+    assert all(_value(d).produced is not None for d in advances)
