@@ -33,17 +33,10 @@ def gemma3_local(gemma3_source):
 @pytest.fixture(scope="session")
 def gemma3_reference():
     """(transformers model, transformers tokenizer) over the same GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from meshnode.model.source import gemma3_270m_path
+    from tests.model.model_helpers import gguf_reference
 
-    path = gemma3_270m_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+    return gguf_reference(gemma3_270m_path())
 
 
 @pytest.fixture(scope="session")

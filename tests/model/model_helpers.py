@@ -128,6 +128,18 @@ def write_checkpoint(model, folder: Path) -> Path:
     return folder
 
 
+def gguf_reference(path: Path):
+    """(transformers model in float32, transformers tokenizer) over the GGUF file ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32
+    ).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return model, tokenizer
+
+
 def reference_logits(model, ids: list[int]) -> np.ndarray:
     """float32 logits [T, V] of every position of one sequence."""
     import torch

@@ -15,7 +15,12 @@ import pytest
 from meshnode.model.generate import LocalModel
 from meshnode.model.source import open_model, smollm2_path
 from meshnode.model.span import SpanRunner
-from tests.model.model_helpers import reference_greedy, reference_logits, relative_error
+from tests.model.model_helpers import (
+    gguf_reference,
+    reference_greedy,
+    reference_logits,
+    relative_error,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -35,15 +40,7 @@ def local(source):
 @pytest.fixture(scope="module")
 def reference():
     """(transformers model, transformers tokenizer) over the same GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path.parent), gguf_file=path.name, dtype=torch.float32
-    ).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return model, tokenizer
+    return gguf_reference(smollm2_path())
 
 
 def test_the_file_holds_only_quant_types_the_loader_reads(source):
