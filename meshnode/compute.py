@@ -6,6 +6,9 @@ thread never waits on the model and calls run one after another, in the order
 they were made. ``call`` returns a Deferred that fires on the reactor thread;
 cancelling it does not stop the call in flight, it only drops its result.
 
+``EndOfTurn`` is how both feed it batches: work that arrives in one reactor
+turn is handed over together, at the end of that turn.
+
 Neutral ground: ``meshnode.client`` and ``meshnode.worker`` both use it, and
 neither imports the other.
 """
@@ -45,3 +48,26 @@ class ComputeThread:
     def call(self, function: Callable[..., T], *args: Any) -> Deferred[T]:
         """Run ``function(*args)`` on the compute thread."""
         return deferToThreadPool(self._reactor, self._pool, function, *args)
+
+
+class EndOfTurn:
+    """Runs ``function`` once at the end of the reactor turn, however often asked in it.
+
+    With a ``clock`` (a reactor), ``soon()`` schedules ``function`` with
+    ``callLater(0)``, which runs after every event the turn read was handled;
+    without one (tests), ``soon()`` runs it at once."""
+
+    def __init__(self, clock: Any, function: Callable[[], None]):
+        self._clock = clock
+        self._function = function
+        self._call: Any = None
+
+    def soon(self) -> None:
+        if self._clock is None:
+            self._function()
+        elif self._call is None:
+            self._call = self._clock.callLater(0, self._run)
+
+    def _run(self) -> None:
+        self._call = None
+        self._function()

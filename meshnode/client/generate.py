@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from meshnode.client.chain import InferenceChain
 from meshnode.client.head_batch import AdvanceQueue, rows_by_key
 from meshnode.client.routing.route import Route
-from meshnode.compute import ComputeThread
+from meshnode.compute import ComputeThread, EndOfTurn
 from meshnode.errors import ClientError, GenerationInterrupted
 from meshnode.inference.messages import WIRE_FLOAT_DTYPES
 from meshnode.model.decoding import (
@@ -103,8 +103,7 @@ class HeadCompute:
                  clock: Any = None):
         self.head = head
         self.compute = compute
-        self.clock = clock
-        self._start_call: Any = None
+        self._start_soon = EndOfTurn(clock, self._start).soon
         if max_batch is None:
             max_batch = MAX_HEAD_BATCH if getattr(head, "batch_invariant", False) else 1
         self._queue: AdvanceQueue[_Waiting] = AdvanceQueue(max_batch)
@@ -120,17 +119,6 @@ class HeadCompute:
         if self._queue.add(waiting):
             self._start_soon()
         return waiting.done
-
-    def _start_soon(self) -> None:
-        """``_start`` at the end of this reactor turn (at once without a clock)."""
-        if self.clock is None:
-            self._start()
-        elif self._start_call is None:
-            self._start_call = self.clock.callLater(0, self._start_now)
-
-    def _start_now(self) -> None:
-        self._start_call = None
-        self._start()
 
     def _start(self) -> None:
         """Hand the waiting advances to the compute thread as one batch, if the head is

@@ -44,6 +44,7 @@ import numpy as np
 from twisted.internet.defer import Deferred, fail
 from twisted.python.failure import Failure
 
+from meshnode.compute import EndOfTurn
 from meshnode.errors import Overloaded, ShapeMismatch, UnknownSession
 from meshnode.worker.limits import MAX_QUEUED_PER_PEER
 
@@ -221,8 +222,7 @@ class BatchScheduler:
         self._running: Iteration | None = None
         # ``clock.callLater``: a free compute thread starts at the end of the reactor turn,
         # with every step that turn brought (None: at once, with the first)
-        self._clock = clock
-        self._pump_call: Any = None
+        self._pump_soon = EndOfTurn(clock, self._pump).soon
         self.iterations = 0
         #: rows and positions of the last iteration run (what routing calls the current batch)
         self.last_rows = 0
@@ -240,7 +240,8 @@ class BatchScheduler:
             self.planner.add(job)
         except Overloaded as exc:
             return fail(exc)
-        self._pump_soon()
+        if self._running is None:  # a running iteration starts the next itself when it ends
+            self._pump_soon()
         return job.result
 
     def waiting(self, owner: bytes | None = None) -> int:
@@ -258,19 +259,7 @@ class BatchScheduler:
     def busy(self) -> bool:
         return self._running is not None
 
-    def _pump_soon(self) -> None:
-        """Start the next iteration at the end of this reactor turn (at once without a clock);
-        a running iteration starts the next itself when it ends."""
-        if self._clock is None:
-            self._pump()
-        elif self._running is None and self._pump_call is None:
-            self._pump_call = self._clock.callLater(0, self._pump)
-
     def _pump(self) -> None:
-        if self._pump_call is not None:
-            if self._pump_call.active():
-                self._pump_call.cancel()
-            self._pump_call = None
         if self._running is not None:
             return
         iteration = self.planner.plan()
