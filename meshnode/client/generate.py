@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from meshnode.client.chain import InferenceChain
 from meshnode.client.head_batch import AdvanceQueue, rows_by_key
 from meshnode.client.routing.route import Route
-from meshnode.compute import ComputeThread, EndOfTurn
+from meshnode.compute import ComputeThread, EndOfTurn, row_bucket
 from meshnode.errors import ClientError, GenerationInterrupted
 from meshnode.inference.messages import WIRE_FLOAT_DTYPES
 from meshnode.model.decoding import (
@@ -211,11 +211,17 @@ def _output_key(hidden: Any) -> tuple | None:
 
 
 def _calls(function: Callable[[Any], Any], parts: list[Any]) -> list[Any]:
-    """``function`` over ``parts`` [1, ...] stacked on the first axis, one result row per
-    part; if the stacked call fails, each part alone, so a failure is its own part's."""
+    """``function`` over ``parts`` [1, ...] stacked on the first axis and padded with zero
+    rows to a row bucket (one compiled program per bucket, not per batch size), one result
+    row per part; if the stacked call fails, each part alone, so a failure is its own."""
     if len(parts) > 1:
         try:
-            out = np.asarray(function(np.concatenate(parts)))  # [B, ...]
+            stacked = np.concatenate(parts)  # [B, ...]
+            padding = row_bucket(len(parts)) - len(parts)
+            if padding:
+                filler = np.zeros((padding, *stacked.shape[1:]), stacked.dtype)
+                stacked = np.concatenate([stacked, filler])  # [Bp, ...]
+            out = np.asarray(function(stacked))  # [Bp, ...]
             return [out[i : i + 1] for i in range(len(parts))]
         except Exception:  # noqa: BLE001 - each part again, alone, for its own error
             pass

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from meshnode.compute import row_bucket
 from meshnode.errors import Overloaded
 from meshnode.inference.records import BlockSpan
-from meshnode.worker.batching import BatchPlanner, StepJob, row_bucket
+from meshnode.worker.batching import BatchPlanner, StepJob
 
 SPAN = BlockSpan(0, 6)
 ALICE, BOB, CAROL = b"a" * 32, b"b" * 32, b"c" * 32

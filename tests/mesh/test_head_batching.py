@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, succeed
 
 from meshnode.client.generate import HeadCompute, cancellable, generate_on_chain
 from meshnode.client.head_batch import AdvanceQueue, rows_by_key
+from meshnode.compute import ROW_BUCKETS, row_bucket
 from meshnode.errors import ShapeMismatch
 from meshnode.model.decoding import Generation
 from meshnode.model.sampling import Sampler
@@ -122,11 +123,37 @@ def test_concurrent_generations_share_head_calls_and_keep_their_solo_tokens():
     compute.run()
     assert [_value(d).token_ids for d in deferreds] == solo
     steps = sum(NEW_TOKENS)
-    assert sum(head.logits_rows) == steps
+    assert steps <= sum(head.logits_rows) < 2 * steps  # padded to buckets
     assert len(head.logits_rows) <= max(NEW_TOKENS) + 1 < steps / 5
-    assert max(head.logits_rows) == len(PROMPTS)
+    assert max(head.logits_rows) == row_bucket(len(PROMPTS))
     decode_embeds = [shape for shape in head.embed_rows if shape[1] == 1]
-    assert max(rows for rows, _ in decode_embeds) == len(PROMPTS)
+    assert max(rows for rows, _ in decode_embeds) == row_bucket(len(PROMPTS))
+
+
+def test_a_batch_is_padded_to_a_row_bucket_and_its_padding_dropped():
+    """When 5 and then 3 generations advance together, then the head's calls hold 8 and 4
+    rows (one program per bucket, not per batch size), and each generation gets the token
+    of its own row."""
+    from twisted.internet.task import Clock
+
+    clock, head, compute = Clock(), CountingHead(), ManualCompute()
+    heads = HeadCompute(head, compute, clock=clock)
+    generations = [_generation(p, 4) for p in PROMPTS[:8]]
+    for generation in generations:
+        generation.next_input()
+    values = [3, 5, 7, 11, 13, 2, 4, 6]
+    advances = [heads.advance(g, np.full((1, 1, 1), v, np.float32))
+                for g, v in zip(generations[:5], values, strict=False)]
+    clock.advance(0)
+    compute.run()
+    later = [heads.advance(g, np.full((1, 1, 1), v, np.float32))
+             for g, v in zip(generations[5:], values[5:], strict=True)]
+    clock.advance(0)
+    compute.run()
+    assert head.logits_rows == [8, 4]
+    tokens = [_value(d).produced.token for d in advances + later]
+    assert tokens == [(3 * v + 1) % VOCAB for v in values]
+    assert all(rows in ROW_BUCKETS for rows, _ in head.embed_rows)
 
 
 def test_a_lone_generation_is_not_held_back():
@@ -220,5 +247,5 @@ def test_advances_of_one_reactor_turn_share_one_head_call():
     assert compute.queued == []  # nothing before the turn ends
     clock.advance(0)
     compute.run()
-    assert head.logits_rows == [5]
+    assert head.logits_rows == [row_bucket(5)]
     assert all(_value(d).produced is not None for d in advances)
