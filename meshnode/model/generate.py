@@ -10,7 +10,9 @@
 
 ``LocalModel`` loads the client head and one span runner over all blocks once;
 each ``generate`` call allocates a fresh cache sized for its prompt plus
-``max_new_tokens``. ``generate_local(source, ...)`` does both in one call.
+``max_new_tokens`` (``LocalBlocks``: pages of a paged arena, run as a worker
+runs them, so local and mesh hidden states agree bit for bit).
+``generate_local(source, ...)`` does both in one call.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
-from meshnode.errors import ModelError
+from meshnode.errors import CacheOverflow, ModelError, ShapeMismatch
+from meshnode.model.buckets import CHUNK, bucket_length, chunk_shape
 from meshnode.model.decoding import (
     GenerationResult,
     TextStream,
@@ -30,20 +35,48 @@ from meshnode.model.decoding import (
 )
 from meshnode.model.dtypes import default_compute_dtype
 from meshnode.model.head import ClientHead
+from meshnode.model.paged import PAGE, PagedArena, pages_for
 from meshnode.model.sampling import Sampler, SamplingOptions
 from meshnode.model.source import ModelSource
-from meshnode.model.span import KVCache, SpanRunner
+from meshnode.model.span import SpanRunner
 
 
 class LocalBlocks:
-    """A BlocksForward over a SpanRunner with one session cache."""
+    """A BlocksForward over a SpanRunner: one session's pages of an arena of its own, run
+    as a batching worker runs a session (meshnode/worker/arena.py): a prompt in chunks of
+    at most ``CHUNK`` positions, each query attending to its causal prefix only, a decode
+    step as one row over the page table. Local hidden states are a worker's, bit for bit."""
 
     def __init__(self, runner: SpanRunner, max_length: int) -> None:
         self.runner = runner
-        self.cache: KVCache = runner.new_cache(max_length)
+        width = pages_for(bucket_length(max(max_length, PAGE)))  # a few widths, few programs
+        self.positions = width * PAGE
+        self.arena: PagedArena = runner.new_arena(width + 1)  # + the scratch page
+        self.table = np.arange(1, width + 1, dtype=np.int32)[None]  # [1, M]
 
     def __call__(self, hidden: Any, start_position: int) -> jax.Array:
-        out, self.cache = self.runner.forward(hidden, start_position, self.cache)
+        hidden = np.asarray(hidden, np.float32)
+        if hidden.ndim != 3 or hidden.shape[0] != 1 or hidden.shape[1] < 1:
+            raise ShapeMismatch(f"local blocks take [1, T, H], got shape {hidden.shape}")
+        length = hidden.shape[1]
+        if start_position < 0 or start_position + length > self.positions:
+            raise CacheOverflow(f"positions [{start_position}, {start_position + length}) "
+                                f"do not fit a cache of {self.positions}")
+        if length == 1:
+            return self._forward(hidden, start_position, self.positions)
+        outs = []
+        for offset in range(0, length, CHUNK):
+            piece = hidden[:, offset : offset + CHUNK]  # [1, t, H]
+            start = start_position + offset
+            padded, kv_length = chunk_shape(start, piece.shape[1], self.positions)
+            rows = np.zeros((1, padded, hidden.shape[2]), np.float32)  # [1, padded, H]
+            rows[:, : piece.shape[1]] = piece
+            outs.append(self._forward(rows, start, kv_length)[:, : piece.shape[1]])
+        return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+    def _forward(self, rows: np.ndarray, start: int, kv_length: int) -> jax.Array:
+        out, self.arena = self.runner.forward_paged(
+            rows, np.array([start], np.int32), self.table, self.arena, kv_length)
         return out
 
 

@@ -49,6 +49,7 @@ from jax import lax
 
 from meshnode.errors import CacheOverflow, ShapeMismatch
 from meshnode.model import quant
+from meshnode.model.buckets import CACHE_BUCKET, bucket_length
 from meshnode.model.config import ModelConfig
 from meshnode.model.families.llama import attention_spec
 from meshnode.model.families.registry import build_stack, family
@@ -56,20 +57,6 @@ from meshnode.model.layers.attention import CacheView
 from meshnode.model.layers.block import DecoderStack, positions_from
 from meshnode.model.paged import PAGE, PagedArena, paged_step_function
 from meshnode.model.quant import is_quantized
-
-#: prefill lengths are padded up to the next of these (then to multiples of the last)
-LENGTH_BUCKETS = (1, 16, 32, 64, 128, 256, 512, 1024, 2048)
-#: caches are allocated at a multiple of this many positions (or a smaller power of two)
-CACHE_BUCKET = 256
-
-
-def bucket_length(length: int, buckets: tuple[int, ...] = LENGTH_BUCKETS) -> int:
-    """The smallest bucket >= length; past the last, the next multiple of the last."""
-    for bucket in buckets:
-        if length <= bucket:
-            return bucket
-    last = buckets[-1]
-    return -(-length // last) * last
 
 
 def cache_length(max_length: int) -> int:

@@ -22,7 +22,12 @@
 // i % P of page tables[b, i / P] of the shared arena (meshnode/model/paged.py).
 // Each row runs exactly the arithmetic it would run alone (the same loops in
 // the same order over its own positions), so its output never depends on the
-// other rows of the batch.
+// other rows of the batch. A prefill chunk comes as one row per query position
+// (its table repeated): each query reads only its causal prefix, in place, and
+// computes what a decode step at that position would. When the rows together
+// read many positions (a chunk, a large batch at long positions), the (row,
+// kv head) pairs are shared with XLA's thread pool (parallel.h); which thread
+// runs a pair never changes its result.
 
 #include <algorithm>
 #include <cmath>
@@ -33,11 +38,15 @@
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
+
+// Positions x query heads read by one call above which it is shared among threads.
+constexpr int64_t kParallelPositions = 1 << 16;
 
 struct Problem {
   const float* q;
@@ -104,40 +113,65 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// Query heads [g * groups, (g + 1) * groups) of batch row b, over kv head g, positions
-// [first, last]; at(i) is the offset of position i's kv head 0 in the caches.
-template <typename At>
-void attend(const Problem& p, int64_t b, int64_t g, int64_t first, int64_t last, At at,
+// Query heads [g * groups, (g + 1) * groups) of batch row b, over kv head g, at the
+// `count` cache offsets `at` (of each attended position's kv head 0), in order. Each key
+// and value is read once for every query head of the group. Per query head the
+// arithmetic is fixed: a score is a 16-lane fused multiply-add chain over D then one
+// horizontal sum, an output lane sums weight * value over positions in order.
+void attend(const Problem& p, int64_t b, int64_t g, const int64_t* at, int64_t count,
             std::vector<float>& scores) {
   const int64_t groups = p.heads / p.kv_heads;
   const int64_t d = p.dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const int64_t count = last - first + 1;
-  scores.resize(static_cast<size_t>(count));
-  for (int64_t h = 0; h < groups; ++h) {
-    const float* q = p.q + (b * p.heads + g * groups + h) * d;
-    float* s = scores.data();
-    float best = -INFINITY;
-    for (int64_t i = 0; i < count; ++i) {
-      s[i] = dot(q, p.k + at(first + i) + g * d, d) * scale;
-      best = std::max(best, s[i]);
+  scores.resize(static_cast<size_t>(count * groups));
+  const float* q0 = p.q + (b * p.heads + g * groups) * d;  // the group's heads, [groups, d]
+  float* out0 = p.out + (b * p.heads + g * groups) * d;
+  for (int64_t i = 0; i < count; ++i) {
+    const float* key = p.k + at[i] + g * d;
+    for (int64_t h = 0; h < groups; ++h) {
+      scores[h * count + i] = dot(q0 + h * d, key, d) * scale;
     }
+  }
+  for (int64_t h = 0; h < groups; ++h) {
+    float* s = scores.data() + h * count;
+    const float best = *std::max_element(s, s + count);
     const float inverse = 1.0f / exp_and_sum(s, count, best);
-    float* out = p.out + (b * p.heads + g * groups + h) * d;
-    std::fill(out, out + d, 0.f);
+    for (int64_t i = 0; i < count; ++i) s[i] *= inverse;
+  }
+  std::fill(out0, out0 + groups * d, 0.f);
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  constexpr int64_t kLanes = 16, kHeads = 8;  // output lanes of up to 8 heads in registers
+  if (groups <= kHeads) {
+    for (; j + kLanes <= d; j += kLanes) {
+      __m512 acc[kHeads];
+      for (int64_t h = 0; h < groups; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < count; ++i) {
+        const __m512 value = _mm512_loadu_ps(p.v + at[i] + g * d + j);
+        for (int64_t h = 0; h < groups; ++h) {
+          acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * count + i]), value, acc[h]);
+        }
+      }
+      for (int64_t h = 0; h < groups; ++h) _mm512_storeu_ps(out0 + h * d + j, acc[h]);
+    }
+  }
+#endif
+  for (; j < d; ++j) {  // lanes left (no AVX-512, or a head dim not a multiple of 16)
     for (int64_t i = 0; i < count; ++i) {
-      const float weight = s[i] * inverse;
-      const float* value = p.v + at(first + i) + g * d;
-      for (int64_t j = 0; j < d; ++j) out[j] += weight * value[j];
+      const float value = p.v[at[i] + g * d + j];
+      for (int64_t h = 0; h < groups; ++h) out0[h * d + j] += scores[h * count + i] * value;
     }
   }
 }
 
-// One session's cache [L, B, S, K, D]: position i of row b.
-void attend(const Problem& p, int64_t b, int64_t g, std::vector<float>& scores) {
+// One session's cache [L, B, S, K, D]: positions [p.first, p.last] of row b.
+void attend(const Problem& p, int64_t b, int64_t g, std::vector<int64_t>& at,
+            std::vector<float>& scores) {
   const int64_t row_stride = p.kv_heads * p.dim;  // between positions
   const int64_t base = ((p.layer * p.batch + b) * p.length) * row_stride;
-  attend(p, b, g, p.first, p.last, [&](int64_t i) { return base + i * row_stride; }, scores);
+  at.resize(static_cast<size_t>(p.last - p.first + 1));
+  for (int64_t i = p.first; i <= p.last; ++i) at[i - p.first] = base + i * row_stride;
+  attend(p, b, g, at.data(), p.last - p.first + 1, scores);
 }
 
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q,
@@ -173,13 +207,14 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q,
   p.out = out->typed_data();
 
   std::vector<float> scores;
+  std::vector<int64_t> offsets;
   for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t g = 0; g < p.kv_heads; ++g) attend(p, b, g, scores);
+    for (int64_t g = 0; g < p.kv_heads; ++g) attend(p, b, g, offsets, scores);
   }
   return ffi::Error::Success();
 }
 
-ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,
+ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                           ffi::Buffer<ffi::F32> k_arena, ffi::Buffer<ffi::F32> v_arena,
                           ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> positions,
                           ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> window,
@@ -219,18 +254,40 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,
   p.out = out->typed_data();
   const int64_t row_stride = p.kv_heads * p.dim, page_stride = p.length * row_stride;
   const int64_t layer_base = p.layer * pages * page_stride;
-  std::vector<float> scores;
+  const int32_t* at = positions.typed_data();
+  int64_t attended = 0;  // positions read by all rows together
   for (int64_t b = 0; b < p.batch; ++b) {
-    const int64_t at = positions.typed_data()[b];
-    if (at < 0 || at >= width * p.length) {
+    if (at[b] < 0 || at[b] >= width * p.length) {
       return ffi::Error::InvalidArgument("a position is past its page table");
     }
-    const int32_t* row = table + b * width;
-    auto address = [&](int64_t i) {
-      return layer_base + row[i / p.length] * page_stride + (i % p.length) * row_stride;
-    };
-    const int64_t first = span > 0 ? std::max<int64_t>(0, at - span + 1) : 0;
-    for (int64_t g = 0; g < p.kv_heads; ++g) attend(p, b, g, first, at, address, scores);
+    attended += span > 0 ? std::min<int64_t>(span, at[b] + 1) : at[b] + 1;
+  }
+  // pair = b * kv_heads + g: query heads of kv head g of row b
+  auto pairs = [&, table, at, span](int64_t first_pair, int64_t last_pair) {
+    std::vector<float> scores;
+    std::vector<int64_t> offsets;  // of row b's positions, page by page
+    int64_t row_of_offsets = -1;
+    for (int64_t pair = first_pair; pair < last_pair; ++pair) {
+      const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
+      const int64_t first = span > 0 ? std::max<int64_t>(0, at[b] - span + 1) : 0;
+      if (row_of_offsets != b) {
+        const int32_t* row = table + b * width;
+        offsets.resize(static_cast<size_t>(at[b] - first + 1));
+        int64_t page = first / p.length, slot = first % p.length;
+        for (int64_t i = 0; i <= at[b] - first; ++i) {
+          offsets[i] = layer_base + row[page] * page_stride + slot * row_stride;
+          if (++slot == p.length) slot = 0, ++page;
+        }
+        row_of_offsets = b;
+      }
+      attend(p, b, g, offsets.data(), at[b] - first + 1, scores);
+    }
+  };
+  const int64_t total_pairs = p.batch * p.kv_heads;
+  if (attended * p.heads < kParallelPositions) {
+    pairs(0, total_pairs);  // a decode step: waking the pool costs more than it saves
+  } else {
+    meshnode::parallel_rows(pool, total_pairs, 1, pairs);
   }
   return ffi::Error::Success();
 }
@@ -239,6 +296,7 @@ ffi::Error PagedAttention(ffi::Buffer<ffi::F32> q,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(MeshnodePagedAttention, PagedAttention,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q [B, N, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // k_arena [L, pages, P, K, D]
                                   .Arg<ffi::Buffer<ffi::F32>>()  // v_arena

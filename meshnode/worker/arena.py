@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 from twisted.python.failure import Failure
 
+from meshnode.compute import row_bucket
 from meshnode.errors import CacheOverflow, NoCapacity
+from meshnode.model.buckets import chunk_shape
 from meshnode.model.paged import PAGE, PageAllocator, PagedCache, pages_for
-from meshnode.model.span import bucket_length
-from meshnode.worker.batching import CHUNK, Iteration, Work, row_bucket
+from meshnode.worker.batching import Iteration, Work
 
 
 class SharedCache:
@@ -87,8 +88,7 @@ class SharedCache:
         return {work: self._wire(out[i : i + 1], work) for i, work in enumerate(works)}
 
     def _chunk(self, work: Work) -> dict[Work, np.ndarray]:
-        padded = bucket_length(work.length, _CHUNK_BUCKETS)
-        kv_length = min(bucket_length(work.start + padded), self.width * self.page_size)
+        padded, kv_length = chunk_shape(work.start, work.length, self.width * self.page_size)
         out = self._forward(work.job.session.span, [work.hidden()], [work], padded, kv_length)
         return {work: self._wire(out[:, : work.length], work)}
 
@@ -158,7 +158,3 @@ class SharedCache:
     def _wire(out: np.ndarray, work: Work) -> np.ndarray:
         dtype = work.job.hidden.dtype
         return out if out.dtype == dtype else out.astype(dtype)
-
-
-#: chunk lengths are padded up to the next of these
-_CHUNK_BUCKETS = tuple(b for b in (1, 16, 32, 64, 128, 256) if b <= CHUNK)

@@ -46,21 +46,13 @@ from twisted.python.failure import Failure
 
 from meshnode.compute import EndOfTurn
 from meshnode.errors import Overloaded, ShapeMismatch, UnknownSession
+from meshnode.model.buckets import CHUNK
 from meshnode.worker.limits import MAX_QUEUED_PER_PEER
 
 #: decode rows of one sub-span in one forward, at most
 MAX_ROWS = 64
-#: a batch of rows is padded up to the next of these (one program each)
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-#: a prefill is cut into chunks of at most this many positions
-CHUNK = 256
 #: positions of one iteration, rows and chunks together (one chunk always fits)
 ITERATION_TOKENS = 512
-
-
-def row_bucket(rows: int) -> int:
-    """The smallest row bucket that holds ``rows``."""
-    return next(bucket for bucket in ROW_BUCKETS if rows <= bucket)
 
 
 @dataclass(eq=False)

@@ -56,7 +56,7 @@ class StepShape:
 def step_shapes(max_length: int) -> list[StepShape]:
     """Every prefill and decode program of sessions of up to ``MIN_SESSION_CACHE``
     positions (all share one cache length), within the worker's ``max_length`` (pure)."""
-    from meshnode.model.span import LENGTH_BUCKETS, bucket_length
+    from meshnode.model.buckets import LENGTH_BUCKETS, bucket_length
 
     cache = session_cache_length(1)
     longest = min(cache, bucket_length(max_length))
@@ -78,8 +78,8 @@ class PagedShape:
 def paged_shapes(table_positions: int) -> list[PagedShape]:
     """Every program of a batching worker whose page tables span ``table_positions`` (pure):
     decode rows of each row bucket, chunks of each length bucket at each prefix bucket."""
-    from meshnode.model.span import LENGTH_BUCKETS, bucket_length
-    from meshnode.worker.batching import CHUNK, ROW_BUCKETS
+    from meshnode.compute import ROW_BUCKETS
+    from meshnode.model.buckets import CHUNK, LENGTH_BUCKETS, bucket_length
 
     decodes = [PagedShape(b, 1, table_positions) for b in ROW_BUCKETS]
     lengths = [b for b in LENGTH_BUCKETS if 1 < b <= min(CHUNK, table_positions)]

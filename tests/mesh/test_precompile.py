@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshnode.model.span import bucket_length
+from meshnode.model.buckets import bucket_length
 from meshnode.worker.precompile import MIN_SESSION_CACHE, session_cache_length, step_shapes
 
 
@@ -58,12 +58,12 @@ def test_nothing_past_the_workers_max_length():
 def paged_programs(prompt: int, table_positions: int) -> set[tuple]:
     """The programs a batching worker runs for a prompt then decode rows of any batch, as
     SharedCache.run picks them: chunks of at most CHUNK, padded, over a bucketed prefix."""
-    from meshnode.worker.arena import _CHUNK_BUCKETS
-    from meshnode.worker.batching import CHUNK, ROW_BUCKETS
+    from meshnode.compute import ROW_BUCKETS
+    from meshnode.model.buckets import CHUNK, CHUNK_BUCKETS
 
     programs = {(rows, 1, table_positions) for rows in ROW_BUCKETS}
     for start in range(0, prompt, CHUNK):
-        padded = bucket_length(min(CHUNK, prompt - start), _CHUNK_BUCKETS)
+        padded = bucket_length(min(CHUNK, prompt - start), CHUNK_BUCKETS)
         programs.add((1, padded, min(bucket_length(start + padded), table_positions)))
     return programs
 

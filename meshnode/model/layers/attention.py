@@ -15,8 +15,9 @@ Scores and softmax are float32 whatever the compute dtype.
 ``PagedView`` is the other cache layout (meshnode/model/paged.py): an arena of
 pages shared by many sessions, each row of the batch at its own position with
 its own page table. Every row is computed on its own: its writes go to its
-pages, its rotary tables and masks come from its positions, and one position
-per row (a batched decode step) goes to the native paged kernel, which reads
+pages, its rotary tables and masks come from its positions, and every float32
+query position (a batched decode step's rows, a prefill chunk's positions) goes
+to the native paged kernel, which reads only that position's causal prefix of
 the arena in place; elsewhere an XLA path gathers the row's pages. A decode
 row through XLA reads its whole page table (not a bucket of the batch's
 longest row), so what it computes never depends on its batch-mates.
@@ -200,10 +201,17 @@ class Attention(nnx.Module):
         k_arena = cache.k.at[cache.layer, page, offset].set(k.astype(cache.k.dtype))
         v_arena = cache.v.at[cache.layer, page, offset].set(v.astype(cache.v.dtype))
         cache = dataclasses.replace(cache, k=k_arena, v=v_arena)
-        if length == 1 and spec.softcap is None and _native_decode(q, k_arena):
-            q1 = q[:, 0] * (spec.score_scale * dim**0.5) if spec.scale is not None else q[:, 0]
-            out = paged_decode_attention(q1, k_arena, v_arena, cache.layer, positions[:, 0],
-                                         cache.tables, spec.window)[:, None]  # [B, 1, N, D]
+        if spec.softcap is None and _native_decode(q, k_arena):
+            # one kernel row per query position (a chunk's table repeated): each reads its
+            # causal prefix in place; the kernel scales by D^-0.5, fold any other scale into q
+            q = q * (spec.score_scale * dim**0.5) if spec.scale is not None else q
+            last = cache.tables.shape[1] * cache.page_size - 1  # padding past the table
+            out = paged_decode_attention(
+                q.reshape(batch * length, heads, dim),
+                k_arena, v_arena, cache.layer,
+                jnp.minimum(positions, last).reshape(-1),  # [B*T]
+                jnp.repeat(cache.tables, length, axis=0),  # [B*T, M]
+                spec.window).reshape(batch, length, heads, dim)  # [B, T, N, D]
         else:
             out = self._attend_pages(q, cache, positions)  # [B, T, N, D]
         out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
