@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from meshnode import native
-from meshnode.model.layers.attention import decode_attention
+from meshnode.model.layers.attention import decode_attention, paged_decode_attention
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
@@ -63,6 +63,43 @@ def test_native_decode_attention_rejects_a_position_outside_the_cache():
     cache = np.zeros((1, 1, 16, 1, 16), np.float32)
     with pytest.raises(Exception, match="outside the cache"):
         np.asarray(decode_attention(np.zeros((1, 2, 16), np.float32), cache, cache, 0, 16, 0))
+
+
+def _paged_reference(q, k_arena, v_arena, layer, positions, tables, window):
+    """numpy: row r of q [R, N, D] over its positions up to positions[r] in its pages."""
+    page = k_arena.shape[2]
+    out = np.zeros_like(q)
+    for r, position in enumerate(positions):
+        slots = [(tables[r, i // page], i % page) for i in range(position + 1)]
+        keys = np.stack([k_arena[layer, p, o] for p, o in slots])[None, None]  # [1, 1, S, K, D]
+        values = np.stack([v_arena[layer, p, o] for p, o in slots])[None, None]
+        out[r] = _reference_attention(q[r : r + 1], keys, values, 0, position, window)[0]
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize(("start", "window"), [(0, 0), (150, 0), (150, 40)])
+def test_a_paged_chunk_is_each_query_over_its_causal_prefix(start, window):
+    """When a prefill chunk of 120 positions goes to the native paged kernel as one row per
+    query (its page table repeated, enough positions read to share them among threads),
+    then each query equals softmax attention over exactly its causal prefix (and window), and
+    is bitwise what the same query computes alone, as a decode step would."""
+    rng = np.random.default_rng(start + window)
+    arena_shape = (2, 11, 32, 2, 16)  # [L, pages, P, K, D]: 10 pages of 32 positions + scratch
+    k_arena = rng.standard_normal(arena_shape).astype(np.float32)
+    v_arena = rng.standard_normal(arena_shape).astype(np.float32)
+    table = np.array([5, 2, 8, 1, 10, 7, 3, 9, 6, 4], np.int32)  # pages out of order
+    length = 120
+    q = (3 * rng.standard_normal((length, 6, 16))).astype(np.float32)  # [R, N, D]
+    positions = np.arange(start, start + length, dtype=np.int32)  # [R]
+    tables = np.repeat(table[None], length, axis=0)  # [R, M]
+    call = jax.jit(paged_decode_attention, static_argnums=(3, 6))
+    chunk = np.asarray(call(q, k_arena, v_arena, 1, positions, tables, window))
+    expected = _paged_reference(q, k_arena, v_arena, 1, positions, tables, window)
+    np.testing.assert_allclose(chunk, expected, rtol=1e-5, atol=1e-5)
+    alone = [np.asarray(call(q[r : r + 1], k_arena, v_arena, 1, positions[r : r + 1],
+                             tables[r : r + 1], window)) for r in range(0, length, 17)]
+    np.testing.assert_array_equal(np.concatenate(alone), chunk[::17])
 
 
 _VECTOR_PATHS_SCRIPT = """

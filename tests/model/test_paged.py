@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from meshnode.errors import CacheOverflow
+from meshnode.model.buckets import CHUNK
+from meshnode.model.generate import LocalBlocks
 from meshnode.model.layers import attention
 from meshnode.model.paged import SCRATCH_PAGE, PageAllocator, PagedCache
 from meshnode.model.source import open_model
@@ -122,6 +124,29 @@ def test_paged_prefill_and_decode_agree_with_one_session_cache(runner):
     out_token, arena = runner.forward_paged(token, [37], pages, arena, 256)
     np.testing.assert_allclose(np.asarray(out_prompt)[:, :37], ref_prompt, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out_token, ref_token, rtol=1e-5, atol=1e-5)
+
+
+def test_local_blocks_run_a_long_prompt_in_causal_chunks(runner):
+    """When local generation's blocks take a prompt longer than a chunk (300 positions:
+    chunks of 256 and 44, each padded) and then decode steps, then every position matches
+    the same positions run at once over a session's own cache (the padded square)."""
+    rng = np.random.default_rng(5)
+    prompt = rng.standard_normal((1, 300, 64)).astype(np.float32)  # [1, T, H]
+    tokens = rng.standard_normal((2, 1, 1, 64)).astype(np.float32)  # two steps of [1, 1, H]
+    cache = runner.new_cache(320)
+    ref_prompt, cache = runner.forward(prompt, 0, cache)
+    ref_steps = []
+    for i, token in enumerate(tokens):
+        out, cache = runner.forward(token, 300 + i, cache)
+        ref_steps.append(np.asarray(out))
+    blocks = LocalBlocks(runner, 302)
+    assert CHUNK < 300
+    np.testing.assert_allclose(np.asarray(blocks(prompt, 0)), ref_prompt, rtol=1e-4, atol=1e-4)
+    for i, token in enumerate(tokens):
+        np.testing.assert_allclose(np.asarray(blocks(token, 300 + i)), ref_steps[i],
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(CacheOverflow):
+        blocks(tokens[0], blocks.positions)
 
 
 def test_padding_rows_write_only_the_scratch_page(runner):
