@@ -77,6 +77,24 @@ inline __m512 exp_ps(__m512 x) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// The sums of the 16 lanes of a, b, c and d, as [a, b, c, d]: the same tree of adds for
+// each of the four, so a sum does not depend on its slot or on the other three.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  // per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3], and the same of c, d
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  // per 128-bit lane: [a0123, b0123, c0123, d0123]
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 lanes = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                     _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(lanes),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(
+                                        _mm512_castps_pd(lanes), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+#endif
+
 // exp(s[i] - best) in place; returns their sum.
 inline float exp_and_sum(float* s, int64_t count, float best) {
   int64_t i = 0;
@@ -126,7 +144,29 @@ void attend(const Problem& p, int64_t b, int64_t g, const int64_t* at, int64_t c
   scores.resize(static_cast<size_t>(count * groups));
   const float* q0 = p.q + (b * p.heads + g * groups) * d;  // the group's heads, [groups, d]
   float* out0 = p.out + (b * p.heads + g * groups) * d;
-  for (int64_t i = 0; i < count; ++i) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  if (d % 16 == 0) {  // four positions a pass, their four sums reduced together
+    for (; i < count; i += 4) {
+      const int64_t n = std::min<int64_t>(4, count - i);
+      for (int64_t h = 0; h < groups; ++h) {
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                         _mm512_setzero_ps()};  // a missing position's stays zero
+        const float* q = q0 + h * d;
+        for (int64_t j = 0; j < d; j += 16) {
+          const __m512 qj = _mm512_loadu_ps(q + j);
+          for (int64_t m = 0; m < n; ++m) {
+            acc[m] = _mm512_fmadd_ps(qj, _mm512_loadu_ps(p.k + at[i + m] + g * d + j), acc[m]);
+          }
+        }
+        float sums[4];
+        _mm_storeu_ps(sums, sum4(acc[0], acc[1], acc[2], acc[3]));
+        for (int64_t m = 0; m < n; ++m) scores[h * count + i + m] = sums[m] * scale;
+      }
+    }
+  }
+#endif
+  for (; i < count; ++i) {  // no AVX-512, or a head dim not a multiple of 16
     const float* key = p.k + at[i] + g * d;
     for (int64_t h = 0; h < groups; ++h) {
       scores[h * count + i] = dot(q0 + h * d, key, d) * scale;
