@@ -10,8 +10,8 @@
 
 ``LocalModel`` loads the client head and one span runner over all blocks once;
 each ``generate`` call allocates a fresh cache sized for its prompt plus
-``max_new_tokens`` (``LocalBlocks``: pages of a paged arena, run as a worker
-runs them, so local and mesh hidden states agree bit for bit).
+``max_new_tokens`` (``LocalBlocks``: pages of a paged arena, run as a batching
+worker runs a session).
 ``generate_local(source, ...)`` does both in one call.
 """
 
@@ -45,7 +45,7 @@ class LocalBlocks:
     """A BlocksForward over a SpanRunner: one session's pages of an arena of its own, run
     as a batching worker runs a session (meshnode/worker/arena.py): a prompt in chunks of
     at most ``CHUNK`` positions, each query attending to its causal prefix only, a decode
-    step as one row over the page table. Local hidden states are a worker's, bit for bit."""
+    step as one row over the page table: the same chunks and kernels as a worker."""
 
     def __init__(self, runner: SpanRunner, max_length: int) -> None:
         self.runner = runner
