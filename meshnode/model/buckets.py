@@ -30,10 +30,14 @@ CHUNK = 256
 CHUNK_BUCKETS = tuple(b for b in LENGTH_BUCKETS if b <= CHUNK)
 
 
-def chunk_shape(start: int, length: int, table_positions: int) -> tuple[int, int]:
+def chunk_shape(start: int, length: int, table_positions: int,
+                prefix_free: bool = False) -> tuple[int, int]:
     """(padded length, kv_length) of a paged chunk of ``length <= CHUNK`` positions from
     ``start`` whose page tables hold ``table_positions``: the chunk padded to a bucket,
-    attention through XLA over the positions so far rounded up to a bucket (the native
-    kernel reads each query's causal prefix whatever kv_length says)."""
+    attention through XLA over the positions so far rounded up to a bucket. With
+    ``prefix_free`` (the native kernel reads each query's causal prefix whatever kv_length
+    says: ``SpanRunner.prefix_free``) kv_length is the whole table, one program a length."""
     padded = bucket_length(length, CHUNK_BUCKETS)
+    if prefix_free:
+        return padded, table_positions
     return padded, min(bucket_length(start + padded), table_positions)

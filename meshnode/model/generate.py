@@ -68,7 +68,8 @@ class LocalBlocks:
         for offset in range(0, length, CHUNK):
             piece = hidden[:, offset : offset + CHUNK]  # [1, t, H]
             start = start_position + offset
-            padded, kv_length = chunk_shape(start, piece.shape[1], self.positions)
+            padded, kv_length = chunk_shape(start, piece.shape[1], self.positions,
+                                            self.runner.prefix_free)
             rows = np.zeros((1, padded, hidden.shape[2]), np.float32)  # [1, padded, H]
             rows[:, : piece.shape[1]] = piece
             outs.append(self._forward(rows, start, kv_length)[:, : piece.shape[1]])

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from meshnode import native
 from meshnode.errors import CacheOverflow, ShapeMismatch
 from meshnode.model import quant
 from meshnode.model.buckets import CACHE_BUCKET, bucket_length
@@ -164,6 +165,14 @@ class SpanRunner:
         self._programs = programs  # device arrays: one stack (unrolled) or one per run (scan)
         self._step = _step_function(tuple(p.key for p in programs))
         self._paged_step = paged_step_function(tuple(p.key for p in programs))
+
+    @property
+    def prefix_free(self) -> bool:
+        """True when paged attention goes to the native kernel (float32, no score softcap):
+        each query then reads exactly its causal prefix, and ``forward_paged``'s kv_length
+        changes nothing it computes (one program per chunk length, not per prefix)."""
+        return (self.compute_dtype == jnp.float32 and self.config.attn_softcap is None
+                and native.load())
 
     @property
     def module(self) -> nnx.Module:

@@ -88,8 +88,10 @@ class SharedCache:
         return {work: self._wire(out[i : i + 1], work) for i, work in enumerate(works)}
 
     def _chunk(self, work: Work) -> dict[Work, np.ndarray]:
-        padded, kv_length = chunk_shape(work.start, work.length, self.width * self.page_size)
-        out = self._forward(work.job.session.span, [work.hidden()], [work], padded, kv_length)
+        span = work.job.session.span
+        padded, kv_length = chunk_shape(work.start, work.length, self.width * self.page_size,
+                                        self._runner_of(span).prefix_free)
+        out = self._forward(span, [work.hidden()], [work], padded, kv_length)
         return {work: self._wire(out[:, : work.length], work)}
 
     def _guarded(self, works: list[Work], forward: Callable[[], dict[Work, np.ndarray]]

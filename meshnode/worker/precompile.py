@@ -14,7 +14,9 @@ in the persistent compilation cache too, so a restarted worker only loads it.
 
 A batching worker runs other programs (meshnode/worker/batching.py): decode
 rows padded to a row bucket, over the whole page table, and prefill chunks of
-a length bucket attending to a bucketed prefix. ``paged_shapes`` lists them
+a length bucket attending to a bucketed prefix (or, where the native kernel
+reads each query's own prefix, over the whole table: one program a chunk
+length instead of one per length and prefix). ``paged_shapes`` lists them
 (decode buckets and short prompts first), and ``Precompiler.run_paged``
 compiles each ahead of time from shapes alone (``SpanRunner.compile_paged``:
 no arena is allocated, and the first call finds the program in the cache).
@@ -75,14 +77,18 @@ class PagedShape:
     kv_length: int
 
 
-def paged_shapes(table_positions: int) -> list[PagedShape]:
+def paged_shapes(table_positions: int, prefix_free: bool = False) -> list[PagedShape]:
     """Every program of a batching worker whose page tables span ``table_positions`` (pure):
-    decode rows of each row bucket, chunks of each length bucket at each prefix bucket."""
+    decode rows of each row bucket, chunks of each length bucket at each prefix bucket (with
+    ``prefix_free``, ``SpanRunner.prefix_free``: over the whole table, one a length)."""
     from meshnode.compute import ROW_BUCKETS
     from meshnode.model.buckets import CHUNK, LENGTH_BUCKETS, bucket_length
 
     decodes = [PagedShape(b, 1, table_positions) for b in ROW_BUCKETS]
     lengths = [b for b in LENGTH_BUCKETS if 1 < b <= min(CHUNK, table_positions)]
+    if prefix_free:
+        chunks = [PagedShape(1, t, table_positions) for t in lengths]
+        return decodes[:5] + chunks + decodes[5:]
     first = [PagedShape(1, t, bucket_length(t)) for t in lengths]
     prefixes = sorted({min(bucket_length(start + t), table_positions)
                        for start in range(CHUNK, table_positions, CHUNK) for t in lengths})

@@ -205,9 +205,9 @@ class WorkerService(Service):
             return
         if compute.shared is not None:
             shared = compute.shared
-            shapes = paged_shapes(shared.width * shared.page_size)
-            done = self.precompiler.run_paged(compute.runner(self.span), shapes, shared.width,
-                                              shared.pages)
+            runner = compute.runner(self.span)
+            shapes = paged_shapes(shared.width * shared.page_size, runner.prefix_free)
+            done = self.precompiler.run_paged(runner, shapes, shared.width, shared.pages)
         else:
             shapes = step_shapes(max_length)
             done = self.precompiler.run(compute.runner(self.span), compute.hidden_size, shapes)

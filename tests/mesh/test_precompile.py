@@ -55,29 +55,37 @@ def test_nothing_past_the_workers_max_length():
     assert len(step_shapes(2048)) == 11
 
 
-def paged_programs(prompt: int, table_positions: int) -> set[tuple]:
+def paged_programs(prompt: int, table_positions: int, prefix_free: bool) -> set[tuple]:
     """The programs a batching worker runs for a prompt then decode rows of any batch, as
-    SharedCache.run picks them: chunks of at most CHUNK, padded, over a bucketed prefix."""
+    SharedCache.run picks them: chunks of at most CHUNK, padded, over a bucketed prefix (with
+    the native kernel's ``prefix_free``: over the whole table)."""
     from meshnode.compute import ROW_BUCKETS
     from meshnode.model.buckets import CHUNK, CHUNK_BUCKETS
 
     programs = {(rows, 1, table_positions) for rows in ROW_BUCKETS}
     for start in range(0, prompt, CHUNK):
         padded = bucket_length(min(CHUNK, prompt - start), CHUNK_BUCKETS)
-        programs.add((1, padded, min(bucket_length(start + padded), table_positions)))
+        prefix = min(bucket_length(start + padded), table_positions)
+        programs.add((1, padded, table_positions if prefix_free else prefix))
     return programs
 
 
+@pytest.mark.parametrize("prefix_free", [False, True], ids=["xla", "native"])
 @pytest.mark.parametrize("prompt", [2, 16, 17, 100, 256, 300, 511, 1000, 1800, 2047])
-def test_a_batching_worker_finds_its_programs_compiled(prompt):
+def test_a_batching_worker_finds_its_programs_compiled(prompt, prefix_free):
     """When a batching worker (page tables of 2048 positions) runs a prompt of more than one
     position, cut in chunks, then decode rows in any batch, then every program it runs but
-    a last chunk of a single position is one it compiled ahead."""
+    a last chunk of a single position is one it compiled ahead; where the native kernel
+    reads each query's prefix, a chunk length is one program whatever its prefix."""
     from meshnode.worker.precompile import paged_shapes
 
-    compiled = {(s.batch, s.positions, s.kv_length) for s in paged_shapes(2048)}
-    needed = {p for p in paged_programs(prompt, 2048) if p[1] > 1 or p[0] > 1 or p[2] == 2048}
+    shapes = paged_shapes(2048, prefix_free)
+    compiled = {(s.batch, s.positions, s.kv_length) for s in shapes}
+    needed = {p for p in paged_programs(prompt, 2048, prefix_free)
+              if p[1] > 1 or p[0] > 1 or p[2] == 2048}
     assert needed <= compiled
+    if prefix_free:
+        assert len(shapes) == len(set(shapes)) == 7 + 5  # row buckets, chunk lengths 16-256
 
 
 @pytest.mark.slow
@@ -91,6 +99,7 @@ def test_a_worker_compiles_every_paged_program_in_the_background(tiny_checkpoint
     import subprocess
     import sys
 
+    from meshnode import native
     from meshnode.testing.processes import LocalMesh
     from meshnode.worker.precompile import paged_shapes
     from tests.mesh.mesh_helpers import prompts
@@ -99,7 +108,7 @@ def test_a_worker_compiles_every_paged_program_in_the_background(tiny_checkpoint
         mesh.start_worker("0:6", ["--max-length", "512"])  # the tiny model's longest
         assert mesh.wait_precompiled(300), mesh.workers()[0].log_tail()
         said = re.search(r"precompiled (\d+) step programs", mesh.workers()[0].log_tail(400))
-        assert said and int(said.group(1)) == len(paged_shapes(512)), said
+        assert said and int(said.group(1)) == len(paged_shapes(512, native.load())), said
         ids = prompts(1, 128, seed=5)[0]
         done = subprocess.run(
             [sys.executable, "-m", "meshnode", "generate", "--model", str(tiny_checkpoint),
