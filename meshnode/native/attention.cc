@@ -135,7 +135,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // `count` cache offsets `at` (of each attended position's kv head 0), in order. Each key
 // and value is read once for every query head of the group. Per query head the
 // arithmetic is fixed: a score is a 16-lane fused multiply-add chain over D then one
-// horizontal sum, an output lane sums weight * value over positions in order.
+// horizontal sum (sum4's tree, whichever slot of four it takes), an output lane sums
+// weight * value over positions in order.
 void attend(const Problem& p, int64_t b, int64_t g, const int64_t* at, int64_t count,
             std::vector<float>& scores) {
   const int64_t groups = p.heads / p.kv_heads;
