@@ -10,7 +10,7 @@ import pytest
 from meshnode.errors import NoCapacity, UnknownSession
 from meshnode.inference import messages
 from meshnode.inference.records import BlockSpan
-from meshnode.model.generate import LocalModel
+from meshnode.model.generate import LocalBlocks, LocalModel
 from meshnode.model.head import ClientHead
 from meshnode.model.source import open_model
 from meshnode.wire.message import PeerInfo
@@ -45,6 +45,18 @@ def sessions_of(count: int, long_prompt: int = 0) -> list[GreedySession]:
     return made
 
 
+def local_hidden(local, head, session: GreedySession) -> list[np.ndarray]:
+    """The hidden states of ``session``'s steps (its prompt, then each token it fed back)
+    through local generation's blocks."""
+    blocks = LocalBlocks(local.runner, len(session.prompt) + session.new_tokens)
+    steps = [session.prompt] + [[token] for token in session.tokens[: len(session.hidden) - 1]]
+    outs, position = [], 0
+    for ids in steps:
+        outs.append(np.asarray(blocks(np.asarray(head.embed([ids])), position)))
+        position += len(ids)
+    return outs
+
+
 def alone(tiny, session: GreedySession) -> GreedySession:
     """The same generation on a fresh worker of its own."""
     source, head = tiny
@@ -59,8 +71,8 @@ def alone(tiny, session: GreedySession) -> GreedySession:
 def test_sessions_sharing_iterations_match_each_alone(tiny, local, count):
     """When N sessions (different clients, prompt lengths and positions, one prompt long
     enough for chunks when N > 1) step through one worker together, then every hidden
-    state each gets is bitwise what it gets alone, and its greedy tokens are those of
-    local generation."""
+    state each gets is bitwise what it gets alone and what local generation's blocks
+    compute, and its greedy tokens are those of local generation."""
     source, head = tiny
     worker = make_worker(source, SPAN)
     sessions = sessions_of(count, long_prompt=300 if count > 1 else 0)
@@ -74,6 +86,9 @@ def test_sessions_sharing_iterations_match_each_alone(tiny, local, count):
         assert len(solo.hidden) == len(session.hidden)
         for together, by_itself in zip(session.hidden, solo.hidden):
             assert np.array_equal(together, by_itself)
+        for together, locally in zip(session.hidden, local_hidden(local, head, session),
+                                     strict=True):
+            assert np.array_equal(together, locally)
         expected = local.generate(prompt_ids=session.prompt, max_new_tokens=session.new_tokens)
         assert session.tokens == list(expected.token_ids)
 
