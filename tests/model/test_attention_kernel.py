@@ -17,7 +17,11 @@ import numpy as np
 import pytest
 
 from meshnode import native
-from meshnode.model.layers.attention import decode_attention, paged_decode_attention
+from meshnode.model.layers.attention import (
+    decode_attention,
+    paged_decode_attention,
+    session_prefill_attention,
+)
 
 needs_native = pytest.mark.skipif(
     not native.load(), reason=f"native kernels unavailable: {native.unavailable_reason()}"
@@ -100,6 +104,27 @@ def test_a_paged_chunk_is_each_query_over_its_causal_prefix(start, window):
     alone = [np.asarray(call(q[r : r + 1], k_arena, v_arena, 1, positions[r : r + 1],
                              tables[r : r + 1], window)) for r in range(0, length, 17)]
     np.testing.assert_array_equal(np.concatenate(alone), chunk[::17])
+
+
+@needs_native
+@pytest.mark.parametrize("window", [0, 8])
+def test_a_prefill_over_a_session_cache_is_each_query_over_its_causal_prefix(window):
+    """When a prefill of 40 positions (from 20, batch 2, GQA) attends over session caches
+    [L, B, S, K, D] through the native kernel, then each query equals softmax attention over
+    its causal prefix (and window), bitwise what a decode step at its position computes."""
+    rng = np.random.default_rng(window)
+    cache_shape = (2, 2, 96, 2, 16)  # [L, B, S, K, D]: S a multiple of 16, not of 64
+    k_cache = rng.standard_normal(cache_shape).astype(np.float32)
+    v_cache = rng.standard_normal(cache_shape).astype(np.float32)
+    q = (3 * rng.standard_normal((2, 40, 6, 16))).astype(np.float32)  # [B, T, N, D]
+    positions = np.arange(20, 60, dtype=np.int32)  # [T]
+    call = jax.jit(session_prefill_attention, static_argnums=(3, 5))
+    got = np.asarray(call(q, k_cache, v_cache, 1, positions, window))  # [B, T, N, D]
+    for t in (0, 7, 39):
+        expected = _reference_attention(q[:, t], k_cache, v_cache, 1, int(positions[t]), window)
+        np.testing.assert_allclose(got[:, t], expected, rtol=1e-5, atol=1e-5)
+        decoded = decode_attention(q[:, t], k_cache, v_cache, 1, int(positions[t]), window)
+        np.testing.assert_array_equal(got[:, t], np.asarray(decoded))
 
 
 _VECTOR_PATHS_SCRIPT = """

@@ -8,8 +8,11 @@ that defaults to head_dim^-0.5. ``CacheView`` is the span's cache as the
 layer sees it: keys and values of every layer of the span [L, B, S, K, D],
 the layer this module writes, where the new positions start, and how many
 cache positions attention reads (a bucket, so early decode steps of a long
-session do not pay for the whole cache). One float32 position (a decode step)
-goes to the native kernel where it runs, which reads the cache in place.
+session do not pay for the whole cache). Float32 queries go to the native
+kernel where it runs, which reads the cache in place: one position (a decode
+step) to the decode kernel, a prefill's positions to the paged kernel over the
+cache seen as pages (``session_prefill_attention``), each query over its causal
+prefix only instead of the padded square.
 Scores and softmax are float32 whatever the compute dtype.
 
 ``PagedView`` is the other cache layout (meshnode/model/paged.py): an arena of
@@ -186,6 +189,10 @@ class Attention(nnx.Module):
             # the kernel scales by D^-0.5: fold any other scale into q
             q1 = q[:, 0] * (spec.score_scale * dim**0.5) if spec.scale is not None else q[:, 0]
             out = decode_attention(q1, k_cache, v_cache, cache.layer, cache.start, spec.window)
+        elif spec.softcap is None and _native_decode(q, k_cache):
+            q = q * (spec.score_scale * dim**0.5) if spec.scale is not None else q
+            out = session_prefill_attention(q, k_cache, v_cache, cache.layer, positions,
+                                            spec.window)  # [B, T, N, D]
         else:
             out = self._attend(q, cache, positions)  # [B, T, N, D]
         out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
@@ -299,6 +306,31 @@ def paged_decode_attention(
                             jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q, k_arena, v_arena, scalar(layer_index), positions.astype(jnp.int32),
                 tables.astype(jnp.int32), scalar(window))
+
+
+def session_prefill_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    layer_index: Any,
+    positions: jax.Array,
+    window: Any,
+) -> jax.Array:
+    """q [B, T, N, D] at positions [T] of the float32 session caches [L, B, S, K, D], each
+    query over its causal prefix: the caches seen as an arena of pages (a free reshape,
+    row b's pages in order) for the native paged kernel, one kernel row per query, so a
+    prefill computes per position what a decode step there would. Returns [B, T, N, D]."""
+    layers, batch, length, kv_heads, dim = k_cache.shape
+    page = 64 if length % 64 == 0 else 16  # cache lengths are multiples of 16
+    per_row = length // page
+    shape = (layers, batch * per_row, page, kv_heads, dim)
+    steps = positions.shape[0]
+    tables = jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, 1, per_row)
+    tables = jnp.broadcast_to(tables, (batch, steps, per_row)).reshape(-1, per_row)  # [B*T, M]
+    rows = jnp.broadcast_to(positions[None], (batch, steps)).reshape(-1)  # [B*T]
+    out = paged_decode_attention(q.reshape(batch * steps, *q.shape[2:]), k_cache.reshape(shape),
+                                 v_cache.reshape(shape), layer_index, rows, tables, window)
+    return out.reshape(q.shape)
 
 
 def decode_attention(
