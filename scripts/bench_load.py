@@ -81,8 +81,8 @@ async def measure(reactor, args: argparse.Namespace) -> None:
             vocab = client.source.config.vocab_size
             batch = random_prompts(args.sessions, vocab, args.seed)
             single = None
+            await run_load(client, reactor, batch[:1], 4)  # warm the decode programs
             if not args.no_single:
-                await run_load(client, reactor, batch[:1], 4)  # warm the decode programs
                 single = await run_load(client, reactor, batch[:1], args.new_tokens)
             load = await run_load(client, reactor, batch, args.new_tokens)
             route = client.last_route.describe()
