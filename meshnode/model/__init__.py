@@ -7,7 +7,9 @@ Modules:
 - ``rope``        rotary frequencies (default, linear, llama3) and their application
 - ``layers``      generic NNX layers: RMSNorm, Attention, GatedMLP, DecoderBlock, DecoderStack
 - ``families``    per-family composition of the layers (llama/mistral/qwen2/qwen3, gemma3)
+- ``buckets``     the static shapes: length buckets, prefill chunks (no JAX)
 - ``span``        SpanRunner / SpanParams / KVCache: split once, run as a pure jitted function
+- ``paged``       PagedArena, PageAllocator, PagedCache: one KV cache shared by many sessions
 - ``head``        ClientHead / ClientParams: embedding, final norm, LM head
 - ``sampling``    SamplingOptions, Sampler: greedy, temperature, top-k, top-p
 - ``checkpoint``  lazy safetensors reading of Hugging Face folders
@@ -18,5 +20,5 @@ Modules:
 - ``source``      open_model(spec) -> ModelSource, fingerprints
 - ``decoding``    ``Generation``, the step-driven generation (no I/O, no JAX), and its
                   synchronous driver ``generate_tokens``
-- ``generate``    LocalModel / generate_local: all blocks in this process
+- ``generate``    LocalModel / generate_local / LocalBlocks: all blocks in this process
 """
