@@ -47,14 +47,13 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from meshnode import native
 from meshnode.errors import CacheOverflow, ShapeMismatch
 from meshnode.model import quant
 from meshnode.model.buckets import CACHE_BUCKET, bucket_length
 from meshnode.model.config import ModelConfig
 from meshnode.model.families.llama import attention_spec
 from meshnode.model.families.registry import build_stack, family
-from meshnode.model.layers.attention import CacheView
+from meshnode.model.layers.attention import CacheView, native_attention
 from meshnode.model.layers.block import DecoderStack, positions_from
 from meshnode.model.paged import PAGE, PagedArena, paged_step_function
 from meshnode.model.quant import is_quantized
@@ -171,8 +170,7 @@ class SpanRunner:
         """True when paged attention goes to the native kernel (float32, no score softcap):
         each query then reads exactly its causal prefix, and ``forward_paged``'s kv_length
         changes nothing it computes (one program per chunk length, not per prefix)."""
-        return (self.compute_dtype == jnp.float32 and self.config.attn_softcap is None
-                and native.load())
+        return native_attention(self.compute_dtype, self.config.attn_softcap)
 
     @property
     def module(self) -> nnx.Module:

@@ -205,14 +205,12 @@ void attend(const Problem& p, int64_t b, int64_t g, const int64_t* at, int64_t c
   }
 }
 
-// One session's cache [L, B, S, K, D]: positions [p.first, p.last] of row b.
-void attend(const Problem& p, int64_t b, int64_t g, std::vector<int64_t>& at,
-            std::vector<float>& scores) {
+// One session's cache [L, B, S, K, D]: the offsets of positions [p.first, p.last] of row b.
+void session_offsets(const Problem& p, int64_t b, std::vector<int64_t>& at) {
   const int64_t row_stride = p.kv_heads * p.dim;  // between positions
   const int64_t base = ((p.layer * p.batch + b) * p.length) * row_stride;
   at.resize(static_cast<size_t>(p.last - p.first + 1));
   for (int64_t i = p.first; i <= p.last; ++i) at[i - p.first] = base + i * row_stride;
-  attend(p, b, g, at.data(), p.last - p.first + 1, scores);
 }
 
 ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q,
@@ -250,7 +248,10 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q,
   std::vector<float> scores;
   std::vector<int64_t> offsets;
   for (int64_t b = 0; b < p.batch; ++b) {
-    for (int64_t g = 0; g < p.kv_heads; ++g) attend(p, b, g, offsets, scores);
+    session_offsets(p, b, offsets);
+    for (int64_t g = 0; g < p.kv_heads; ++g) {
+      attend(p, b, g, offsets.data(), p.last - p.first + 1, scores);
+    }
   }
   return ffi::Error::Success();
 }

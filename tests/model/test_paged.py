@@ -99,7 +99,7 @@ def test_the_pure_jax_paged_path_is_batch_invariant_and_agrees(runner, monkeypat
     XLA path is bitwise the same alone or beside others, and close to the native one."""
     arena, caches, lengths = filled(runner, 8, seed=3)
     native_out, arena = decode(runner, arena, caches, lengths, [2, 5, 7])
-    monkeypatch.setattr(attention, "_native_decode", lambda q, k: False)
+    monkeypatch.setattr(attention, "native_attention", lambda dtype, softcap: False)
     # other shapes than the native calls above, so these trace again (without the kernel)
     alone, arena = decode(runner, arena, caches, lengths, [2, 5, 7, 1, 0])
     together, arena = decode(runner, arena, caches, lengths, [2, 5, 7, 1, 0, 3, 4, 6])

@@ -185,14 +185,14 @@ class Attention(nnx.Module):
         k_cache = lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
         v_cache = lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
         cache = dataclasses.replace(cache, k=k_cache, v=v_cache)
-        if length == 1 and spec.softcap is None and _native_decode(q, k_cache):
-            # the kernel scales by D^-0.5: fold any other scale into q
-            q1 = q[:, 0] * (spec.score_scale * dim**0.5) if spec.scale is not None else q[:, 0]
-            out = decode_attention(q1, k_cache, v_cache, cache.layer, cache.start, spec.window)
-        elif spec.softcap is None and _native_decode(q, k_cache):
-            q = q * (spec.score_scale * dim**0.5) if spec.scale is not None else q
-            out = session_prefill_attention(q, k_cache, v_cache, cache.layer, positions,
-                                            spec.window)  # [B, T, N, D]
+        if self._native(q, k_cache):
+            q = self._kernel_scaled(q)
+            if length == 1:
+                out = decode_attention(q[:, 0], k_cache, v_cache, cache.layer, cache.start,
+                                       spec.window)[:, None]  # [B, 1, N, D]
+            else:
+                out = session_prefill_attention(q, k_cache, v_cache, cache.layer, positions,
+                                                spec.window)  # [B, T, N, D]
         else:
             out = self._attend(q, cache, positions)  # [B, T, N, D]
         out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
@@ -208,13 +208,12 @@ class Attention(nnx.Module):
         k_arena = cache.k.at[cache.layer, page, offset].set(k.astype(cache.k.dtype))
         v_arena = cache.v.at[cache.layer, page, offset].set(v.astype(cache.v.dtype))
         cache = dataclasses.replace(cache, k=k_arena, v=v_arena)
-        if spec.softcap is None and _native_decode(q, k_arena):
+        if self._native(q, k_arena):
             # one kernel row per query position (a chunk's table repeated): each reads its
-            # causal prefix in place; the kernel scales by D^-0.5, fold any other scale into q
-            q = q * (spec.score_scale * dim**0.5) if spec.scale is not None else q
+            # causal prefix in place
             last = cache.tables.shape[1] * cache.page_size - 1  # padding past the table
             out = paged_decode_attention(
-                q.reshape(batch * length, heads, dim),
+                self._kernel_scaled(q).reshape(batch * length, heads, dim),
                 k_arena, v_arena, cache.layer,
                 jnp.minimum(positions, last).reshape(-1),  # [B*T]
                 jnp.repeat(cache.tables, length, axis=0),  # [B*T, M]
@@ -223,6 +222,15 @@ class Attention(nnx.Module):
             out = self._attend_pages(q, cache, positions)  # [B, T, N, D]
         out = project(out.reshape(batch, length, heads * dim), self.wo)  # [B, T, H]
         return add_bias(out, self.bo), cache
+
+    def _native(self, q: jax.Array, k_cache: jax.Array) -> bool:
+        return k_cache.dtype == q.dtype and native_attention(q.dtype, self.spec.softcap)
+
+    def _kernel_scaled(self, q: jax.Array) -> jax.Array:
+        """q [.., D] for the native kernels, which scale scores by D^-0.5: any other scale
+        folded into q."""
+        spec = self.spec
+        return q * (spec.score_scale * spec.head_dim**0.5) if spec.scale is not None else q
 
     def _rope_rows(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x [B, T, h, D] rotated by each row's own positions [B, T] (and, for longrope,
@@ -284,8 +292,11 @@ class Attention(nnx.Module):
         return out.reshape(batch, length, heads, dim)
 
 
-def _native_decode(q: jax.Array, k_cache: jax.Array) -> bool:
-    return q.dtype == k_cache.dtype == jnp.float32 and native.load()
+def native_attention(dtype: Any, softcap: float | None) -> bool:
+    """Whether attention in ``dtype`` (with score ``softcap``) runs on the native kernels
+    here: float32, no softcap, kernels built. Each query then reads exactly its own
+    positions in place, whatever bucketed length an XLA path would read."""
+    return softcap is None and jnp.dtype(dtype) == jnp.float32 and native.load()
 
 
 def paged_decode_attention(
