@@ -5,7 +5,8 @@ its header for the weight layout), ``dense.cc`` the float32 dense matmul, both
 batch-invariant (a row's bits do not depend on the other rows of the call),
 ``attention.cc`` the attention of one new position over a KV cache (one
 session's, or a paged arena's for a batch of sessions);
-``parallel.h`` splits rows among threads. ``load()`` compiles them into one
+``parallel.h`` splits rows among threads, ``rows.h`` leaves a padded batch's zero
+rows out of the matmuls. ``load()`` compiles them into one
 library once per machine with the C++ compiler (``$CXX``, else ``g++``)
 against the XLA FFI headers that jaxlib ships, ``-march=native`` (or
 ``-march=$MESHNODE_NATIVE_MARCH``, e.g. ``x86-64-v3`` for a library that runs
@@ -46,7 +47,7 @@ PAGED_ATTENTION_TARGET = "meshnode_paged_attention"
 _SOURCES = tuple(
     Path(__file__).with_name(name) for name in ("qmatmul.cc", "dense.cc", "attention.cc")
 )
-_HEADERS = (Path(__file__).with_name("parallel.h"),)
+_HEADERS = tuple(Path(__file__).with_name(name) for name in ("parallel.h", "rows.h"))
 _SYMBOLS = {
     MATMUL_TARGET: "MeshnodeQMatmul",
     DEQUANT_TARGET: "MeshnodeQDequant",

@@ -7,7 +7,8 @@
 //   Columns go in vectors (64 at a time with AVX-512, 16 with AVX2); each weight
 //   row segment is loaded once for a tile of input rows, each row with its
 //   own accumulators (up to 6 rows with AVX-512, 4 otherwise). Threads take
-//   groups of columns (parallel.h).
+//   groups of columns (parallel.h). Rows of zeros (a bucketed batch's padding)
+//   are not computed: their outputs are exactly zero (rows.h).
 //
 // Vector paths: AVX-512, AVX2 + FMA, else portable C++.
 
@@ -24,6 +25,7 @@
 #endif
 
 #include "parallel.h"
+#include "rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -206,15 +208,18 @@ ffi::Error DenseMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   if (xd.size() != 2 || wd.size() != 2 || xd[1] != wd[0]) {
     return ffi::Error::InvalidArgument("x must be [rows, in] and w [in, out]");
   }
-  const Dense d{x.typed_data(), w.typed_data(), y->typed_data(), xd[0], xd[1], wd[1]};
+  meshnode::LiveRows live(x.typed_data(), xd[0], xd[1]);  // a bucket's zero rows: not computed
+  const Dense d{live.inputs(), w.typed_data(), live.outputs(y->typed_data(), wd[1]),
+                live.count(), xd[1], wd[1]};
   if (d.in == 0) {  // no pass writes y
     std::fill(d.y, d.y + d.rows * d.out, 0.f);
-    return ffi::Error::Success();
+  } else if (d.rows > 0) {
+    const int64_t groups = (d.out + kDenseWidth - 1) / kDenseWidth;
+    meshnode::parallel_rows(pool, groups, 4, [&d](int64_t first, int64_t last) {
+      dense_rows(d, first * kDenseWidth, std::min(d.out, last * kDenseWidth));
+    });
   }
-  const int64_t groups = (d.out + kDenseWidth - 1) / kDenseWidth;
-  meshnode::parallel_rows(pool, groups, 4, [&d](int64_t first, int64_t last) {
-    dense_rows(d, first * kDenseWidth, std::min(d.out, last * kDenseWidth));
-  });
+  live.scatter(y->typed_data(), wd[1]);
   return ffi::Error::Success();
 }
 

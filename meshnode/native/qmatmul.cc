@@ -24,6 +24,9 @@
 // pattern, final reduction) is the same in a tile of any size, so its result is
 // bitwise the same whatever other rows share the call.
 //
+// Rows of zeros (a bucketed batch's padding) are not computed: their outputs are
+// exactly zero (rows.h).
+//
 // Vector paths: AVX-512, AVX2 + FMA, else portable C++ (the compiler's choice).
 // Weight rows are split among threads (parallel.h).
 
@@ -44,6 +47,7 @@
 #endif
 
 #include "parallel.h"
+#include "rows.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -367,23 +371,27 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   if (xd.size() != 2 || xd[1] != w.in) {
     return ffi::Error::InvalidArgument("x must be [tokens, in] with the weights' in");
   }
-  const int64_t tokens = xd[0];
-  std::unique_ptr<float[]> sums(new float[tokens * w.groups]);
+  meshnode::LiveRows live(x.typed_data(), xd[0], w.in);  // a bucket's zero rows: not computed
+  const int64_t tokens = live.count();
+  const float* xs = live.inputs();
+  std::unique_ptr<float[]> sums(new float[std::max<int64_t>(1, tokens * w.groups)]);
   for (int64_t i = 0; i < tokens * w.groups; ++i) {
     float s = 0.f;
-    for (int64_t j = 0; j < w.group; ++j) s += x.typed_data()[i * w.group + j];
+    for (int64_t j = 0; j < w.group; ++j) s += xs[i * w.group + j];
     sums[i] = s;
   }
-  const float* xs = x.typed_data();
   const float* ss = sums.get();
-  float* out = y->typed_data();
-  parallel_rows(pool, w.out, 16, [&, xs, ss, out, tokens](int64_t first, int64_t last) {
-    if (bits == 4) {
-      matmul_rows<4>(w, xs, ss, tokens, out, first, last);
-    } else {
-      matmul_rows<8>(w, xs, ss, tokens, out, first, last);
-    }
-  });
+  float* out = live.outputs(y->typed_data(), w.out);
+  if (tokens > 0) {
+    parallel_rows(pool, w.out, 16, [&, xs, ss, out, tokens](int64_t first, int64_t last) {
+      if (bits == 4) {
+        matmul_rows<4>(w, xs, ss, tokens, out, first, last);
+      } else {
+        matmul_rows<8>(w, xs, ss, tokens, out, first, last);
+      }
+    });
+  }
+  live.scatter(y->typed_data(), w.out);
   return ffi::Error::Success();
 }
 

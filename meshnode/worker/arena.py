@@ -105,11 +105,15 @@ class SharedCache:
             return {work: failure for work in works}
 
     def measure(self, rows: int, steps: int, span: Any = None) -> float:
-        """Decode tokens per second of ``rows`` sessions batched (scratch pages only)."""
-        hidden = np.zeros((1, 1, self._runner_of(self.span).config.hidden_size), np.float32)
+        """Decode tokens per second of ``rows`` sessions batched (scratch pages only).
+
+        The rows hold random states and the bucket's padding rows zeros, as in a real
+        iteration: the matmuls leave zero rows out (meshnode/native/rows.h)."""
+        width = self._runner_of(self.span).config.hidden_size
+        rows_in = np.zeros((row_bucket(rows), 1, width), np.float32)  # [Bp, 1, H]
+        rows_in[:rows] = np.random.default_rng(0).standard_normal((rows, 1, width))
         tables = np.full((row_bucket(rows), self.width), 0, np.int32)  # [Bp, M]
         starts = np.zeros(row_bucket(rows), np.int32)  # [Bp]
-        rows_in = np.repeat(hidden, row_bucket(rows), axis=0)  # [Bp, 1, H]
         self._call(span or self.span, rows_in, starts, tables, self.width * self.page_size)
         began = time.perf_counter()
         for _ in range(steps):

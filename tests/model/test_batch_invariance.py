@@ -87,6 +87,30 @@ def test_a_row_does_not_depend_on_its_batch_mates():
         np.testing.assert_array_equal(np.asarray(fn(batch, weight))[at], alone)
 
 
+@needs_native
+@pytest.mark.parametrize("form", ["Q4_1", "Q8_0", "Q6_K", "float32"])
+def test_zero_rows_of_a_padded_batch_come_out_zero_and_leave_the_others_alone(form):
+    """When a batch carries rows of zeros (a row bucket's padding, -0.0 too) among live rows,
+    then each zero row comes out exactly +0.0, as x @ W.T gives, and each live row is
+    bitwise its result alone; a batch of zeros only comes out all zeros."""
+    weight, _ = _matrix(form, OUT, WIDTH)
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((8, WIDTH)).astype(np.float32)
+    dead = [1, 4, 5, 7]
+    x[dead] = 0.0
+    x[5] = -0.0
+    fn = jax.jit(linear)
+    out = np.asarray(fn(x, weight))
+    alone = _rows_alone(lambda row: fn(row, weight), x)
+    np.testing.assert_array_equal(out, alone)
+    zeros = out[dead]
+    assert not zeros.any() and not np.signbit(zeros).any()
+    live = [i for i in range(8) if i not in dead]
+    assert np.abs(out[live]).min(axis=1).all()  # live rows were computed
+    np.testing.assert_array_equal(np.asarray(fn(np.zeros((4, WIDTH), np.float32), weight)),
+                                  np.zeros((4, OUT), np.float32))
+
+
 @pytest.mark.parametrize("width", [64, 576, 100])
 def test_rms_norm_statistic_is_batch_invariant(width):
     """When RMSNorm's mean square runs over B rows (XLA's own row reduction changes its order

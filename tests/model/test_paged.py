@@ -165,6 +165,24 @@ def test_padding_rows_write_only_the_scratch_page(runner):
     assert caches[1].pages[lengths[1] // 64] in changed
 
 
+def test_zero_padding_rows_stay_zero_through_the_span(runner):
+    """When a decode batch is padded with rows of zeros on the scratch page (as a worker pads
+    to a row bucket), then those rows come out of every block exactly zero, which is what
+    lets the native matmuls leave them out (meshnode/native/rows.h), and the real rows are
+    bitwise what they are without padding."""
+    arena, caches, lengths = filled(runner, 3)
+    alone, arena = decode(runner, arena, caches, lengths, [0, 2])
+    padded = np.zeros((8, 1, 64), np.float32)
+    padded[:2] = np.random.default_rng(1).standard_normal((3, 1, 64)).astype(np.float32)[[0, 2]]
+    tables = np.full((8, WIDTH), SCRATCH_PAGE, np.int32)
+    tables[0], tables[1] = caches[0].table(WIDTH), caches[2].table(WIDTH)
+    starts = np.array([lengths[0], lengths[2], 0, 0, 0, 0, 0, 0], np.int32)
+    out, _ = runner.forward_paged(padded, starts, tables, arena, WIDTH * 64)
+    out = np.asarray(out)
+    assert not out[2:].any()
+    np.testing.assert_array_equal(out[:2], alone)
+
+
 def test_a_scanned_span_runs_the_paged_step_as_the_unrolled_one(source, runner):
     """When the span's layers run under lax.scan (the accelerator layout), and a sub-span
     writes its own layers of the arena, then prefill and decode over the arena match the
