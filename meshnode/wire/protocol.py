@@ -20,6 +20,13 @@ pool bookkeeping). Per connection it owns:
   handed to TLS per turn; while too many handler calls are in flight, or
   more than ``max_queued_bytes`` wait for a peer that does not read them, it
   stops reading from the peer;
+- bundles (``meshnode.wire.bundle``): small frames sent in one reactor turn
+  leave together at its end (``clock.callLater(0)``) as one bundle frame,
+  and a received bundle's frames are handled in order in one turn, as if
+  each had come alone; a frame too big for a bundle goes alone, in order.
+  A quiet connection (its last sending turn sent one frame) sends a turn's
+  first frame at once, so a lone step pays no wait; once a turn has sent
+  several, the next turns bundle from their first frame;
 - error frames: a handler's ``MeshError`` goes out with its code, anything
   else as ``internal`` (and is logged); framing violations (oversized
   prefix, non-CBOR header) get an error frame and close the connection. A
@@ -54,6 +61,7 @@ from meshnode.errors import (
 )
 from meshnode.identity import NodeID
 from meshnode.tls import check_pinned, peer_node_id
+from meshnode.wire import bundle
 from meshnode.wire.codec import encode_error, encode_message, message_of
 from meshnode.wire.frames import FrameDecoder, RawFrame
 from meshnode.wire.header import (
@@ -89,8 +97,15 @@ class MeshProtocol(Protocol):
         lookup: HandlerLookup,
         expected_id: NodeID | None = None,
         peer_check: PeerCheck | None = None,
+        bundling: bool = True,
     ) -> None:
         self.clock = clock
+        # small frames of one turn leave together, as one bundle (False: each at once)
+        self.bundling = bundling
+        self._turn: list[list[memoryview | bytes]] = []  # frames waiting for the turn's end
+        self._turn_call: IDelayedCall | None = None  # the turn's end, while a turn sends
+        self._turn_frames = 0  # small frames sent in this turn so far
+        self._bursting = False  # the last turn that sent sent several: bundle from the first
         self.peer_check = peer_check
         self.peer_certificate: Any = None
         self._peer_error: RemoteError | None = None
@@ -168,6 +183,7 @@ class MeshProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected = False
         self._cancel_handshake_timer()
+        self._drop_turn()
         self._queue.clear()
         if not self.ready.called:
             error = self._fail_reason or ConnectionClosed(
@@ -197,6 +213,7 @@ class MeshProtocol(Protocol):
 
     def close(self) -> None:
         """Close gracefully: frames already queued are written first."""
+        self._flush_turn()
         self._closing = True
         self._finish_close()
 
@@ -254,8 +271,39 @@ class MeshProtocol(Protocol):
     def _send(self, parts: list[memoryview | bytes]) -> None:
         if not self.connected or self._closing:
             return
-        size = sum(len(part) for part in parts)
         self.stats.frames_sent += 1
+        if not (self.bundling and bundle.bundleable(parts)):
+            self._flush_turn()  # what waits for the turn's end was sent first
+            self._enqueue(parts)
+            return
+        self._turn_frames += 1
+        if self._turn_call is None:
+            self._turn_call = self.clock.callLater(0, self._flush_turn)
+            if not self._bursting:  # a quiet connection: its turn's first frame goes at once
+                self._enqueue(parts)
+                return
+        self._turn.append(parts)
+
+    def _flush_turn(self) -> None:
+        """The turn's waiting frames, in order: alone when one, else as bundles."""
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
+        self._turn_call = None
+        self._bursting, self._turn_frames = self._turn_frames > 1, 0
+        frames, self._turn = self._turn, []
+        for group in bundle.groups(frames):
+            self._enqueue(group[0] if len(group) == 1 else bundle.encode_bundle(group))
+
+    def _drop_turn(self) -> None:
+        if self._turn_call is not None and self._turn_call.active():
+            self._turn_call.cancel()
+        self._turn_call = None
+        self._turn, self._turn_frames = [], 0
+
+    def _enqueue(self, parts: list[memoryview | bytes]) -> None:
+        if not self.connected:
+            return
+        size = sum(len(part) for part in parts)
         self.stats.bytes_sent += size
         self._queue.extend(parts)
         self._queued += size
@@ -340,11 +388,14 @@ class MeshProtocol(Protocol):
         self._send(encode_error(CONNECTION_LEVEL_ID, "", exc.code, str(exc)))
         self.close()
 
-    def _dispatch(self, frame: RawFrame) -> None:
+    def _dispatch(self, frame: RawFrame, bundled: bool = False) -> None:
         try:
             raw = decode_cbor(frame.header)
         except MalformedFrame as exc:
             self._refuse(exc)
+            return
+        if bundle.is_bundle(raw):
+            self._unbundle(raw, frame, bundled)
             return
         try:
             request_id, kind = envelope_of(raw)
@@ -368,6 +419,21 @@ class MeshProtocol(Protocol):
             self._peer_error = _remote_error(header.fields)
         else:
             self._settle(header, _remote_error(header.fields))
+
+    def _unbundle(self, raw: dict, frame: RawFrame, bundled: bool) -> None:
+        """A bundle's frames, each handled as if it had come alone, in order."""
+        try:
+            if bundled:
+                raise MalformedFrame("a bundle inside a bundle")
+            frames = bundle.frames_of(raw, frame.body, self.limits.max_header_bytes)
+        except MalformedFrame as exc:
+            self._refuse(exc)
+            return
+        self.stats.frames_received += len(frames) - 1  # the bundle itself was counted
+        for inner in frames:
+            self._dispatch(inner, bundled=True)
+            if self._refusing or not self.connected:
+                return
 
     def _bad_frame(self, request_id: int, kind: str, type_: str, exc: MeshError) -> None:
         if kind == REQUEST:

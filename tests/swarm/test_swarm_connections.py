@@ -93,6 +93,7 @@ def test_member_is_bound_and_served():
     protocol, transport, seen = handshake(swarm, member)
     assert protocol.peer.node_id == member.node_id
     protocol.dataReceived(request_bytes())
+    swarm.clock.advance(0)  # the turn ends: its frames leave
     assert len(seen) == 1 and frames_written(transport)[0]["kind"] == "response"
 
 

@@ -37,7 +37,9 @@ def result_of(deferred: Deferred):
 
 
 def answer(connection: MemoryConnection, header: dict, body: bytes = b"") -> None:
+    """The peer's frame comes in, and the turn that handled it ends."""
     connection.feed(raw_frame(header, body))
+    connection.end_turn()
 
 
 # -- bad input: each gets an error frame or a clean close ---------------------
@@ -237,6 +239,7 @@ def test_cancelled_request_stops_its_timer():
     """When the caller cancels a request, then its timer is cancelled too."""
     connection = MemoryConnection()
     connection.protocol.request(Message("q"), 5.0).addErrback(lambda f: None).cancel()
+    connection.end_turn()  # the request itself had left
     assert connection.clock.getDelayedCalls() == []
 
 
@@ -249,6 +252,7 @@ def test_paused_transport_queues_views_and_resume_flushes():
     tensor = np.ones(10_000, np.float32)
     connection.protocol.pauseProducing()
     connection.protocol.request(Message("big", {}, (tensor,)), 5.0)
+    connection.end_turn()
     assert connection.transport.value() == b""
     queued = connection.protocol.queued_bytes
     assert queued > tensor.nbytes
@@ -294,6 +298,7 @@ def test_pause_mid_frame_stops_after_one_slice():
 
     connection.transport.writeSequence = write_then_pause
     connection.protocol.request(Message("big", {}, (np.ones(10_000, np.float32),)), 5.0)
+    connection.end_turn()
     assert writes == [4096]
     connection.protocol.resumeProducing()
     assert writes == [4096, 4096]
@@ -304,6 +309,7 @@ def test_byte_counters_count_both_directions():
     connection = MemoryConnection()
     frame = raw_frame(request_header("echo", 1))
     connection.feed(frame)
+    connection.end_turn()
     sent = connection.transport.value()
     stats = connection.protocol.stats
     assert (stats.bytes_received, stats.frames_received) == (len(frame), 1)

@@ -10,6 +10,7 @@ import cbor2
 import ml_dtypes
 import numpy as np
 
+from meshnode.wire.bundle import encode_bundle
 from meshnode.wire.codec import encode_error, encode_message
 from meshnode.wire.message import Message
 from meshnode.wire.tensors import layout_tensors
@@ -43,6 +44,10 @@ def golden_examples() -> dict[str, bytes]:
             encode_error(10, "infer.open", "no_capacity",
                          "2048 cache tokens asked, 0 of 4096 free; retry after 4.5 s", 4.5)
         ),
+        "bundle-header.two-frames": _header_of(encode_bundle([
+            encode_message("request", 11, step),
+            encode_message("response", 12, Message("dht.ping", {"node_id": bytes(32)})),
+        ])),
         "error-frame.not-a-member": _header_of(
             encode_error(0, "", "not_a_member", "this node belongs to private swarm "
                          "0123456789abcdef; present a membership certificate")
@@ -58,6 +63,9 @@ def invalid_examples() -> dict[str, bytes]:
         "frame-header.negative-id": cbor2.dumps({**header, "id": -1}),
         "frame-header.bad-kind": cbor2.dumps({**header, "kind": "push"}),
         "error-frame.no-code": cbor2.dumps({**header, "kind": "error", "fields": {"message": "m"}}),
+        "bundle-header.empty": cbor2.dumps(
+            {"v": 1, "type": "wire.bundle", "id": 0, "kind": "bundle", "fields": {"frames": []}}
+        ),
         "tensor-descriptor.unknown-dtype": cbor2.dumps(
             {"dtype": "complex64", "shape": [1], "offset": 0, "nbytes": 8}
         ),

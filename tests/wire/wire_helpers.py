@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from meshnode.identity import Identity
+from meshnode.wire.bundle import frames_of, is_bundle
 from meshnode.wire.frames import FrameDecoder, RawFrame
 from meshnode.wire.header import decode_cbor
 from meshnode.wire.limits import WireLimits
@@ -47,11 +48,27 @@ class MemoryConnection:
     def feed(self, data: bytes) -> None:
         self.protocol.dataReceived(data)
 
-    def sent_frames(self) -> list[tuple[dict, RawFrame]]:
-        """Frames written so far (and not yet read), with their decoded headers."""
+    def end_turn(self) -> None:
+        """The reactor turn ends: frames waiting to leave in a bundle are written."""
+        self.clock.advance(0)
+
+    def written_frames(self) -> list[tuple[dict, RawFrame]]:
+        """Frames on the wire so far (bundles as they are), with their decoded headers."""
+        self.end_turn()
         data = self.transport.value()
         self.transport.clear()
         return [(decode_cbor(frame.header), frame) for frame in self.decoder.feed(data)]
+
+    def sent_frames(self) -> list[tuple[dict, RawFrame]]:
+        """Frames sent so far (and not yet read), those of bundles each on its own."""
+        frames = []
+        for header, frame in self.written_frames():
+            if is_bundle(header):
+                frames.extend((decode_cbor(inner.header), inner)
+                              for inner in frames_of(header, frame.body, 1 << 20))
+            else:
+                frames.append((header, frame))
+        return frames
 
     def sent_headers(self) -> list[dict]:
         return [header for header, _ in self.sent_frames()]
