@@ -13,8 +13,9 @@ scheduler puts them in one batch (``meshnode.worker.batching``). The burst
 also costs one TLS write and one read, not one per frame.
 
 What goes in: frames with a body of at most ``MAX_BUNDLED_BODY`` bytes. A
-bundle holds at most ``MAX_BUNDLE_FRAMES`` frames and ``MAX_BUNDLE_HEADERS``
-bytes of their headers. A bigger frame goes alone, in order with the others.
+bundle holds at most ``MAX_BUNDLE_FRAMES`` frames, ``MAX_BUNDLE_HEADERS``
+bytes of their headers and ``MAX_BUNDLE_BODY`` bytes of their bodies. A
+bigger frame goes alone, in order with the others.
 
 What is refused (``MalformedFrame``, a framing violation: the connection is
 closed): a bundle whose list is not as above, whose frames overlap, run past
@@ -42,6 +43,8 @@ MAX_BUNDLE_FRAMES = 256
 MAX_BUNDLE_HEADERS = 32 * 1024
 #: a frame whose body is longer goes alone
 MAX_BUNDLED_BODY = 256 * 1024
+#: bytes of the carried frames' bodies in one bundle, at most (padding aside)
+MAX_BUNDLE_BODY = 4 * 1024 * 1024
 
 Parts = list  # one frame's parts: [prefix, header, *body parts] (``frame_parts``)
 
@@ -56,14 +59,16 @@ def bundleable(parts: Parts) -> bool:
 def groups(frames: Sequence[Parts]) -> Iterator[list[Parts]]:
     """``frames`` in order, cut into groups that each fit one bundle."""
     group: list[Parts] = []
-    header_bytes = 0
+    header_bytes = body_bytes = 0
     for parts in frames:
         if group and (len(group) == MAX_BUNDLE_FRAMES
-                      or header_bytes + len(parts[1]) > MAX_BUNDLE_HEADERS):
+                      or header_bytes + len(parts[1]) > MAX_BUNDLE_HEADERS
+                      or body_bytes + _body_length(parts) > MAX_BUNDLE_BODY):
             yield group
-            group, header_bytes = [], 0
+            group, header_bytes, body_bytes = [], 0, 0
         group.append(parts)
         header_bytes += len(parts[1])
+        body_bytes += _body_length(parts)
     if group:
         yield group
 

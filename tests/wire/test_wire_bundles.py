@@ -139,6 +139,20 @@ def test_a_long_turn_is_cut_into_bundles_of_at_most_max_frames():
     assert ids == list(range(3, bundle.MAX_BUNDLE_FRAMES + 6))
 
 
+def test_bundles_stop_at_max_bundle_body_bytes():
+    """When a busy turn sends more body bytes than a bundle holds, then the frames are cut
+    into bundles of at most MAX_BUNDLE_BODY body bytes, in order."""
+    connection = bursting(MemoryConnection())
+    tensor = np.zeros(bundle.MAX_BUNDLED_BODY // 4, np.float32)  # the largest bundled body
+    count = bundle.MAX_BUNDLE_BODY // tensor.nbytes + 2
+    for i in range(count):
+        connection.protocol.request(Message("q", {"i": i}, (tensor,)), 5.0)
+    written = connection.written_frames()
+    assert [len(h["fields"]["frames"]) for h, _ in written] == [count - 2, 2]
+    assert all(len(frame.body) <= bundle.MAX_BUNDLE_BODY for _, frame in written)
+    assert [h["fields"]["i"] for h, _ in connection_frames(written)] == list(range(count))
+
+
 def connection_frames(written):
     out = []
     for header, frame in written:
