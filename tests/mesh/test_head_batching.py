@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
-from meshnode.client.generate import HeadCompute, cancellable, generate_on_chain
+from meshnode.client.generate import (
+    MAX_HEAD_BATCH,
+    HeadCompute,
+    cancellable,
+    generate_on_chain,
+)
 from meshnode.client.head_batch import AdvanceQueue, rows_by_key
 from meshnode.compute import ROW_BUCKETS, row_bucket
 from meshnode.errors import ShapeMismatch
@@ -119,7 +124,7 @@ def test_concurrent_generations_share_head_calls_and_keep_their_solo_tokens():
     solo = [_value(d).token_ids for d in _run(
         HeadCompute(CountingHead(), InlineCompute()), PROMPTS, NEW_TOKENS)]
     head, compute = CountingHead(), ManualCompute()
-    deferreds = _run(HeadCompute(head, compute), PROMPTS, NEW_TOKENS)
+    deferreds = _run(HeadCompute(head, compute, max_batch=16), PROMPTS, NEW_TOKENS)
     compute.run()
     assert [_value(d).token_ids for d in deferreds] == solo
     steps = sum(NEW_TOKENS)
@@ -128,6 +133,20 @@ def test_concurrent_generations_share_head_calls_and_keep_their_solo_tokens():
     assert max(head.logits_rows) == row_bucket(len(PROMPTS))
     decode_embeds = [shape for shape in head.embed_rows if shape[1] == 1]
     assert max(rows for rows, _ in decode_embeds) == row_bucket(len(PROMPTS))
+
+
+def test_a_head_call_takes_at_most_max_head_batch_generations():
+    """When 12 generations advance at once with the default cap, then no head call holds
+    more than MAX_HEAD_BATCH of them, the rest go in the next call, and every generation's
+    tokens still equal its solo run's."""
+    solo = [_value(d).token_ids for d in _run(
+        HeadCompute(CountingHead(), InlineCompute()), PROMPTS, NEW_TOKENS)]
+    head, compute = CountingHead(), ManualCompute()
+    deferreds = _run(HeadCompute(head, compute), PROMPTS, NEW_TOKENS)
+    compute.run()
+    assert [_value(d).token_ids for d in deferreds] == solo
+    assert len(PROMPTS) > MAX_HEAD_BATCH
+    assert max(head.logits_rows) == row_bucket(MAX_HEAD_BATCH)
 
 
 def test_a_batch_is_padded_to_a_row_bucket_and_its_padding_dropped():
