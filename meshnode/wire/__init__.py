@@ -8,6 +8,7 @@ Map of the package (see ``docs/wire.md``):
 - ``header``: the CBOR frame header and its validation.
 - ``frames``: the length-prefixed frame layout and the incremental ``FrameDecoder`` (pure).
 - ``codec``: ``Message`` <-> frame parts (header + tensor body).
+- ``bundle``: the small frames of one reactor turn to one peer as one bundle frame, and back.
 - ``protocol``: ``MeshProtocol``, one TLS connection: dispatch, request ids, flow control.
 - ``endpoint``: ``Endpoint``, the facade: listen, dial, connection pool, handlers.
 
