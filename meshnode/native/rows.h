@@ -23,7 +23,7 @@ namespace meshnode {
 class LiveRows {
  public:
   // x: [rows, width] row-major; a row is dead when every element compares equal to 0.
-  LiveRows(const float* x, int64_t rows, int64_t width) : x_(x), rows_(rows), width_(width) {
+  LiveRows(const float* x, int64_t rows, int64_t width) : x_(x), rows_(rows) {
     live_.reserve(static_cast<size_t>(rows));
     for (int64_t n = 0; n < rows; ++n) {
       const float* row = x + n * width;
@@ -62,7 +62,7 @@ class LiveRows {
 
  private:
   const float* x_;
-  int64_t rows_, width_;
+  int64_t rows_;
   std::vector<int64_t> live_;
   std::unique_ptr<float[]> packed_in_, packed_out_;
 };

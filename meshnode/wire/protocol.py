@@ -183,7 +183,7 @@ class MeshProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         self.connected = False
         self._cancel_handshake_timer()
-        self._drop_turn()
+        self._end_turn()  # nothing more leaves
         self._queue.clear()
         if not self.ready.called:
             error = self._fail_reason or ConnectionClosed(
@@ -286,19 +286,17 @@ class MeshProtocol(Protocol):
 
     def _flush_turn(self) -> None:
         """The turn's waiting frames, in order: alone when one, else as bundles."""
-        if self._turn_call is not None and self._turn_call.active():
-            self._turn_call.cancel()
-        self._turn_call = None
-        self._bursting, self._turn_frames = self._turn_frames > 1, 0
-        frames, self._turn = self._turn, []
-        for group in bundle.groups(frames):
+        self._bursting = self._turn_frames > 1
+        for group in bundle.groups(self._end_turn()):
             self._enqueue(group[0] if len(group) == 1 else bundle.encode_bundle(group))
 
-    def _drop_turn(self) -> None:
+    def _end_turn(self) -> list[list[memoryview | bytes]]:
+        """The turn is over: its call cancelled, its waiting frames handed back."""
         if self._turn_call is not None and self._turn_call.active():
             self._turn_call.cancel()
         self._turn_call = None
-        self._turn, self._turn_frames = [], 0
+        frames, self._turn, self._turn_frames = self._turn, [], 0
+        return frames
 
     def _enqueue(self, parts: list[memoryview | bytes]) -> None:
         if not self.connected:
@@ -425,7 +423,7 @@ class MeshProtocol(Protocol):
         try:
             if bundled:
                 raise MalformedFrame("a bundle inside a bundle")
-            frames = bundle.frames_of(raw, frame.body, self.limits.max_header_bytes)
+            frames = bundle.frames_of(raw, frame.body)
         except MalformedFrame as exc:
             self._refuse(exc)
             return

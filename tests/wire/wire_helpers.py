@@ -33,6 +33,18 @@ def echo(peer: PeerInfo, message: Message) -> Message:
     return Message(message.type, dict(message.fields), message.tensors)
 
 
+def unbundled(written: list[tuple[dict, RawFrame]]) -> list[tuple[dict, RawFrame]]:
+    """Frames with their decoded headers, those a bundle carries each on its own."""
+    frames = []
+    for header, frame in written:
+        if is_bundle(header):
+            frames.extend((decode_cbor(inner.header), inner)
+                          for inner in frames_of(header, frame.body))
+        else:
+            frames.append((header, frame))
+    return frames
+
+
 class MemoryConnection:
     """A ``MeshProtocol`` over a ``StringTransport`` with a verified fake peer and a fake clock."""
 
@@ -61,14 +73,7 @@ class MemoryConnection:
 
     def sent_frames(self) -> list[tuple[dict, RawFrame]]:
         """Frames sent so far (and not yet read), those of bundles each on its own."""
-        frames = []
-        for header, frame in self.written_frames():
-            if is_bundle(header):
-                frames.extend((decode_cbor(inner.header), inner)
-                              for inner in frames_of(header, frame.body, 1 << 20))
-            else:
-                frames.append((header, frame))
-        return frames
+        return unbundled(self.written_frames())
 
     def sent_headers(self) -> list[dict]:
         return [header for header, _ in self.sent_frames()]
