@@ -57,6 +57,10 @@ namespace {
 using meshnode::parallel_rows;
 
 constexpr int64_t kBlock = 32;
+// Products (tokens x in x out) from which a matmul is a long call for parallel_rows,
+// about 1.5 ms on 2 cores: SmolLM2's head over 8 rows is 3.4x this; its blocks'
+// weights reach it only at 64 rows (w_gate_up).
+constexpr int64_t kLongCallProducts = int64_t{1} << 26;
 
 // Codes of one block as 32 floats.
 template <int Bits>
@@ -383,13 +387,14 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer
   const float* ss = sums.get();
   float* out = live.outputs(y->typed_data(), w.out);
   if (tokens > 0) {
+    const bool long_call = tokens * w.in * w.out >= kLongCallProducts;
     parallel_rows(pool, w.out, 16, [&, xs, ss, out, tokens](int64_t first, int64_t last) {
       if (bits == 4) {
         matmul_rows<4>(w, xs, ss, tokens, out, first, last);
       } else {
         matmul_rows<8>(w, xs, ss, tokens, out, first, last);
       }
-    });
+    }, long_call ? meshnode::Call::kLong : meshnode::Call::kShort);
   }
   live.scatter(y->typed_data(), w.out);
   return ffi::Error::Success();
