@@ -16,6 +16,7 @@ one-session rate (issue 15's target):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=15, help="forwards a measurement")
     parser.add_argument("--one-session", type=float, default=None,
                         help="a one-session rate (tok/s) to set 4x of against the ceiling")
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
 
     import jax.numpy as jnp
@@ -65,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                         jnp.float32)
     cache = SharedCache(lambda span: runner, blocks, 64 * 256, 256)
     head = ClientHead(config, source.load_client_params(jnp.float32), jnp.float32)
-    print(f"{source.name}: {config.num_layers} blocks and the head, kernels only, one process")
-    print(f"{'B':>4}{'blocks ms/token':>17}{'head ms/token':>15}{'ceiling tok/s':>15}")
+    say = (lambda line: None) if args.json else print
+    say(f"{source.name}: {config.num_layers} blocks and the head, kernels only, one process")
+    say(f"{'B':>4}{'blocks ms/token':>17}{'head ms/token':>15}{'ceiling tok/s':>15}")
+    report = []
     for rows in [int(r) for r in args.rows.split(",")]:
         cache.measure(rows, 2)  # compile and warm
         blocks_rate = statistics.median(cache.measure(rows, args.steps) for _ in range(5))
@@ -76,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         line = f"{rows:>4}{blocks_ms:>17.3f}{per_token_head:>15.3f}{ceiling:>15.1f}"
         if args.one_session:
             line += f"   4x {args.one_session:g} tok/s = {400 * args.one_session / ceiling:.0f} %"
-        print(line, flush=True)
+        say(line)
+        report.append({"rows": rows, "blocks_ms_per_token": blocks_ms,
+                       "head_ms_per_token": per_token_head, "ceiling_tokens_per_s": ceiling})
+    if args.json:
+        print(json.dumps({"model": source.name, "blocks": config.num_layers, "rows": report}))
     return 0
 
 
