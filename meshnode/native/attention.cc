@@ -13,6 +13,13 @@
 // (batch row, kv head) pairs to XLA's thread pool measured slower, as the
 // pool's threads wake later than this work takes.
 //
+// Under load a cache is read from memory, not from the CPU's caches (between two
+// steps of a session the other sessions' caches and the weights went through them):
+// the kernel is bound by how fast it reads. So a row reads each position's keys (then
+// values) of all kv heads at once, a contiguous run, and asks for those of the
+// position kAhead further on while it computes (scripts/bench_attention.py: 14-18
+// against 7-9 GB/s, 8 rows at 110-420 positions, a cache far larger than the CPU's).
+//
 // MeshnodePagedAttention(q [B, N, D], k_arena [L, pages, P, K, D], v_arena (same),
 //                        layer: int32 scalar, positions: int32 [B], tables: int32 [B, M],
 //                        window: int32 scalar) -> out [B, N, D]
@@ -25,9 +32,9 @@
 // other rows of the batch. A prefill chunk comes as one row per query position
 // (its table repeated): each query reads only its causal prefix, in place, and
 // computes what a decode step at that position would. When the rows together
-// read many positions (a chunk, a large batch at long positions), the (row,
-// kv head) pairs are shared with XLA's thread pool (parallel.h); which thread
-// runs a pair never changes its result.
+// read many positions (a chunk, a large batch at long positions), the rows are
+// shared with XLA's thread pool (parallel.h); which thread runs a row never
+// changes its result.
 
 #include <algorithm>
 #include <cmath>
@@ -116,6 +123,16 @@ inline float exp_and_sum(float* s, int64_t count, float best) {
   return total;
 }
 
+// Positions ahead whose keys (values) are fetched into the second-level cache while one
+// is computed (8 and 32 measured slower).
+constexpr int64_t kAhead = 16;
+
+// Asks for the cache lines of x[0, n) (no effect on any result).
+inline void prefetch(const float* x, int64_t n) {
+  const char* bytes = reinterpret_cast<const char*>(x);
+  for (int64_t at = 0; at < n * 4; at += 64) __builtin_prefetch(bytes + at, 0, 2);
+}
+
 // sum_j a[j] * b[j].
 inline float dot(const float* a, const float* b, int64_t n) {
   int64_t j = 0;
@@ -131,76 +148,122 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// Query heads [g * groups, (g + 1) * groups) of batch row b, over kv head g, at the
-// `count` cache offsets `at` (of each attended position's kv head 0), in order. Each key
-// and value is read once for every query head of the group. Per query head the
-// arithmetic is fixed: a score is a 16-lane fused multiply-add chain over D then one
-// horizontal sum (sum4's tree, whichever slot of four it takes), an output lane sums
-// weight * value over positions in order.
-void attend(const Problem& p, int64_t b, int64_t g, const int64_t* at, int64_t count,
+// Every query head of batch row b at the `count` cache offsets `at` (of each attended
+// position's kv head 0), in order; query head n reads kv head n / groups. Each position's
+// keys and values of all kv heads are read together, once (they are contiguous, while one
+// kv head's are strided: a pass per kv head read memory at a third of its speed). Per query
+// head the arithmetic is fixed: a score is a 16-lane fused multiply-add chain over D then
+// one horizontal sum (sum4's tree, whichever slot of four it takes, the four being
+// positions i..i+3 from i = 0), an output lane sums weight * value over positions in order.
+void weigh_values(const Problem& p, int64_t g, const int64_t* at, int64_t count,
+                  const float* weights, float* out);
+
+void attend(const Problem& p, int64_t b, const int64_t* at, int64_t count,
             std::vector<float>& scores) {
   const int64_t groups = p.heads / p.kv_heads;
   const int64_t d = p.dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  scores.resize(static_cast<size_t>(count * groups));
-  const float* q0 = p.q + (b * p.heads + g * groups) * d;  // the group's heads, [groups, d]
-  float* out0 = p.out + (b * p.heads + g * groups) * d;
+  scores.resize(static_cast<size_t>(count * p.heads));  // [heads, count]
+  const float* q0 = p.q + b * p.heads * d;  // [heads, d]; head n = g * groups + h
+  float* out0 = p.out + b * p.heads * d;
   int64_t i = 0;
 #if defined(__AVX512F__)
   if (d % 16 == 0) {  // four positions a pass, their four sums reduced together
     for (; i < count; i += 4) {
       const int64_t n = std::min<int64_t>(4, count - i);
-      for (int64_t h = 0; h < groups; ++h) {
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                         _mm512_setzero_ps()};  // a missing position's stays zero
-        const float* q = q0 + h * d;
-        for (int64_t j = 0; j < d; j += 16) {
-          const __m512 qj = _mm512_loadu_ps(q + j);
-          for (int64_t m = 0; m < n; ++m) {
-            acc[m] = _mm512_fmadd_ps(qj, _mm512_loadu_ps(p.k + at[i + m] + g * d + j), acc[m]);
+      for (int64_t m = i + kAhead; m < std::min<int64_t>(count, i + kAhead + 4); ++m) {
+        prefetch(p.k + at[m], p.kv_heads * d);
+      }
+      for (int64_t g = 0; g < p.kv_heads; ++g) {
+        for (int64_t h = 0; h < groups; ++h) {
+          __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                           _mm512_setzero_ps()};  // a missing position's stays zero
+          const int64_t head = g * groups + h;
+          const float* q = q0 + head * d;
+          for (int64_t j = 0; j < d; j += 16) {
+            const __m512 qj = _mm512_loadu_ps(q + j);
+            for (int64_t m = 0; m < n; ++m) {
+              acc[m] = _mm512_fmadd_ps(qj, _mm512_loadu_ps(p.k + at[i + m] + g * d + j),
+                                       acc[m]);
+            }
           }
+          float sums[4];
+          _mm_storeu_ps(sums, sum4(acc[0], acc[1], acc[2], acc[3]));
+          for (int64_t m = 0; m < n; ++m) scores[head * count + i + m] = sums[m] * scale;
         }
-        float sums[4];
-        _mm_storeu_ps(sums, sum4(acc[0], acc[1], acc[2], acc[3]));
-        for (int64_t m = 0; m < n; ++m) scores[h * count + i + m] = sums[m] * scale;
       }
     }
   }
 #endif
   for (; i < count; ++i) {  // no AVX-512, or a head dim not a multiple of 16
-    const float* key = p.k + at[i] + g * d;
-    for (int64_t h = 0; h < groups; ++h) {
-      scores[h * count + i] = dot(q0 + h * d, key, d) * scale;
+    for (int64_t g = 0; g < p.kv_heads; ++g) {
+      const float* key = p.k + at[i] + g * d;
+      for (int64_t h = 0; h < groups; ++h) {
+        const int64_t head = g * groups + h;
+        scores[head * count + i] = dot(q0 + head * d, key, d) * scale;
+      }
     }
   }
-  for (int64_t h = 0; h < groups; ++h) {
-    float* s = scores.data() + h * count;
+  for (int64_t head = 0; head < p.heads; ++head) {
+    float* s = scores.data() + head * count;
     const float best = *std::max_element(s, s + count);
     const float inverse = 1.0f / exp_and_sum(s, count, best);
     for (int64_t i = 0; i < count; ++i) s[i] *= inverse;
   }
-  std::fill(out0, out0 + groups * d, 0.f);
-  int64_t j = 0;
+  // out[n, lane] = sum over i, in order, of weight[n, i] * value[i, n / groups, lane]
+  for (int64_t g = 0; g < p.kv_heads; ++g) {
+    weigh_values(p, g, at, count, scores.data() + g * groups * count, out0 + g * groups * d);
+  }
+}
+
 #if defined(__AVX512F__)
-  constexpr int64_t kLanes = 16, kHeads = 8;  // output lanes of up to 8 heads in registers
-  if (groups <= kHeads) {
-    for (; j + kLanes <= d; j += kLanes) {
-      __m512 acc[kHeads];
-      for (int64_t h = 0; h < groups; ++h) acc[h] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < count; ++i) {
-        const __m512 value = _mm512_loadu_ps(p.v + at[i] + g * d + j);
-        for (int64_t h = 0; h < groups; ++h) {
-          acc[h] = _mm512_fmadd_ps(_mm512_set1_ps(scores[h * count + i]), value, acc[h]);
-        }
-      }
-      for (int64_t h = 0; h < groups; ++h) _mm512_storeu_ps(out0 + h * d + j, acc[h]);
+// Output lanes [j, j + 16 * C) of the `groups` query heads of kv head g, in registers: one
+// pass over the positions, each reading C * 16 lanes of its value (a contiguous run).
+template <int C>
+void weigh_lanes(const Problem& p, int64_t g, const int64_t* at, int64_t count,
+                 const float* weights, float* out, int64_t j) {
+  constexpr int64_t kHeads = 8;
+  const int64_t groups = p.heads / p.kv_heads, d = p.dim;
+  __m512 acc[kHeads][C];
+  for (int64_t h = 0; h < groups; ++h) {
+    for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    if (i + kAhead < count) prefetch(p.v + at[i + kAhead] + g * d + j, C * 16);
+    const float* row = p.v + at[i] + g * d + j;
+    __m512 value[C];
+    for (int c = 0; c < C; ++c) value[c] = _mm512_loadu_ps(row + c * 16);
+    for (int64_t h = 0; h < groups; ++h) {
+      const __m512 weight = _mm512_set1_ps(weights[h * count + i]);
+      for (int c = 0; c < C; ++c) acc[h][c] = _mm512_fmadd_ps(weight, value[c], acc[h][c]);
     }
   }
+  for (int64_t h = 0; h < groups; ++h) {
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + h * d + j + c * 16, acc[h][c]);
+  }
+}
 #endif
-  for (; j < d; ++j) {  // lanes left (no AVX-512, or a head dim not a multiple of 16)
+
+// out [groups, d] of kv head g's query heads: each lane sums weight * value over the
+// positions in order (the same arithmetic however many lanes a pass takes).
+void weigh_values(const Problem& p, int64_t g, const int64_t* at, int64_t count,
+                  const float* weights, float* out) {
+  const int64_t groups = p.heads / p.kv_heads, d = p.dim;
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if (groups <= 8) {  // up to 24 accumulators and C values in the 32 registers
+    if (groups <= 6) {
+      for (; j + 64 <= d; j += 64) weigh_lanes<4>(p, g, at, count, weights, out, j);
+    }
+    for (; j + 32 <= d; j += 32) weigh_lanes<2>(p, g, at, count, weights, out, j);
+    for (; j + 16 <= d; j += 16) weigh_lanes<1>(p, g, at, count, weights, out, j);
+  }
+#endif
+  for (; j < d; ++j) {  // lanes left (no AVX-512, more than 8 heads a group, or D % 16)
+    for (int64_t h = 0; h < groups; ++h) out[h * d + j] = 0.f;
     for (int64_t i = 0; i < count; ++i) {
       const float value = p.v[at[i] + g * d + j];
-      for (int64_t h = 0; h < groups; ++h) out0[h * d + j] += scores[h * count + i] * value;
+      for (int64_t h = 0; h < groups; ++h) out[h * d + j] += weights[h * count + i] * value;
     }
   }
 }
@@ -249,9 +312,7 @@ ffi::Error DecodeAttention(ffi::Buffer<ffi::F32> q,
   std::vector<int64_t> offsets;
   for (int64_t b = 0; b < p.batch; ++b) {
     session_offsets(p, b, offsets);
-    for (int64_t g = 0; g < p.kv_heads; ++g) {
-      attend(p, b, g, offsets.data(), p.last - p.first + 1, scores);
-    }
+    attend(p, b, offsets.data(), p.last - p.first + 1, scores);
   }
   return ffi::Error::Success();
 }
@@ -304,32 +365,25 @@ ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
     }
     attended += span > 0 ? std::min<int64_t>(span, at[b] + 1) : at[b] + 1;
   }
-  // pair = b * kv_heads + g: query heads of kv head g of row b
-  auto pairs = [&, table, at, span](int64_t first_pair, int64_t last_pair) {
+  auto rows = [&, table, at, span](int64_t first_row, int64_t last_row) {
     std::vector<float> scores;
     std::vector<int64_t> offsets;  // of row b's positions, page by page
-    int64_t row_of_offsets = -1;
-    for (int64_t pair = first_pair; pair < last_pair; ++pair) {
-      const int64_t b = pair / p.kv_heads, g = pair % p.kv_heads;
+    for (int64_t b = first_row; b < last_row; ++b) {
       const int64_t first = span > 0 ? std::max<int64_t>(0, at[b] - span + 1) : 0;
-      if (row_of_offsets != b) {
-        const int32_t* row = table + b * width;
-        offsets.resize(static_cast<size_t>(at[b] - first + 1));
-        int64_t page = first / p.length, slot = first % p.length;
-        for (int64_t i = 0; i <= at[b] - first; ++i) {
-          offsets[i] = layer_base + row[page] * page_stride + slot * row_stride;
-          if (++slot == p.length) slot = 0, ++page;
-        }
-        row_of_offsets = b;
+      const int32_t* row = table + b * width;
+      offsets.resize(static_cast<size_t>(at[b] - first + 1));
+      int64_t page = first / p.length, slot = first % p.length;
+      for (int64_t i = 0; i <= at[b] - first; ++i) {
+        offsets[i] = layer_base + row[page] * page_stride + slot * row_stride;
+        if (++slot == p.length) slot = 0, ++page;
       }
-      attend(p, b, g, offsets.data(), at[b] - first + 1, scores);
+      attend(p, b, offsets.data(), at[b] - first + 1, scores);
     }
   };
-  const int64_t total_pairs = p.batch * p.kv_heads;
   if (attended * p.heads < kParallelPositions) {
-    pairs(0, total_pairs);  // a decode step: waking the pool costs more than it saves
+    rows(0, p.batch);  // a decode step: waking the pool costs more than it saves
   } else {
-    meshnode::parallel_rows(pool, total_pairs, 1, pairs);
+    meshnode::parallel_rows(pool, p.batch, 1, rows);
   }
   return ffi::Error::Success();
 }

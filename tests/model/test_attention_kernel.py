@@ -107,6 +107,34 @@ def test_a_paged_chunk_is_each_query_over_its_causal_prefix(start, window):
 
 
 @needs_native
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"),
+    [(9, 3, 64), (4, 1, 256), (8, 1, 48), (16, 2, 64), (12, 1, 32), (6, 2, 40)],
+    ids=["smollm2", "gemma3", "8-per-kv-48", "8-per-kv-64", "12-per-kv", "dim-40"],
+)
+def test_paged_rows_of_every_head_shape_equal_the_reference(heads, kv_heads, dim):
+    """When rows at different positions (page edges, past prefetch distance) attend with
+    any grouping of query heads over kv heads and any head dim (register passes of 64, 32
+    or 16 value lanes, a scalar tail, more heads per kv head than fit in registers), then
+    each row equals softmax attention over its positions, and is bitwise the row alone."""
+    rng = np.random.default_rng(heads * 1000 + dim)
+    arena_shape = (2, 9, 16, kv_heads, dim)  # [L, pages, P, K, D]
+    k_arena = rng.standard_normal(arena_shape).astype(np.float32)
+    v_arena = rng.standard_normal(arena_shape).astype(np.float32)
+    positions = np.array([0, 15, 16, 37, 100, 127], np.int32)
+    tables = np.stack([rng.permutation(np.arange(1, 9)).astype(np.int32) for _ in positions])
+    q = (3 * rng.standard_normal((len(positions), heads, dim))).astype(np.float32)
+    call = jax.jit(paged_decode_attention, static_argnums=(3, 6))
+    got = np.asarray(call(q, k_arena, v_arena, 1, positions, tables, 0))
+    expected = _paged_reference(q, k_arena, v_arena, 1, positions, tables, 0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for r in (0, 3, 5):
+        alone = call(q[r : r + 1], k_arena, v_arena, 1, positions[r : r + 1],
+                     tables[r : r + 1], 0)
+        np.testing.assert_array_equal(np.asarray(alone)[0], got[r])
+
+
+@needs_native
 @pytest.mark.parametrize("window", [0, 8])
 def test_a_prefill_over_a_session_cache_is_each_query_over_its_causal_prefix(window):
     """When a prefill of 40 positions (from 20, batch 2, GQA) attends over session caches
