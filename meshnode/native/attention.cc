@@ -15,10 +15,11 @@
 //
 // Under load a cache is read from memory, not from the CPU's caches (between two
 // steps of a session the other sessions' caches and the weights went through them):
-// the kernel is bound by how fast it reads. So a row reads each position's keys (then
-// values) of all kv heads at once, a contiguous run, and asks for those of the
-// position kAhead further on while it computes (scripts/bench_attention.py: 14-18
-// against 7-9 GB/s, 8 rows at 110-420 positions, a cache far larger than the CPU's).
+// the kernel is bound by how fast it reads. So a row reads each position's keys of all
+// kv heads at once (a contiguous run), then per kv head each position's value whole,
+// every output lane of the group in registers, and asks for the lines of the position
+// kAhead further on while it computes (scripts/bench_attention.py: 14-19 against 8-9
+// GB/s, 8 and 32 rows at 110-420 positions, a cache far larger than the CPU's).
 //
 // MeshnodePagedAttention(q [B, N, D], k_arena [L, pages, P, K, D], v_arena (same),
 //                        layer: int32 scalar, positions: int32 [B], tables: int32 [B, M],
@@ -148,16 +149,17 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// Every query head of batch row b at the `count` cache offsets `at` (of each attended
-// position's kv head 0), in order; query head n reads kv head n / groups. Each position's
-// keys and values of all kv heads are read together, once (they are contiguous, while one
-// kv head's are strided: a pass per kv head read memory at a third of its speed). Per query
-// head the arithmetic is fixed: a score is a 16-lane fused multiply-add chain over D then
-// one horizontal sum (sum4's tree, whichever slot of four it takes, the four being
-// positions i..i+3 from i = 0), an output lane sums weight * value over positions in order.
 void weigh_values(const Problem& p, int64_t g, const int64_t* at, int64_t count,
                   const float* weights, float* out);
 
+// Every query head of batch row b at the `count` cache offsets `at` (of each attended
+// position's kv head 0), in order; query head n reads kv head n / groups. A position's
+// keys of all kv heads are read together (they are contiguous; one kv head's alone are
+// 256 of every 768 bytes for SmolLM2, and a pass per kv head read memory at half speed),
+// its values per kv head (weigh_values). Per query head the arithmetic is fixed: a score
+// is a 16-lane fused multiply-add chain over D then one horizontal sum (sum4's tree,
+// whichever slot of four it takes, the four being positions i..i+3 from i = 0), an output
+// lane sums weight * value over positions in order.
 void attend(const Problem& p, int64_t b, const int64_t* at, int64_t count,
             std::vector<float>& scores) {
   const int64_t groups = p.heads / p.kv_heads;
