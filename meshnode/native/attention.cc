@@ -219,14 +219,17 @@ void attend(const Problem& p, int64_t b, const int64_t* at, int64_t count,
 }
 
 #if defined(__AVX512F__)
+// Query heads of one kv head whose output lanes weigh_lanes keeps in registers, and the
+// accumulators it may use (of the 32 registers; the C values and a weight take others).
+constexpr int64_t kRegisterHeads = 8, kAccumulators = 24;
+
 // Output lanes [j, j + 16 * C) of the `groups` query heads of kv head g, in registers: one
 // pass over the positions, each reading C * 16 lanes of its value (a contiguous run).
 template <int C>
 void weigh_lanes(const Problem& p, int64_t g, const int64_t* at, int64_t count,
                  const float* weights, float* out, int64_t j) {
-  constexpr int64_t kHeads = 8;
   const int64_t groups = p.heads / p.kv_heads, d = p.dim;
-  __m512 acc[kHeads][C];
+  __m512 acc[kRegisterHeads][C];
   for (int64_t h = 0; h < groups; ++h) {
     for (int c = 0; c < C; ++c) acc[h][c] = _mm512_setzero_ps();
   }
@@ -253,8 +256,8 @@ void weigh_values(const Problem& p, int64_t g, const int64_t* at, int64_t count,
   const int64_t groups = p.heads / p.kv_heads, d = p.dim;
   int64_t j = 0;
 #if defined(__AVX512F__)
-  if (groups <= 8) {  // up to 24 accumulators and C values in the 32 registers
-    if (groups <= 6) {
+  if (groups <= kRegisterHeads) {
+    if (groups * 4 <= kAccumulators) {
       for (; j + 64 <= d; j += 64) weigh_lanes<4>(p, g, at, count, weights, out, j);
     }
     for (; j + 32 <= d; j += 32) weigh_lanes<2>(p, g, at, count, weights, out, j);
